@@ -1,0 +1,399 @@
+"""Typed, frozen configuration values.
+
+Every config is a frozen dataclass validated in ``__post_init__``; a bad value raises
+``ConfigError`` naming the field (``DiTConfig.hidden_size: expected ...``). Configs are plain
+values you pass around: there is no global config state.
+
+``apply_overrides(cfg, ["model.hidden_size=384", "sampler.num_steps=50"])`` returns a new config
+with dotted fields replaced, parsing each value according to the field's declared type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import typing
+from typing import Any, Literal, Union
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value outside what it accepts."""
+
+
+def _fail(cfg: Any, field: str, expected: str, got: Any) -> None:
+    raise ConfigError(f"{type(cfg).__name__}.{field}: expected {expected}, got {got!r}")
+
+
+def _check_positive_int(cfg: Any, *fields: str) -> None:
+    for name in fields:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            _fail(cfg, name, "a positive int", value)
+
+
+def _check_choice(cfg: Any, field: str, choices: tuple) -> None:
+    value = getattr(cfg, field)
+    if value not in choices:
+        _fail(cfg, field, f"one of {choices}", value)
+
+
+def _check_float_range(cfg: Any, field: str, lo: float, hi: float) -> None:
+    value = getattr(cfg, field)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        _fail(cfg, field, f"a number in [{lo}, {hi}]", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Class-conditional DiT (Peebles & Xie), parameter names as in facebookresearch/DiT.
+
+    Images are NHWC: ``[B, input_size, input_size, in_channels]``.
+    """
+
+    family: Literal["dit"] = "dit"
+    input_size: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_choice(self, "family", ("dit",))
+        _check_positive_int(self, "input_size", "in_channels", "patch_size", "hidden_size",
+                            "depth", "num_heads", "num_classes")
+        if self.input_size % self.patch_size:
+            _fail(self, "input_size", f"a multiple of patch_size={self.patch_size}", self.input_size)
+        if self.hidden_size % self.num_heads:
+            _fail(self, "hidden_size", f"a multiple of num_heads={self.num_heads}", self.hidden_size)
+        if (self.hidden_size // self.num_heads) % 2:
+            _fail(self, "hidden_size", "hidden_size / num_heads even", self.hidden_size)
+        if self.hidden_size % 4:
+            _fail(self, "hidden_size", "a multiple of 4 (2-D sin-cos position embedding)",
+                  self.hidden_size)
+        _check_float_range(self, "mlp_ratio", 0.25, 64.0)
+        _check_float_range(self, "class_dropout_prob", 0.0, 1.0)
+        _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "param_dtype", DTYPES)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoDiTConfig:
+    """Class-conditional spatio-temporal DiT (Latte-style alternating spatial/temporal blocks).
+
+    Videos are ``[B, num_frames, input_size, input_size, in_channels]``. ``depth`` counts
+    spatial+temporal block pairs.
+    """
+
+    family: Literal["video_dit"] = "video_dit"
+    num_frames: int = 8
+    input_size: int = 16
+    in_channels: int = 1
+    patch_size: int = 4
+    hidden_size: int = 192
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_choice(self, "family", ("video_dit",))
+        _check_positive_int(self, "num_frames", "input_size", "in_channels", "patch_size",
+                            "hidden_size", "depth", "num_heads", "num_classes")
+        if self.input_size % self.patch_size:
+            _fail(self, "input_size", f"a multiple of patch_size={self.patch_size}", self.input_size)
+        if self.hidden_size % self.num_heads:
+            _fail(self, "hidden_size", f"a multiple of num_heads={self.num_heads}", self.hidden_size)
+        if self.hidden_size % 4:
+            _fail(self, "hidden_size", "a multiple of 4", self.hidden_size)
+        _check_float_range(self, "mlp_ratio", 0.25, 64.0)
+        _check_float_range(self, "class_dropout_prob", 0.0, 1.0)
+        _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "param_dtype", DTYPES)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """ADM/DDPM-style UNet with time and class conditioning.
+
+    Images are NHWC ``[B, input_size, input_size, in_channels]``. ``channel_mult[i]`` scales
+    ``base_channels`` at resolution level i; self-attention runs at the resolutions listed in
+    ``attention_resolutions`` (in pixels, e.g. ``(8, 4)``).
+    """
+
+    family: Literal["unet"] = "unet"
+    input_size: int = 16
+    in_channels: int = 1
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (8,)
+    num_heads: int = 4
+    num_groups: int = 16
+    num_classes: int = 10
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_choice(self, "family", ("unet",))
+        _check_positive_int(self, "input_size", "in_channels", "base_channels", "num_res_blocks",
+                            "num_heads", "num_groups", "num_classes")
+        if not self.channel_mult or not all(isinstance(m, int) and m > 0 for m in self.channel_mult):
+            _fail(self, "channel_mult", "a non-empty tuple of positive ints", self.channel_mult)
+        if self.input_size % (2 ** (len(self.channel_mult) - 1)):
+            _fail(self, "input_size", f"divisible by 2**(len(channel_mult)-1)", self.input_size)
+        for m in self.channel_mult:
+            if (self.base_channels * m) % self.num_groups:
+                _fail(self, "num_groups", f"a divisor of every level width "
+                      f"{[self.base_channels * m for m in self.channel_mult]}", self.num_groups)
+            if (self.base_channels * m) % self.num_heads:
+                _fail(self, "num_heads", "a divisor of every level width", self.num_heads)
+        _check_float_range(self, "class_dropout_prob", 0.0, 1.0)
+        _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "param_dtype", DTYPES)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """Small CNN digit classifier used for digits-FID features and class-match accuracy.
+
+    Inputs ``[B, input_size, input_size, in_channels]`` (``[B, F, H, W, C]`` videos are classified
+    frame by frame by the evaluation code).
+    """
+
+    family: Literal["classifier"] = "classifier"
+    input_size: int = 8
+    in_channels: int = 1
+    num_classes: int = 10
+    width: int = 32
+    feature_dim: int = 128
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        _check_choice(self, "family", ("classifier",))
+        _check_positive_int(self, "input_size", "in_channels", "num_classes", "width", "feature_dim")
+        _check_float_range(self, "dropout", 0.0, 0.9)
+
+
+ModelConfig = Union[DiTConfig, VideoDiTConfig, UNetConfig, ClassifierConfig]
+MODEL_CONFIGS = {"dit": DiTConfig, "video_dit": VideoDiTConfig, "unet": UNetConfig,
+                 "classifier": ClassifierConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How to sample: solver, step count, schedule and guidance."""
+
+    solver: str = "ddim"
+    num_steps: int = 50
+    schedule: str = "linear"
+    num_train_steps: int = 1000
+    eta: float = 0.0
+    cfg_scale: float = 4.0
+    num_segments: int = 1
+
+    def __post_init__(self):
+        _check_choice(self, "solver", ("ddpm", "ddim", "dpm_solver_pp_2m", "flow_euler"))
+        _check_choice(self, "schedule", ("linear", "cosine"))
+        _check_positive_int(self, "num_steps", "num_train_steps", "num_segments")
+        if self.num_steps > self.num_train_steps:
+            _fail(self, "num_steps", f"<= num_train_steps={self.num_train_steps}", self.num_steps)
+        if self.num_segments > self.num_steps:
+            _fail(self, "num_segments", f"<= num_steps={self.num_steps}", self.num_segments)
+        _check_float_range(self, "eta", 0.0, 1.0)
+        _check_float_range(self, "cfg_scale", 0.0, 100.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and loop settings for ``trdq train``."""
+
+    dataset: str = "digits"
+    num_steps: int = 20000
+    batch_size: int = 128
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    checkpoint_every: int = 1000
+    log_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice(self, "dataset", ("digits", "moving_digits"))
+        _check_positive_int(self, "num_steps", "batch_size", "checkpoint_every", "log_every")
+        _check_float_range(self, "learning_rate", 1e-8, 1.0)
+        _check_float_range(self, "weight_decay", 0.0, 1.0)
+        _check_float_range(self, "ema_decay", 0.0, 1.0)
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            _fail(self, "warmup_steps", "a non-negative int", self.warmup_steps)
+        if not isinstance(self.seed, int):
+            _fail(self, "seed", "an int", self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Offline generation: how many samples, in which batches, from which seed."""
+
+    num_samples: int = 40
+    batch_size: int = 40
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_positive_int(self, "num_samples", "batch_size")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            _fail(self, "seed", "a non-negative int", self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run needs. ``name`` doubles as the bundled-model name."""
+
+    name: str
+    model: ModelConfig
+    sampler: SamplerConfig = SamplerConfig()
+    train: TrainConfig = TrainConfig()
+    generation: GenerationConfig = GenerationConfig()
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            _fail(self, "name", "a non-empty string", self.name)
+        if not isinstance(self.model, tuple(MODEL_CONFIGS.values())):
+            _fail(self, "model", f"one of {[c.__name__ for c in MODEL_CONFIGS.values()]}",
+                  self.model)
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+
+def to_dict(cfg: Any) -> dict:
+    """Config -> JSON-compatible dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of ``to_dict`` for model configs; dispatches on ``family``."""
+    family = d.get("family")
+    if family not in MODEL_CONFIGS:
+        raise ConfigError(f"model.family: expected one of {tuple(MODEL_CONFIGS)}, got {family!r}")
+    return _from_dict(MODEL_CONFIGS[family], d, "model")
+
+
+def experiment_from_dict(d: dict) -> ExperimentConfig:
+    return ExperimentConfig(
+        name=d["name"],
+        model=model_config_from_dict(d["model"]),
+        sampler=_from_dict(SamplerConfig, d.get("sampler", {}), "sampler"),
+        train=_from_dict(TrainConfig, d.get("train", {}), "train"),
+        generation=_from_dict(GenerationConfig, d.get("generation", {}), "generation"),
+    )
+
+
+def _from_dict(cls: type, d: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()})
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Convert JSON/CLI values to the declared field type (lists -> tuples, "3" -> 3, ...)."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        return tuple(_coerce(item, v, where) for v in value)
+    if origin is Literal:
+        return value
+    try:
+        if hint is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        if hint in (int, float, str) and isinstance(value, str):
+            return hint(value)
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: cannot parse {value!r} as {hint.__name__}") from None
+    return value
+
+
+# ----------------------------------------------------------------------------- overrides & files
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply ``section.field=value`` overrides (``--set`` on the CLI) to an experiment config."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        cfg = _replace_path(cfg, parts, raw, key)
+    return cfg
+
+
+def _replace_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    head = parts[0]
+    if head not in names:
+        raise ConfigError(f"--set {key}: {type(obj).__name__} has no field {head!r}; "
+                          f"fields: {sorted(names)}")
+    if len(parts) == 1:
+        hint = typing.get_type_hints(type(obj))[head]
+        if dataclasses.is_dataclass(getattr(obj, head)):
+            raise ConfigError(f"--set {key}: {head!r} is a section; name one of its fields")
+        return dataclasses.replace(obj, **{head: _coerce(hint, raw, key)})
+    child = getattr(obj, head)
+    if not dataclasses.is_dataclass(child):
+        raise ConfigError(f"--set {key}: {head!r} is not a section")
+    return dataclasses.replace(obj, **{head: _replace_path(child, parts[1:], raw, key)})
+
+
+def load_config_file(path: str | pathlib.Path) -> ExperimentConfig:
+    """Import a ``configs/*.py`` file and call its ``get_config()``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    spec = importlib.util.spec_from_file_location(f"_trdq_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config {path}: the file defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigError(f"--config {path}: get_config() returned {type(cfg).__name__}, "
+                          "expected ExperimentConfig")
+    return cfg
