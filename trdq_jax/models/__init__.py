@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 from trdq_jax.config import ClassifierConfig, DiTConfig, ModelConfig, UNetConfig, VideoDiTConfig
 from trdq_jax.models.dit import DiT, dit_config, pos_embed_size
+from trdq_jax.models.zoo import load
 
-__all__ = ["DiT", "build_model", "dit_config", "dummy_inputs", "init_params", "param_count",
+__all__ = ["DiT", "build_model", "dit_config", "dummy_inputs", "init_params", "load", "param_count",
            "pos_embed_size"]
 
 
