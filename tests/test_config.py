@@ -1,0 +1,82 @@
+"""Config validation, overrides and config files."""
+import dataclasses
+
+import pytest
+
+from trdq_jax.config import (ConfigError, DiTConfig, ExperimentConfig, SamplerConfig, UNetConfig,
+                             apply_overrides, experiment_from_dict, load_config_file, to_dict)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(input_size=9, patch_size=2), "input_size"),
+    (dict(hidden_size=100, num_heads=16), "hidden_size"),
+    (dict(dtype="float8"), "dtype"),
+    (dict(class_dropout_prob=1.5), "class_dropout_prob"),
+    (dict(depth=True), "depth"),
+])
+def test_dit_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=rf"^DiTConfig\.{field}: expected"):
+        DiTConfig(**kwargs)
+
+
+def test_other_configs_validate():
+    with pytest.raises(ConfigError, match=r"SamplerConfig\.solver"):
+        SamplerConfig(solver="euler_a")
+    with pytest.raises(ConfigError, match=r"SamplerConfig\.num_segments"):
+        SamplerConfig(num_steps=10, num_segments=11)
+    with pytest.raises(ConfigError, match=r"UNetConfig\.num_groups"):
+        UNetConfig(base_channels=24, num_groups=16)
+
+
+def test_overrides_parse_by_declared_type():
+    cfg = ExperimentConfig(name="x", model=DiTConfig(input_size=8, in_channels=1, hidden_size=48,
+                                                     depth=2, num_heads=4, num_classes=10))
+    new = apply_overrides(cfg, ["model.depth=3", "model.learn_sigma=false", "sampler.cfg_scale=2.5",
+                                "model.mlp_ratio=2", "name=y"])
+    assert (new.model.depth, new.model.learn_sigma, new.sampler.cfg_scale, new.model.mlp_ratio,
+            new.name) == (3, False, 2.5, 2.0, "y")
+    assert isinstance(new.model.mlp_ratio, float)
+    unet = ExperimentConfig(name="u", model=UNetConfig())
+    assert apply_overrides(unet, ["model.channel_mult=1,2,2"]).model.channel_mult == (1, 2, 2)
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("model.depthh=3", "has no field 'depthh'"),
+    ("model.depth=three", "cannot parse 'three' as int"),
+    ("model.depth=0", r"DiTConfig\.depth: expected a positive int"),
+    ("model=3", "is a section"),
+    ("model.depth", "expected section.field=value"),
+    ("model.learn_sigma=maybe", "cannot parse"),
+])
+def test_bad_overrides(override, pattern):
+    cfg = ExperimentConfig(name="x", model=DiTConfig())
+    with pytest.raises(ConfigError, match=pattern):
+        apply_overrides(cfg, [override])
+
+
+def test_dict_round_trip_and_unknown_fields():
+    cfg = ExperimentConfig(name="u", model=UNetConfig(channel_mult=(1, 2, 2)))
+    assert experiment_from_dict(to_dict(cfg)) == cfg
+    d = to_dict(cfg)
+    d["model"]["wings"] = 2
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['wings'\]"):
+        experiment_from_dict(d)
+
+
+def test_config_file_loading(tmp_path):
+    good = tmp_path / "good.py"
+    good.write_text("from trdq_jax.config import ExperimentConfig, DiTConfig\n"
+                    "def get_config():\n    return ExperimentConfig(name='g', model=DiTConfig())\n")
+    assert load_config_file(good).name == "g"
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="defines no get_config"):
+        load_config_file(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config_file(tmp_path / "missing.py")
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DiTConfig().depth = 3
