@@ -10,4 +10,4 @@ Public API tour::
 """
 __version__ = "0.1.0"
 
-from trdq_jax import checkpoint, config, models  # noqa: E402,F401
+from trdq_jax import checkpoint, config, models, sampling  # noqa: E402,F401

@@ -58,7 +58,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array):
     inputs = dummy_inputs(cfg)
     if isinstance(cfg, ClassifierConfig):
         inputs = inputs[:1]  # classifiers take images only
-    return build_model(cfg).init(rng, *inputs)["params"]
+    # jit: eager init dispatches (and compiles) every op separately, seconds even for tiny models
+    return jax.jit(build_model(cfg).init)(rng, *inputs)["params"]
 
 
 def abstract_params(cfg: ModelConfig):

@@ -1,0 +1,179 @@
+"""The sampling loop: one jitted ``lax.scan`` over steps with batched classifier-free guidance.
+
+``apply_fn(params, x, t, y, segment, share_cfg) -> out`` is the denoiser:
+  x ``[2N, ...spatial, C]`` float32 (``[x; x]``), t ``[2N]`` float32 in training units,
+  y ``[2N]`` int32 (``[labels; null]``), segment a traced int32 scalar (the step's time segment),
+  share_cfg a Python bool. out ``[2N, ...spatial, C]`` (eps, or velocity for flow_euler) or
+  ``[2N, ...spatial, 2C]`` (eps then IDDPM variance values ``v``).
+
+Randomness: sample ``i`` uses ``k_i = fold_in(key(seed), sample_offset + i)``; its initial noise is
+``normal(k_i)`` and the noise of step ``s`` is ``normal(fold_in(k_i, s))``. A sample is therefore
+the same whatever batch it lands in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trdq_jax.sampling.solvers import Sampler
+
+ApplyFn = Callable[..., jax.Array]
+_INT32_MAX = 2 ** 31 - 1
+
+
+def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: int,
+           cfg_scale: float | None, null_label: int, shape: tuple[int, ...],
+           share_cfg: bool = False, sample_offset: int = 0,
+           progress: bool | Callable[[int, int], None] = False) -> jax.Array:
+    """Draw ``N = len(labels)`` samples; returns the final x, float32 ``shape``.
+
+    labels: ints ``[N]`` in ``[0, null_label]`` (``null_label`` itself draws unconditionally).
+    shape: the full batch shape ``(N, ...spatial, C)``.
+    cfg_scale: guidance ``uncond + cfg_scale * (cond - uncond)`` on the eps channels; a traced
+      value (changing it never recompiles). ``None`` uses ``sampler.cfg_scale``.
+    seed, sample_offset: sample i's randomness derives from ``(seed, sample_offset + i)``.
+    progress: ``True`` prints ``step i/n`` to stderr via ``jax.debug.callback``; a callable
+      ``f(step, num_steps)`` is called instead (it is part of the compile key: pass the same
+      object to reuse the program). Off by default: no host round trip in the loop.
+    apply_fn must be hashable (a function, or ``denoise_fn_for(model)``): it keys the compile cache.
+    """
+    if not callable(apply_fn):
+        raise ValueError(f"apply_fn: expected a callable, got {type(apply_fn).__name__}")
+    if not isinstance(sampler, Sampler):
+        raise ValueError(f"sampler: expected a Sampler, got {type(sampler).__name__}")
+    if not jax.tree.leaves(params):
+        raise ValueError("params: expected a non-empty pytree of arrays")
+    null_label = _check_int("null_label", null_label, 0, _INT32_MAX)
+    labels = _check_labels(labels, null_label)
+    shape = _check_shape(shape, labels.shape[0])
+    cfg_scale = sampler.cfg_scale if cfg_scale is None else cfg_scale
+    try:
+        cfg_value = float(cfg_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}") from None
+    if not math.isfinite(cfg_value):
+        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_value}")
+    seed = _check_int("seed", seed, 0, 2 ** 32 - 1)
+    sample_offset = _check_int("sample_offset", sample_offset, 0, _INT32_MAX - shape[0])
+    if not isinstance(share_cfg, bool):
+        raise ValueError(f"share_cfg: expected a bool, got {share_cfg!r}")
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise ValueError(f"progress: expected a bool or a callable, got {progress!r}")
+    report = (_print_progress if progress is True else progress) or None
+    return _sample_scan(apply_fn, params, sampler, jnp.asarray(labels, jnp.int32),
+                        jnp.asarray(seed, jnp.uint32), jnp.asarray(cfg_value, jnp.float32),
+                        jnp.asarray(null_label, jnp.int32), jnp.asarray(sample_offset, jnp.int32),
+                        shape=shape, share_cfg=share_cfg, report=report)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "shape", "share_cfg", "report"))
+def _sample_scan(apply_fn, params, sampler, labels, seed, cfg_scale, null_label, sample_offset,
+                 *, shape, share_cfg, report):
+    n, channels = shape[0], shape[-1]
+    base = jax.random.key(seed)
+    sample_keys = jax.vmap(lambda i: jax.random.fold_in(base, sample_offset + i))(
+        jnp.arange(n, dtype=jnp.int32))
+    x = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(sample_keys)
+    y_both = jnp.concatenate([labels, jnp.full((n,), null_label, jnp.int32)])
+    num_steps = sampler.num_steps
+
+    def step(carry, i):
+        x, x0_prev = carry
+        take = lambda table: jnp.take(table, i)  # noqa: E731 (traced index, one program)
+        t = jnp.full((2 * n,), take(sampler.model_time), jnp.float32)
+        out = apply_fn(params, jnp.concatenate([x, x]), t, y_both,
+                       take(sampler.segment_of_step), share_cfg)
+        out = _check_output(out, shape).astype(jnp.float32)
+        cond, uncond = out[:n], out[n:]
+        cond_eps, uncond_eps = cond[..., :channels], uncond[..., :channels]
+        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        x0 = take(sampler.x0_from_x) * x + take(sampler.x0_from_out) * guided
+        x_next = (take(sampler.x_coef) * x + take(sampler.out_coef) * guided
+                  + take(sampler.prev_x0_coef) * x0_prev)
+        if sampler.stochastic:
+            if out.shape[-1] == 2 * channels:  # learned sigma: the conditional branch's v
+                frac = (cond[..., channels:] + 1.0) / 2.0
+                log_var = (frac * take(sampler.log_var_max)
+                           + (1.0 - frac) * take(sampler.log_var_min))
+            else:
+                log_var = take(sampler.fixed_log_var)
+            z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape[1:],
+                                                     jnp.float32))(sample_keys)
+            x_next = x_next + take(sampler.noise_scale) * jnp.exp(0.5 * log_var) * z
+        if report is not None:
+            jax.debug.callback(report, i + 1, num_steps)
+        return (x_next, x0), None
+
+    (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), jnp.arange(num_steps, dtype=jnp.int32))
+    return x
+
+
+def _print_progress(step, num_steps) -> None:
+    print(f"step {int(step)}/{int(num_steps)}", file=sys.stderr, flush=True)
+
+
+def _check_output(out, shape):
+    channels = shape[-1]
+    expected = [(2 * shape[0], *shape[1:-1], c) for c in (channels, 2 * channels)]
+    if not hasattr(out, "shape") or tuple(out.shape) not in expected:
+        raise ValueError(f"apply_fn: expected an output of shape {expected[0]} or {expected[1]} "
+                         f"(learned sigma), got {getattr(out, 'shape', type(out).__name__)}")
+    return out
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def _check_labels(labels, null_label: int) -> np.ndarray:
+    if isinstance(labels, jax.core.Tracer):
+        raise ValueError("labels: expected concrete values (sample() validates on the host); "
+                         "call it outside jit")
+    array = np.asarray(labels)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"labels: expected a non-empty 1-D array [N], got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels: expected an integer dtype, got {array.dtype}")
+    if array.min() < 0 or array.max() > null_label:
+        raise ValueError(f"labels: expected values in [0, null_label={null_label}], got min "
+                         f"{array.min()}, max {array.max()}")
+    return array
+
+
+def _check_shape(shape, batch: int) -> tuple[int, ...]:
+    if not isinstance(shape, (tuple, list)) or len(shape) < 2 or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError("shape: expected a tuple (N, ...spatial, C) of positive ints, "
+                         f"got {shape!r}")
+    if shape[0] != batch:
+        raise ValueError(f"shape: expected shape[0] == len(labels) = {batch}, got {shape[0]}")
+    return tuple(int(d) for d in shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FloatModelDenoiser:
+    """``apply_fn`` for a Flax model that takes no segment; hashable by the model, so repeated
+    ``denoise_fn_for(model)`` calls reuse one compiled sampler."""
+
+    model: Any
+
+    def __call__(self, params, x, t, y, segment, share_cfg):
+        del segment  # a float model is the same in every time segment
+        return self.model.apply({"params": params}, x, t, y, share_cfg=share_cfg)
+
+
+def denoise_fn_for(model) -> ApplyFn:
+    """``apply_fn(params, x, t, y, segment, share_cfg)`` that calls
+    ``model.apply({'params': params}, x, t, y, share_cfg=share_cfg)`` and ignores ``segment``."""
+    if not hasattr(model, "apply"):
+        raise ValueError(f"model: expected a Flax module, got {type(model).__name__}")
+    return _FloatModelDenoiser(model)
