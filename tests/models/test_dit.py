@@ -124,3 +124,10 @@ def test_param_dtype_bfloat16():
     cfg = DiTConfig(**{**SMALL.__dict__, "param_dtype": "bfloat16", "dtype": "bfloat16"})
     params = abstract_params(cfg)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+
+
+def test_concrete_labels_captured_inside_jit():
+    params = init_params(SMALL, jax.random.key(0))
+    y = jnp.array([0, 1])
+    f = jax.jit(lambda p, x: build_model(SMALL).apply({"params": p}, x, jnp.zeros((2,)), y))
+    assert f(params, jnp.zeros((2, 8, 8, 3))).shape == (2, 8, 8, 6)

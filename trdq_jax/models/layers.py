@@ -211,13 +211,15 @@ def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array, *, spatial_shape: tup
         raise ValueError(f"t: expected shape [B]=[{x.shape[0]}] or a scalar, got {t.shape}")
     if not (jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)):
         raise ValueError(f"t: expected a numeric dtype, got {t.dtype}")
-    y = jnp.asarray(y)
+    if not isinstance(y, jax.core.Tracer):
+        y = np.asarray(y)
     if y.shape != (x.shape[0],):
         raise ValueError(f"y: expected shape [B]=[{x.shape[0]}], got {y.shape}")
-    if not jnp.issubdtype(y.dtype, jnp.integer):
+    if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"y: expected integer class labels, got dtype {y.dtype}")
     if not isinstance(y, jax.core.Tracer):
-        lo, hi = int(jnp.min(y)), int(jnp.max(y))
+        # numpy, not jnp: inside someone's jit a captured concrete y must not become a tracer
+        lo, hi = int(np.min(np.asarray(y))), int(np.max(np.asarray(y)))
         if lo < 0 or hi >= num_label_values:
             raise ValueError(f"y: labels must lie in [0, {num_label_values - 1}] "
                              f"(the last index is the null/CFG label when dropout is on), "

@@ -1,0 +1,99 @@
+"""Class-conditional spatio-temporal DiT (Latte-style), channels-last videos ``[B, F, H, W, C]``.
+
+Each of the ``depth`` layers is a pair of adaLN-Zero ``DiTBlock``s: a spatial block attending
+over the ``(H/p)*(W/p)`` patch tokens of one frame, then a temporal block attending over the
+``F`` frames at one patch position. Both reuse the image ``DiTBlock`` by folding the other axis
+into the batch, so the conditioning vector is repeated along that axis (as Latte does).
+
+Position embeddings are fixed constants, not parameters: DiT's 2-D sin-cos table is added to the
+tokens of every frame, and a 1-D sin-cos table over frame indices is added once, just before the
+first temporal block (Latte's ``temp_embed``), so spatial blocks see every frame alike.
+
+Parameter paths: ``x_embedder/proj``, ``t_embedder``, ``y_embedder``, ``spatial_blocks_{i}``,
+``temporal_blocks_{i}``, ``final_layer``; inside blocks the DiT names (``attn/qkv`` ...).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trdq_jax.config import VideoDiTConfig
+from trdq_jax.models.dit import DiTBlock, FinalLayer, PatchEmbed, unpatchify
+from trdq_jax.models.layers import (LabelEmbedder, TimestepEmbedder, broadcast_t, check_inputs,
+                                    sincos_1d, sincos_2d)
+
+
+def _frames_to_positions(h: jax.Array) -> jax.Array:
+    """``[B, F, L, D]`` -> ``[B*L, F, D]``: one sequence of frames per patch position."""
+    b, f, length, d = h.shape
+    return h.transpose(0, 2, 1, 3).reshape(b * length, f, d)
+
+
+def _positions_to_frames(h: jax.Array, batch: int) -> jax.Array:
+    """Inverse of ``_frames_to_positions``: ``[B*L, F, D]`` -> ``[B, F, L, D]``."""
+    _, f, d = h.shape
+    return h.reshape(batch, -1, f, d).transpose(0, 2, 1, 3)
+
+
+class VideoDiT(nn.Module):
+    """Spatio-temporal Diffusion Transformer.
+
+    ``apply({'params': p}, x, t, y, train=False, share_cfg=False)``:
+      x: ``[B, F, H, W, C]`` float, ``F = num_frames``, ``H = W = input_size``.
+      t: ``[B]`` or scalar time steps in training units.
+      y: ``[B]`` int labels; ``num_classes`` is the null label when ``class_dropout_prob > 0``.
+      train: label dropout (needs a ``'dropout'`` rng).
+      share_cfg: the batch is ``[cond; uncond]``; every spatial and temporal attention of the
+        uncond half reuses the cond half's attention probabilities.
+    Returns ``[B, F, H, W, out_channels]`` float32.
+    """
+
+    config: VideoDiTConfig
+
+    @nn.compact
+    def __call__(self, x, t, y, train: bool = False, share_cfg: bool = False):
+        cfg = self.config
+        num_label_values = cfg.num_classes + int(cfg.class_dropout_prob > 0)
+        check_inputs(x, t, y, spatial_shape=(cfg.num_frames, cfg.input_size, cfg.input_size),
+                     channels=cfg.in_channels, num_label_values=num_label_values,
+                     layout="[B, F, H, W, C]")
+        batch, frames = x.shape[0], cfg.num_frames
+        if share_cfg and batch % 2:
+            # Checked here: folding frames/positions into the batch could make an odd B even.
+            raise ValueError(f"share_cfg: expected an even batch [cond; uncond], got batch {batch}")
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=pdtype)
+        grid = cfg.input_size // cfg.patch_size
+        num_tokens = grid * grid
+
+        per_frame = x.astype(dtype).reshape(batch * frames, *x.shape[2:])
+        h = PatchEmbed(cfg.hidden_size, cfg.patch_size, name="x_embedder", **kw)(per_frame)
+        h = h + jnp.asarray(sincos_2d(cfg.hidden_size, grid), dtype)[None]
+        h = h.reshape(batch, frames, num_tokens, cfg.hidden_size)
+        temporal_pos = jnp.asarray(sincos_1d(cfg.hidden_size, np.arange(frames)), dtype)
+
+        c = TimestepEmbedder(cfg.hidden_size, name="t_embedder", **kw)(broadcast_t(t, batch))
+        c = c + LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob,
+                              param_dtype=pdtype, name="y_embedder")(y, train).astype(c.dtype)
+        c_per_frame = jnp.repeat(c, frames, axis=0)         # [B*F, D], batch-major like h
+        c_per_position = jnp.repeat(c, num_tokens, axis=0)  # [B*L, D]
+
+        block = lambda name: DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio,  # noqa: E731
+                                      name=name, **kw)
+        for i in range(cfg.depth):
+            hs = h.reshape(batch * frames, num_tokens, cfg.hidden_size)
+            hs = block(f"spatial_blocks_{i}")(hs, c_per_frame, share_cfg=share_cfg)
+            h = hs.reshape(batch, frames, num_tokens, cfg.hidden_size)
+            if i == 0:
+                h = h + temporal_pos[None, :, None]
+            ht = block(f"temporal_blocks_{i}")(_frames_to_positions(h), c_per_position,
+                                               share_cfg=share_cfg)
+            h = _positions_to_frames(ht, batch)
+
+        h = h.reshape(batch * frames, num_tokens, cfg.hidden_size)
+        h = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels, name="final_layer",
+                       **kw)(h, c_per_frame)
+        out = unpatchify(h, cfg.patch_size, cfg.out_channels)
+        return out.reshape(batch, frames, *out.shape[1:]).astype(jnp.float32)
