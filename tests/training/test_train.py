@@ -1,0 +1,104 @@
+"""``train``: dataset shaping per model family, end-to-end run with export, and the configs."""
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trdq_jax import checkpoint
+from trdq_jax.config import (ClassifierConfig, DiTConfig, ExperimentConfig, TrainConfig,
+                             UNetConfig, VideoDiTConfig, load_config_file)
+from trdq_jax.data import load_digits, load_moving_digits
+from trdq_jax.training import load_training_arrays, train
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def _experiment(model, dataset="digits", **train_kw):
+    kw = dict(dataset=dataset, num_steps=6, batch_size=8, warmup_steps=2, checkpoint_every=3,
+              log_every=3)
+    kw.update(train_kw)
+    return ExperimentConfig(name="tiny", model=model, train=TrainConfig(**kw))
+
+
+def test_moving_digits_frames_for_a_classifier():
+    cfg = _experiment(ClassifierConfig(input_size=16), "moving_digits")
+    frames, labels = load_training_arrays(cfg)
+    videos, video_labels = load_moving_digits("train")
+    assert frames.shape == (videos.shape[0] * 8, 16, 16, 1) and labels.shape == (frames.shape[0],)
+    # Frame 8*i + f is frame f of video i, labelled with the video's digit.
+    for i, f in ((0, 0), (3, 5), (len(videos) - 1, 7)):
+        np.testing.assert_array_equal(frames[8 * i + f], videos[i, f])
+        assert labels[8 * i + f] == video_labels[i]
+
+
+def test_dataset_model_mismatch_is_refused():
+    video = VideoDiTConfig(num_frames=8, input_size=16, hidden_size=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="cfg.train.dataset: a video_dit model needs"):
+        load_training_arrays(_experiment(video, "digits"))
+    with pytest.raises(ValueError, match="cfg.train.dataset: 'moving_digits' needs"):
+        load_training_arrays(_experiment(UNetConfig(input_size=8), "moving_digits"))
+    with pytest.raises(ValueError, match="cfg.model.in_channels"):
+        load_training_arrays(_experiment(UNetConfig(input_size=8, in_channels=3)))
+    videos, _ = load_training_arrays(_experiment(video, "moving_digits"))
+    np.testing.assert_array_equal(videos, load_moving_digits("train")[0])
+
+
+def test_train_dit_end_to_end_exports_ema(tmp_path):
+    model = DiTConfig(input_size=8, in_channels=1, patch_size=4, hidden_size=16, depth=1,
+                      num_heads=2, num_classes=10, learn_sigma=False)
+    cfg = _experiment(model, ema_decay=0.5)
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.step == 6
+    exported_cfg = dataclasses.replace(cfg, model=dataclasses.replace(model, param_dtype="bfloat16"))
+    params, stored = checkpoint.restore(tmp_path / "run" / "export", exported_cfg)
+    assert stored == exported_cfg
+    meta = json.loads((tmp_path / "run" / "export" / "metadata.json").read_text())
+    assert meta["extra"] == {"train_step": 6, "ema": True}
+    for got, ema, raw in zip(jax.tree.leaves(params), jax.tree.leaves(result.ema_params),
+                             jax.tree.leaves(result.params)):
+        assert got.dtype == jnp.bfloat16  # shipped as bf16: EMA rounded to nearest bf16
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.asarray(np.asarray(ema).astype(jnp.bfloat16), np.float32))
+    # EMA with decay 0.5 lags the raw params: some leaf differs.
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(result.ema_params),
+                                                     jax.tree.leaves(result.params)))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["name"] == "tiny"
+    # Re-running the finished run is a no-op that re-exports the same params elsewhere.
+    again = train(cfg, tmp_path / "run", progress=False, export_path=tmp_path / "copy")
+    assert again.step == 6
+    copy, _ = checkpoint.restore(tmp_path / "copy", exported_cfg)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(copy)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The same workdir with another experiment config is refused.
+    other = dataclasses.replace(cfg, name="other")
+    with pytest.raises(ValueError, match="different config: name: stored 'tiny', given 'other'"):
+        train(other, tmp_path / "run", progress=False)
+
+
+def test_train_classifier_exports_plain_params(tmp_path):
+    cfg = _experiment(ClassifierConfig(input_size=8, width=8, feature_dim=16))
+    result = train(cfg, tmp_path, progress=False)
+    params, _ = checkpoint.restore(tmp_path / "export", cfg)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "accuracy" in result.history[-1]
+
+
+@pytest.mark.parametrize("name,family", [("digits_dit", "dit"), ("digits_unet", "unet"),
+                                         ("moving_digits_vdit", "video_dit"),
+                                         ("digits_classifier", "classifier"),
+                                         ("moving_digits_classifier", "classifier")])
+def test_bundled_configs_load_and_fit_their_data(name, family):
+    cfg = load_config_file(CONFIGS / f"{name}.py")
+    assert cfg.name == name.replace("_", "-") and cfg.model.family == family
+    inputs, labels = load_training_arrays(cfg)
+    expected = {"digits": load_digits("train")[0].shape[1:],
+                "moving_digits": (16, 16, 1) if family == "classifier"
+                else load_moving_digits("train")[0].shape[1:]}[cfg.train.dataset]
+    assert inputs.shape[1:] == expected and len(labels) == len(inputs)
+    if family == "dit":
+        assert cfg.model.hidden_size == 192 and cfg.model.hidden_size // cfg.model.num_heads == 32

@@ -1,0 +1,117 @@
+"""Training: ``train(cfg, workdir)`` runs an ``ExperimentConfig`` end to end (resumable).
+
+::
+
+    from trdq_jax.config import load_config_file
+    from trdq_jax.training import train
+    result = train(load_config_file("configs/digits_dit.py"), "runs/digits-dit")
+
+Diffusion models (DiT, video DiT, UNet) train on the epsilon-prediction objective of
+``make_diffusion_loss``; classifiers on cross-entropy (``trdq_jax.eval.classifier``). A classifier
+with a ``moving_digits`` dataset trains on the individual frames, each labelled with its video's
+digit. At the end the EMA params (the plain params for classifiers) are exported as a
+``trdq_jax.checkpoint`` directory (``workdir/export`` unless ``export_path`` is given).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import jax
+import numpy as np
+
+from trdq_jax.config import ClassifierConfig, ExperimentConfig, VideoDiTConfig, to_dict
+from trdq_jax.training.diffusion import make_diffusion_loss
+from trdq_jax.training.loop import (NonFiniteLossError, TrainResult, ema_update, fit,
+                                    learning_rate_schedule, make_optimizer)
+
+__all__ = ["NonFiniteLossError", "TrainResult", "ema_update", "fit", "learning_rate_schedule",
+           "load_training_arrays", "make_diffusion_loss", "make_optimizer", "train"]
+
+
+def load_training_arrays(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The train split shaped for ``cfg.model``: ``(inputs float32 [N, ...], labels int32 [N])``.
+
+    "digits" gives ``[N, S, S, 1]`` images at the model's ``input_size``; "moving_digits" gives
+    ``[N, F, S, S, 1]`` videos for a video model, or their ``N * F`` frames ``[N*F, S, S, 1]``
+    (label repeated per frame) for a classifier.
+    """
+    from trdq_jax.data import load_dataset
+
+    model, dataset = cfg.model, cfg.train.dataset
+    if model.in_channels != 1:
+        raise ValueError(f"cfg.model.in_channels: the digit datasets have 1 channel, got "
+                         f"{model.in_channels}")
+    if dataset == "digits":
+        if isinstance(model, VideoDiTConfig):
+            raise ValueError("cfg.train.dataset: a video_dit model needs 'moving_digits', "
+                             "got 'digits'")
+        return load_dataset("digits", "train", image_size=model.input_size)
+    if isinstance(model, VideoDiTConfig):
+        return load_dataset("moving_digits", "train", num_frames=model.num_frames,
+                            canvas_size=model.input_size)
+    if isinstance(model, ClassifierConfig):
+        videos, labels = load_dataset("moving_digits", "train", canvas_size=model.input_size)
+        frames = videos.reshape((-1,) + videos.shape[2:])
+        return frames, np.repeat(labels, videos.shape[1])
+    raise ValueError(f"cfg.train.dataset: 'moving_digits' needs a video_dit or classifier "
+                     f"model, got family {model.family!r}")
+
+
+def _make_loss(cfg: ExperimentConfig, model):
+    if isinstance(cfg.model, ClassifierConfig):
+        from trdq_jax.eval.classifier import make_classifier_loss
+        return make_classifier_loss(model)
+    return make_diffusion_loss(model, cfg.model, schedule=cfg.sampler.schedule,
+                               num_train_steps=cfg.sampler.num_train_steps)
+
+
+def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
+          progress: bool = True, export_path: str | os.PathLike | None = None) -> TrainResult:
+    """Train the model of ``cfg`` on its dataset and export the result.
+
+    Args:
+      cfg: the experiment; ``cfg.train`` drives the loop, ``cfg.sampler.schedule`` and
+        ``cfg.sampler.num_train_steps`` define the diffusion process.
+      workdir: checkpoints, ``config.json`` and ``metrics.jsonl`` (see ``fit``); resumable.
+      resume: continue a killed run in ``workdir`` (False refuses a workdir with checkpoints).
+      progress: tqdm progress bar on a terminal.
+      export_path: where to write the final checkpoint (default ``workdir/export``); replaced if
+        present. Diffusion models export their EMA params cast to bfloat16 (the stored config
+        says ``param_dtype='bfloat16'``), classifiers their plain float32 params.
+    Returns:
+      the ``TrainResult`` of ``fit``.
+    """
+    if not isinstance(cfg, ExperimentConfig):
+        raise ValueError(f"cfg: expected an ExperimentConfig, got {type(cfg).__name__}")
+    from trdq_jax import checkpoint
+    from trdq_jax.data import batch_iterator
+    from trdq_jax.models import build_model, init_params
+
+    arrays = load_training_arrays(cfg)
+    train_cfg = cfg.train
+    if train_cfg.batch_size > len(arrays[0]):
+        raise ValueError(f"cfg.train.batch_size: expected <= {len(arrays[0])} training examples, "
+                         f"got {train_cfg.batch_size}")
+    model = build_model(cfg.model)
+    params = init_params(cfg.model, jax.random.fold_in(jax.random.key(train_cfg.seed), 0))
+
+    def batches(start_step: int):
+        return batch_iterator(arrays, train_cfg.batch_size, train_cfg.seed, start_step=start_step)
+
+    result = fit(_make_loss(cfg, model), params, batches, train_cfg, workdir, resume=resume,
+                 progress=progress, run_config=to_dict(cfg))
+    is_classifier = isinstance(cfg.model, ClassifierConfig)
+    final = jax.device_get(result.params if is_classifier else result.ema_params)
+    export_cfg = cfg
+    if not is_classifier:
+        # Diffusion models ship bf16 weights (half the bytes; the float reference that
+        # quantization is compared with, as FP16 is in the paper). Compute stays in cfg.model.dtype.
+        final = jax.tree.map(lambda p: np.asarray(p).astype(jax.numpy.bfloat16), final)
+        export_cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, param_dtype="bfloat16"))
+    path = pathlib.Path(workdir) / "export" if export_path is None else pathlib.Path(export_path)
+    checkpoint.save(path, final, export_cfg, overwrite=True,
+                    extra={"train_step": result.step, "ema": not is_classifier})
+    return result
