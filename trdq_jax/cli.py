@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
-    from trdq_jax import generate
+    from trdq_jax import evaluate, generate
     generate.add_commands(sub)
+    evaluate.add_command(sub)
     return parser
 
 

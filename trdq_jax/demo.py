@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from trdq_jax.config import DiTConfig, ExperimentConfig, SamplerConfig
+from trdq_jax.evaluate import classifier_for, judge
 from trdq_jax.generate import class_rows, generate
 
 
@@ -27,19 +28,6 @@ def _fallback_model():
                         num_heads=6, num_classes=10, learn_sigma=False),
         sampler=SamplerConfig(solver="ddim", num_steps=50, cfg_scale=3.0))
     return build_model(cfg.model), init_params(cfg.model, jax.random.key(0)), cfg
-
-
-def _classifier_metrics(samples, labels, split_images, model_name: str) -> dict:
-    from trdq_jax.eval import class_match_accuracy, digits_fid
-    from trdq_jax.eval.classifier import make_classify_fn, make_feature_fn
-    from trdq_jax.models import zoo
-    clf_name = "moving-digits-classifier" if samples.ndim == 5 else "digits-classifier"
-    if clf_name not in zoo.available():
-        return {"classifier": None, "note": f"{clf_name} not bundled: no class match / digits-FID"}
-    clf, clf_params, _ = zoo.load(clf_name)
-    match = class_match_accuracy(samples, labels, make_classify_fn(clf, clf_params))
-    fid = digits_fid(samples, split_images, make_feature_fn(clf, clf_params))
-    return {"classifier": clf_name, "class_match": match, "digits_fid_vs_heldout": fid}
 
 
 def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class: int = 30,
@@ -88,7 +76,10 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
                       "all_samples_steady": round(steady, 3),
                       "per_sample_ms": round(1000 * steady / len(labels), 3)},
     }
-    report.update(_classifier_metrics(samples, labels, test_images, model_name))
+    if classifier_for(samples) in zoo.available():
+        report.update(judge(samples, labels, test_images))
+    else:
+        report["note"] = f"{classifier_for(samples)} not bundled: no class match / digits-FID"
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "report.md").write_text(_markdown(report))
@@ -105,7 +96,7 @@ def _markdown(report: dict) -> str:
         for key, value in match.items():
             lines.append(f"| class match: {key} | {value:.4f} |" if isinstance(value, float)
                          else f"| class match: {key} | {value} |")
-        lines.append(f"| digits-FID vs held-out digits | {report['digits_fid_vs_heldout']:.3f} |")
+        lines.append(f"| digits-FID vs held-out digits | {report['digits_fid']:.3f} |")
     else:
         lines.append(f"| classifier | {report.get('note')} |")
     for key, value in report["timings_s"].items():
