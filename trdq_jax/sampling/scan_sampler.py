@@ -31,7 +31,8 @@ _INT32_MAX = 2 ** 31 - 1
 def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: int,
            cfg_scale: float | None, null_label: int, shape: tuple[int, ...],
            share_cfg: bool = False, sample_offset: int = 0,
-           progress: bool | Callable[[int, int], None] = False) -> jax.Array:
+           progress: bool | Callable[[int, int], None] = False,
+           return_trajectory: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Draw ``N = len(labels)`` samples; returns the final x, float32 ``shape``.
 
     labels: ints ``[N]`` in ``[0, null_label]`` (``null_label`` itself draws unconditionally).
@@ -42,6 +43,9 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
     progress: ``True`` prints ``step i/n`` to stderr via ``jax.debug.callback``; a callable
       ``f(step, num_steps)`` is called instead (it is part of the compile key: pass the same
       object to reuse the program). Off by default: no host round trip in the loop.
+    return_trajectory: also return ``xs``, float32 ``[num_steps, *shape]``: the model input x of
+      every step in sampling order (``xs[0]`` is the initial noise), as ``(x_final, xs)``. It
+      costs no extra model call; it is a separate compiled program from the default one.
     apply_fn must be hashable (a function, or ``denoise_fn_for(model)``): it keys the compile cache.
     """
     if not callable(apply_fn):
@@ -66,16 +70,20 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
         raise ValueError(f"share_cfg: expected a bool, got {share_cfg!r}")
     if not (isinstance(progress, bool) or callable(progress)):
         raise ValueError(f"progress: expected a bool or a callable, got {progress!r}")
+    if not isinstance(return_trajectory, bool):
+        raise ValueError(f"return_trajectory: expected a bool, got {return_trajectory!r}")
     report = (_print_progress if progress is True else progress) or None
     return _sample_scan(apply_fn, params, sampler, jnp.asarray(labels, jnp.int32),
                         jnp.asarray(seed, jnp.uint32), jnp.asarray(cfg_value, jnp.float32),
                         jnp.asarray(null_label, jnp.int32), jnp.asarray(sample_offset, jnp.int32),
-                        shape=shape, share_cfg=share_cfg, report=report)
+                        shape=shape, share_cfg=share_cfg, report=report,
+                        return_trajectory=return_trajectory)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "shape", "share_cfg", "report"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "shape", "share_cfg", "report",
+                                             "return_trajectory"))
 def _sample_scan(apply_fn, params, sampler, labels, seed, cfg_scale, null_label, sample_offset,
-                 *, shape, share_cfg, report):
+                 *, shape, share_cfg, report, return_trajectory=False):
     n, channels = shape[0], shape[-1]
     base = jax.random.key(seed)
     sample_keys = jax.vmap(lambda i: jax.random.fold_in(base, sample_offset + i))(
@@ -109,10 +117,11 @@ def _sample_scan(apply_fn, params, sampler, labels, seed, cfg_scale, null_label,
             x_next = x_next + take(sampler.noise_scale) * jnp.exp(0.5 * log_var) * z
         if report is not None:
             jax.debug.callback(report, i + 1, num_steps)
-        return (x_next, x0), None
+        return (x_next, x0), (x if return_trajectory else None)
 
-    (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), jnp.arange(num_steps, dtype=jnp.int32))
-    return x
+    (x, _), xs = jax.lax.scan(step, (x, jnp.zeros_like(x)),
+                              jnp.arange(num_steps, dtype=jnp.int32))
+    return (x, xs) if return_trajectory else x
 
 
 def _print_progress(step, num_steps) -> None:

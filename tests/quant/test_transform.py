@@ -1,0 +1,233 @@
+"""quantize / QLinear / QuantizedDenoiser: equivalence, backends, bytes, errors, one compile."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import trdq_jax.quant as Q
+from trdq_jax.config import ConfigError, DiTConfig, SamplerConfig, UNetConfig, VideoDiTConfig
+from trdq_jax.models import build_model, init_params, input_shape
+from trdq_jax.quant.capture import LayerStats
+from trdq_jax.sampling import Sampler, denoise_fn_for, sample
+
+DIT = DiTConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=48, depth=2, num_heads=2,
+                num_classes=3, learn_sigma=False)
+SAMPLER = Sampler.from_config(SamplerConfig(num_steps=6, cfg_scale=2.0))
+LABELS = np.array([0, 1, 2, 0])
+
+
+def _perturbed(cfg, seed=0):
+    params = init_params(cfg, jax.random.key(seed))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                     for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return build_model(DIT), _perturbed(DIT)
+
+
+def _calib(model, params, recipe, cfg=DIT, labels=LABELS):
+    return Q.calibrate(model, params, recipe, SAMPLER, labels=labels, null_label=cfg.num_classes,
+                       shape=input_shape(cfg, len(labels)), rows_per_step=32)
+
+
+def _forward(model, params, cfg, qparams=None, backend="xla", segment=0):
+    x = jax.random.normal(jax.random.key(7), input_shape(cfg, 4))
+    t, y = jnp.array([10.0, 400.0, 700.0, 999.0]), jnp.array([0, 1, 2, cfg.num_classes])
+    if qparams is None:
+        return model.apply({"params": params}, x, t, y)
+    return Q.QuantizedDenoiser(model, backend)(qparams, x, t, y, jnp.int32(segment), False)
+
+
+TRANSFORMS = [
+    dict(smoothing=True, alpha=0.5),
+    dict(rotation="hadamard"),
+    dict(rotation="block_hadamard", rotation_block=16),
+    dict(rotation="duquant", rotation_block=16),
+    dict(smoothing=True, alpha_grid=(0.3, 0.7), rotation="duquant", rotation_block=16,
+         num_segments=3, per_segment_weights=True),
+]
+
+
+@pytest.mark.parametrize("cfg", [
+    DIT,
+    VideoDiTConfig(num_frames=2, input_size=8, in_channels=1, patch_size=4, hidden_size=24,
+                   depth=1, num_heads=2, num_classes=3),
+    UNetConfig(input_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2),
+               num_res_blocks=1, attention_resolutions=(4,), num_heads=2, num_groups=8,
+               num_classes=3),
+], ids=["dit", "video_dit", "unet"])
+def test_transforms_without_quantization_leave_output_unchanged(cfg):
+    model, params = build_model(cfg), _perturbed(cfg)
+    want = np.asarray(_forward(model, params, cfg))
+    for fields in TRANSFORMS:
+        if cfg.family == "unet" and fields.get("rotation") == "hadamard":
+            continue  # UNet attention widths 32 = 2^5 are covered; full Hadamard of 32 is too
+        recipe = Q.Recipe("t", w_bits=16, a_bits=16, **fields)
+        calib = _calib(model, params, recipe, cfg, LABELS)
+        qparams = Q.quantize(params, calib, recipe)
+        assert Q.quantized_layer_paths(qparams)
+        for segment in range(recipe.num_segments):
+            got = np.asarray(_forward(model, params, cfg, qparams, segment=segment))
+            rel = np.abs(got - want).max() / np.abs(want).max()
+            assert rel < 1e-4, (fields, segment, rel)
+
+
+@pytest.mark.parametrize("w_bits, a_bits, a_mode, a_symmetric", [
+    (8, 8, "dynamic", False), (8, 8, "static", True), (4, 8, "dynamic", True),
+    (4, 8, "static", False), (6, 6, "dynamic", False), (4, 16, "dynamic", False),
+])
+def test_fake_and_xla_agree_on_every_layer(dit, w_bits, a_bits, a_mode, a_symmetric):
+    model, params = dit
+    recipe = Q.Recipe("r", w_bits=w_bits, a_bits=a_bits, a_mode=a_mode, a_symmetric=a_symmetric,
+                      rotation="hadamard", smoothing=True, num_segments=2)
+    qparams = Q.quantize(params, _calib(model, params, recipe), recipe)
+    x = jax.random.normal(jax.random.key(3), (5, 7, 48)) * 3
+    for path in Q.quantized_layer_paths(qparams):
+        q = qparams["layers"]
+        for name in path.split("/"):
+            q = q[name]
+        xin = x if q.in_features == 48 else jax.random.normal(jax.random.key(4), (5, 7, q.in_features))
+        for seg in (0, 1):
+            fake = np.asarray(Q.qlinear_apply(q, xin, seg, "fake"))
+            xla = np.asarray(Q.qlinear_apply(q, xin, seg, "xla"))
+            np.testing.assert_allclose(xla, fake, rtol=1e-4, atol=1e-4 * np.abs(fake).max(),
+                                       err_msg=path)
+
+
+def test_int8_dot_accumulates_exactly_in_int32():
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, (64, 4608), dtype=np.int8)
+    b = rng.integers(-128, 128, (4608, 32), dtype=np.int8)
+    got = jax.lax.dot_general(jnp.asarray(a), jnp.asarray(b), (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(got), a.astype(np.int64) @ b.astype(np.int64))
+
+
+def test_minmax_layer_matches_numpy_reference(dit):
+    """Per-channel symmetric W8, static asymmetric per-tensor A8, written out in numpy."""
+    model, params = dit
+    recipe = Q.get_recipe("minmax", 8, 8)
+    calib = _calib(model, params, recipe)
+    q = Q.quantize(params, calib, recipe)["layers"]["blocks_0"]["mlp"]["fc1"]
+    w = np.asarray(params["blocks_0"]["mlp"]["fc1"]["kernel"], np.float64)
+    b = np.asarray(params["blocks_0"]["mlp"]["fc1"]["bias"], np.float64)
+    st = calib.stats["blocks_0/mlp/fc1"]
+    lo = min(0.0, float(st.tensor_min.min()), float(st.rows.min()))
+    hi = max(0.0, float(st.tensor_max.max()), float(st.rows.max()))
+    a_scale = (hi - lo) / 255
+    a_zero = np.round(-128 - lo / a_scale)
+    w_scale = np.abs(w).max(0) / 127
+    x = np.asarray(jax.random.normal(jax.random.key(1), (9, 48)), np.float64)
+    xq = np.clip(np.round(x / a_scale) + a_zero, -128, 127)
+    wq = np.clip(np.round(w / w_scale), -127, 127)
+    want = ((xq - a_zero) * a_scale) @ (wq * w_scale) + b
+    got = np.asarray(Q.qlinear_apply(q, jnp.asarray(x, jnp.float32), 0, "xla"))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_weight_bytes_count_what_is_held(dit):
+    model, params = dit
+    recipe = Q.get_recipe("trdq", 4, 8, num_segments=2)
+    qparams = Q.quantize(params, _calib(model, params, recipe), recipe)
+    q = qparams["layers"]["blocks_1"]["mlp"]["fc2"]  # K=192, N=48
+    assert q.w_q.dtype == jnp.uint8 and q.w_q.shape == (1, 96, 48)
+    expected = (96 * 48 + 48 * 4 + 48 * 4 + 48 * 4 + 192 * 4 + 192 * 4 + 2 * 4)
+    # codes, w_scale, w_colsum, bias, smooth, signs, a_clip[2]
+    assert Q.qlinear_bytes(q) == expected
+    total = sum(Q.qlinear_bytes(_leaf(qparams, p)) for p in Q.quantized_layer_paths(qparams))
+    assert Q.weight_bytes(qparams)["quantized_layers"] == total
+
+
+def _leaf(qparams, path):
+    node = qparams["layers"]
+    for name in path.split("/"):
+        node = node[name]
+    return node
+
+
+def test_trdq_w4a8_holds_under_030_of_bf16_bytes():
+    cfg = dataclasses.replace(DIT, hidden_size=192, num_heads=6)
+    model, params = build_model(cfg), _perturbed(cfg)
+    recipe = Q.get_recipe("trdq", 4, 8, num_segments=2, w_clip_search=False, alpha_grid=())
+    qparams = Q.quantize(params, _calib(model, params, recipe, cfg, LABELS), recipe)
+    paths = Q.quantized_layer_paths(qparams)
+    ratio = Q.weight_bytes(qparams)["quantized_layers"] / Q.float_bytes_of(params, paths)
+    assert ratio <= 0.30, ratio
+
+
+def test_four_segments_sample_in_one_compiled_scan(dit):
+    model, params = dit
+    recipe = Q.get_recipe("trdq_release", 8, 8, rotation_block=16, alpha_grid=())
+    calib = _calib(model, params, recipe)
+    qparams = Q.quantize(params, calib, recipe)
+    sampler = SAMPLER.with_segments(calib.segment_of_step, calib.num_segments)
+    assert calib.num_segments == 4 and sorted(set(calib.segment_of_step.tolist())) == [0, 1, 2, 3]
+    traces = []
+    apply_fn = Q.QuantizedDenoiser(model, "xla")
+
+    def counting(qp, x, t, y, segment, share_cfg):
+        traces.append(1)
+        return apply_fn(qp, x, t, y, segment, share_cfg)
+
+    out = sample(counting, qparams, sampler, LABELS, seed=0, cfg_scale=2.0, null_label=3,
+                 shape=(4, 8, 8, 1))
+    out2 = sample(counting, qparams, sampler, LABELS, seed=1, cfg_scale=3.0, null_label=3,
+                  shape=(4, 8, 8, 1))
+    assert len(traces) == 1  # one trace covers every step and every segment
+    assert np.isfinite(np.asarray(out)).all() and not np.allclose(out, out2)
+    ref = sample(denoise_fn_for(model), params, SAMPLER, LABELS, seed=0, cfg_scale=2.0,
+                 null_label=3, shape=(4, 8, 8, 1))
+    assert float(jnp.sqrt(jnp.mean((out - ref) ** 2))) < 0.1
+
+
+def test_save_and_restore_without_float_weights(tmp_path, dit):
+    model, params = dit
+    recipe = Q.get_recipe("trdq_release", 4, 8, rotation_block=16, alpha_grid=(), num_segments=2)
+    calib = _calib(model, params, recipe)
+    qparams = Q.quantize(params, calib, recipe)
+    Q.save_quantized(tmp_path / "q", qparams, DIT, recipe, calib.segment_of_step)
+    restored, cfg, recipe2, table = Q.load_quantized(tmp_path / "q")
+    assert cfg == DIT and recipe2 == recipe
+    np.testing.assert_array_equal(table, calib.segment_of_step)
+    assert jax.tree.structure(restored) == jax.tree.structure(qparams)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(qparams)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_inputs_are_named(dit):
+    model, params = dit
+    with pytest.raises(ConfigError, match=r"Recipe.w_bits: expected bits in 2..8"):
+        Q.get_recipe("trdq", 9, 8)
+    with pytest.raises(ConfigError, match=r"Recipe.a_bits"):
+        Q.get_recipe("trdq", 4, 1)
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        Q.calibrate(model, params, Q.get_recipe("minmax"), SAMPLER, labels=[], null_label=3,
+                    shape=(0, 8, 8, 1))
+    with pytest.raises(ValueError, match=r"keep_float: regex\(es\) \['nothing_here'\] match no"):
+        Q.select_layers(["blocks_0/attn/qkv"], Q.Recipe("r", keep_float=("nothing_here",)))
+    recipe = Q.get_recipe("quarot", 8, 8)
+    calib = _calib(model, params, Q.get_recipe("minmax"))
+    bad = dataclasses.replace(calib.stats["blocks_0/attn/qkv"])
+    bad_rows = np.array(bad.rows)
+    bad_rows[0, 0, 0] = np.nan
+    stats = dict(calib.stats)
+    stats["blocks_0/attn/qkv"] = dataclasses.replace(bad, rows=bad_rows)
+    with pytest.raises(ValueError, match="non-finite activation statistics for layer blocks_0/attn/qkv"):
+        Q.quantize(params, dataclasses.replace(calib, stats=stats), recipe)
+
+
+def test_unsupported_rotation_width_is_explained():
+    cfg = DiTConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=52, depth=1,
+                    num_heads=2, num_classes=3, learn_sigma=False)
+    model, params = build_model(cfg), _perturbed(cfg)
+    recipe = Q.get_recipe("quarot", 8, 8)
+    calib = _calib(model, params, Q.get_recipe("quarot", 8, 8), cfg)
+    with pytest.raises(ValueError, match="supported sizes are K"):
+        Q.quantize(params, calib, recipe)

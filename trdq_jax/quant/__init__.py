@@ -1,0 +1,21 @@
+"""TR-DQ quantization as pure transforms on parameter pytrees.
+
+::
+
+    recipe = tq.quant.get_recipe("trdq", w_bits=4, a_bits=8)
+    calib = tq.quant.calibrate(model, params, recipe, sampler, labels=..., null_label=10, shape=...)
+    qparams = tq.quant.quantize(params, calib, recipe)            # {"float": ..., "layers": ...}
+    apply_fn = tq.quant.QuantizedDenoiser(model, backend="xla")     # for tq.sampling.sample
+    sampler = sampler.with_segments(calib.segment_of_step, calib.num_segments)
+"""
+from trdq_jax.quant.calibrate import Calibration, calibrate
+from trdq_jax.quant.io import load_quantized, save_quantized
+from trdq_jax.quant.qlinear import BACKENDS, QLinear, qlinear_apply, qlinear_bytes
+from trdq_jax.quant.recipe import RECIPES, Recipe, get_recipe
+from trdq_jax.quant.transform import (QuantizedDenoiser, float_bytes_of, quantize, quantize_layer,
+                                      quantized_layer_paths, select_layers, weight_bytes)
+
+__all__ = ["BACKENDS", "Calibration", "QLinear", "QuantizedDenoiser", "RECIPES", "Recipe",
+           "calibrate", "float_bytes_of", "get_recipe", "load_quantized", "qlinear_apply",
+           "qlinear_bytes", "quantize", "quantize_layer", "quantized_layer_paths", "save_quantized",
+           "select_layers", "weight_bytes"]

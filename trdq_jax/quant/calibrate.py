@@ -1,0 +1,68 @@
+"""``calibrate``: float model + sampler -> per-layer, per-step statistics and a segment table."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+from trdq_jax.quant import capture, segments
+from trdq_jax.quant.recipe import Recipe
+from trdq_jax.quant.transform import select_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What ``quantize`` needs.
+
+    stats: ``{module path: LayerStats}`` of the layers the recipe quantizes.
+    segment_of_step: int32 ``[num_steps]`` time segment of each sampling step (sampling order).
+    num_segments: S.
+    keep_float: ``{regex: matched paths}`` report of layers left in float.
+    """
+
+    stats: dict
+    segment_of_step: np.ndarray
+    num_segments: int
+    keep_float: dict
+
+
+def calibrate(model, params, recipe: Recipe, sampler, *, labels, null_label: int,
+              shape: tuple[int, ...], seed: int = 0, cfg_scale: float | None = None,
+              rows_per_step: int = 64, progress: bool = False) -> Calibration:
+    """Run the float model through the real sampler on calibration labels and collect stats.
+
+    Args:
+      labels: ``[N]`` class labels of the calibration samples (e.g. a few per class).
+      shape: batch shape ``(N, ...spatial, C)``.
+      sampler: the ``Sampler`` that will be used for generation (same steps -> same segments).
+    Segments are uniform over the training-time axis or a data-driven contiguous split
+    (``recipe.segment_split``); every segment must contain at least one step.
+    """
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe: expected a Recipe, got {type(recipe).__name__}")
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        raise ValueError("labels: the calibration set is empty; pass at least one label")
+    if recipe.num_segments > sampler.num_steps:
+        raise ValueError(f"recipe.num_segments: {recipe.num_segments} segments but the sampler "
+                         f"has only {sampler.num_steps} steps")
+    n = len(labels)
+    example = (jnp.zeros((2 * n, *shape[1:]), jnp.float32), jnp.zeros((2 * n,), jnp.float32),
+               jnp.zeros((2 * n,), jnp.int32))
+    paths = capture.layer_paths(model, params, example)
+    quantized, kept = select_layers(paths, recipe)
+    traj = capture.calibration_trajectory(model, params, sampler, labels, null_label, shape, seed,
+                                          cfg_scale)
+    stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.labels, null_label,
+                                  paths=[f"^{re.escape(p)}$" for p in quantized],
+                                  rows_per_step=rows_per_step, seed=seed, progress=progress)
+    if recipe.segment_split == "uniform":
+        table = segments.uniform_segments(np.asarray(sampler.train_timesteps), recipe.num_segments,
+                                          sampler.num_train_steps)
+    else:
+        table = segments.similarity_segments(stats, recipe.num_segments)
+    table = segments.check_segments(table, recipe.num_segments)
+    return Calibration(stats=stats, segment_of_step=np.asarray(table, np.int32),
+                       num_segments=recipe.num_segments, keep_float=kept)

@@ -1,0 +1,281 @@
+"""Calibration data: sampler trajectories and per-layer, per-step input statistics.
+
+Layers are found and instrumented by module path with ``flax.linen.intercept_methods`` (never by
+call order): for every selected ``nn.Dense`` (or ``nn.Conv``) the interceptor reduces the layer's
+input inside ``jit`` and ``sow``s the result into the ``'trdq_calibration'`` collection, so only
+small tensors leave the device. One compiled program serves every step: the step index and the
+time are data.
+
+Statistics are taken over all tokens of the CFG batch ``[x; x]`` with labels ``[y; null]``. The
+input of a layer is flattened to rows ``[M, K]`` (all leading axes, C order); the first ``M / 2``
+rows are the conditional half, which holds whenever the batch axis stays outermost in the model's
+reshapes (true for the DiT, video DiT and UNet of ``trdq_jax.models``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import zlib
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from tqdm.auto import tqdm
+
+from trdq_jax.sampling import Sampler, denoise_fn_for, sample
+
+_COLLECTION = "trdq_calibration"
+_KINDS = {"Dense": nn.Dense, "Conv": nn.Conv}
+_STAT_NAMES = ("absmax", "tensor_min", "tensor_max", "rows")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    """Input statistics of one layer over the calibration steps (numpy, float32).
+
+    absmax: ``[S_steps, K]`` per-input-channel abs-max over all tokens of the step.
+    tensor_min, tensor_max: ``[S_steps]`` min / max over the whole input of the step.
+    rows: ``[S_steps, R, K]`` input rows (tokens) sampled per step: the first ``ceil(R/2)``
+      from the conditional half, the rest from the unconditional half, each in token order.
+    weight_absmax: ``[K]`` abs-max of the kernel per input channel (max over outputs; for a
+      conv also over the spatial taps).
+    """
+
+    absmax: np.ndarray
+    tensor_min: np.ndarray
+    tensor_max: np.ndarray
+    rows: np.ndarray
+    weight_absmax: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.absmax.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.absmax.shape[1])
+
+
+class CalibrationTrajectory(NamedTuple):
+    """What ``calibration_trajectory`` returns (numpy).
+
+    xs: float32 ``[num_steps, N, ...spatial, C]`` model inputs in sampling order.
+    timesteps: float32 ``[num_steps]`` model time of each step (training units).
+    labels: int32 ``[N]``.
+    x_final: float32 ``[N, ...spatial, C]`` the finished samples.
+    """
+
+    xs: np.ndarray
+    timesteps: np.ndarray
+    labels: np.ndarray
+    x_final: np.ndarray
+
+
+def _layer_classes(kinds) -> tuple[type, ...]:
+    if isinstance(kinds, str) or not kinds or any(k not in _KINDS for k in kinds):
+        raise ValueError(f"kinds: expected a non-empty sequence of {sorted(_KINDS)}, "
+                         f"got {kinds!r}")
+    return tuple(_KINDS[k] for k in kinds)
+
+
+def layer_paths(model: nn.Module, params: Any, example_inputs: Sequence[Any], *,
+                kinds: Sequence[str] = ("Dense",)) -> list[str]:
+    """Module paths (``'blocks_0/attn/qkv'``) of the layers of ``kinds`` called in one forward
+    ``model.apply({'params': params}, *example_inputs)``, in first-call order, each once.
+
+    Traced abstractly (``jax.eval_shape``): nothing is computed.
+    """
+    classes = _layer_classes(kinds)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ValueError("example_inputs: expected a tuple of positional model inputs, "
+                         f"got {type(example_inputs).__name__}")
+    found: list[str] = []
+
+    def record(next_fn, args, kwargs, context):
+        if isinstance(context.module, classes) and context.method_name == "__call__":
+            path = "/".join(context.module.path)
+            if path not in found:
+                found.append(path)
+        return next_fn(*args, **kwargs)
+
+    def forward(p, inputs):
+        with nn.intercept_methods(record):
+            return model.apply({"params": p}, *inputs)
+
+    jax.eval_shape(forward, params, tuple(example_inputs))
+    return found
+
+
+def select_paths(available: Sequence[str], patterns: Sequence[str] | None) -> list[str]:
+    """The available paths full-matching any of ``patterns`` (regexes; a plain path matches
+    itself), in model order. ``None`` selects all. ValueError lists patterns that match nothing."""
+    if patterns is None:
+        return list(available)
+    if isinstance(patterns, str) or not patterns:
+        raise ValueError(f"paths: expected a non-empty sequence of path regexes, got {patterns!r}")
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except (re.error, TypeError):
+            raise ValueError(f"paths: {pattern!r} is not a valid regex") from None
+    unmatched = [p.pattern for p in compiled if not any(p.fullmatch(a) for a in available)]
+    if unmatched:
+        raise ValueError(f"paths: {unmatched} match no layer; available layers: {list(available)}")
+    return [a for a in available if any(p.fullmatch(a) for p in compiled)]
+
+
+def _layer_key(path: str) -> int:
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+
+def _input_statistics(x: jax.Array, path: str, num_rows: int, step_key: jax.Array) -> dict:
+    """Reductions of one layer input ``[..., K]`` (see ``LayerStats``), all float32."""
+    k = x.shape[-1]
+    flat = x.astype(jnp.float32).reshape(-1, k)
+    if flat.shape[0] % 2:
+        raise ValueError(f"layer {path!r}: expected an even number of input rows "
+                         f"([cond; uncond]), got {flat.shape[0]}")
+    half = flat.shape[0] // 2
+    take = min(num_rows, flat.shape[0])
+    key_cond, key_uncond = jax.random.split(jax.random.fold_in(step_key, _layer_key(path)))
+    cond = jnp.sort(jax.random.permutation(key_cond, half)[:(take + 1) // 2])
+    uncond = half + jnp.sort(jax.random.permutation(key_uncond, half)[:take // 2])
+    return {"absmax": jnp.max(jnp.abs(flat), axis=0), "tensor_min": jnp.min(flat),
+            "tensor_max": jnp.max(flat), "rows": flat[jnp.concatenate([cond, uncond])]}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "paths", "classes", "num_rows"))
+def _step_statistics(model, params, x, t, y, step, seed, *, paths, classes, num_rows):
+    """One CFG forward of ``[x; x]`` (x ``[N, ...]``) at model time ``t`` (scalar) with labels
+    ``y`` ``[2N]``; returns ``{path: {stat: array}}`` for the selected layers."""
+    step_key = jax.random.fold_in(jax.random.key(seed), step)
+    x = jnp.concatenate([x, x])
+    t = jnp.full((x.shape[0],), t, jnp.float32)
+
+    def record(next_fn, args, kwargs, context):
+        if isinstance(context.module, classes) and context.method_name == "__call__":
+            path = "/".join(context.module.path)
+            if path in paths:
+                for name, value in _input_statistics(args[0], path, num_rows, step_key).items():
+                    context.module.sow(_COLLECTION, name, value)
+        return next_fn(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        _, state = model.apply({"params": params}, x, t, y, mutable=[_COLLECTION])
+    grouped: dict[str, dict] = {}
+    for key, calls in traverse_util.flatten_dict(state[_COLLECTION]).items():
+        grouped.setdefault("/".join(key[:-1]), {})[key[-1]] = calls
+    return {path: _merge_calls(stats) for path, stats in grouped.items()}
+
+
+def _merge_calls(stats: dict) -> dict:
+    """A module called several times per forward: reduce over calls; rows of the first call."""
+    return {"absmax": jnp.max(jnp.stack(stats["absmax"]), axis=0),
+            "tensor_min": jnp.min(jnp.stack(stats["tensor_min"])),
+            "tensor_max": jnp.max(jnp.stack(stats["tensor_max"])),
+            "rows": stats["rows"][0]}
+
+
+def _weight_absmax(params: Any, path: str, channels: int) -> np.ndarray:
+    node = params
+    for part in [*path.split("/"), "kernel"]:
+        if not hasattr(node, "keys") or part not in node:
+            raise ValueError(f"params: expected a kernel at '{path}/kernel'")
+        node = node[part]
+    kernel = np.abs(np.asarray(node, np.float32))
+    if kernel.shape[-2] != channels:
+        raise ValueError(f"params: kernel at {path!r} has {kernel.shape[-2]} input channels, "
+                         f"its input has {channels}")
+    reduce_axes = tuple(i for i in range(kernel.ndim) if i != kernel.ndim - 2)
+    out = kernel.max(axis=reduce_axes)
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"params: non-finite kernel values in layer {path!r}")
+    return out
+
+
+def _check_trajectory(xs, timesteps, labels, null_label):
+    xs = jnp.asarray(xs)
+    if xs.ndim < 3 or not jnp.issubdtype(xs.dtype, jnp.floating):
+        raise ValueError("xs: expected a float trajectory [steps, N, ...spatial, C], "
+                         f"got {xs.dtype} {xs.shape}")
+    if xs.shape[0] == 0 or xs.shape[1] == 0:
+        raise ValueError(f"xs: expected a non-empty trajectory [steps, N, ...], got {xs.shape}")
+    timesteps = np.asarray(timesteps)
+    if timesteps.shape != (xs.shape[0],) or not np.all(np.isfinite(timesteps)):
+        raise ValueError(f"timesteps: expected {xs.shape[0]} finite model times [steps], "
+                         f"got shape {timesteps.shape}")
+    if isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer)) \
+            or null_label < 0:
+        raise ValueError(f"null_label: expected a non-negative int, got {null_label!r}")
+    labels = np.asarray(labels)
+    if labels.shape != (xs.shape[1],) or not np.issubdtype(labels.dtype, np.integer) \
+            or labels.min() < 0 or labels.max() > null_label:
+        raise ValueError(f"labels: expected {xs.shape[1]} ints in [0, {null_label}], "
+                         f"got {labels.dtype} {labels.shape}")
+    return xs, timesteps.astype(np.float32), labels.astype(np.int32)
+
+
+def collect_stats(model: nn.Module, params: Any, xs, timesteps, labels, null_label: int, *,
+                  paths: Sequence[str] | None = None, kinds: Sequence[str] = ("Dense",),
+                  rows_per_step: int = 64, seed: int = 0,
+                  progress: bool = True) -> dict[str, LayerStats]:
+    """Per-step input statistics of the selected layers along a trajectory.
+
+    xs: float ``[steps, N, ...spatial, C]`` model inputs (``calibration_trajectory``).
+    timesteps: ``[steps]`` model time per step (training units). labels: ints ``[N]``.
+    paths: regexes over module paths (``layer_paths``); ``None`` takes every layer of ``kinds``.
+    rows_per_step: rows sampled per step and layer (fewer when the input has fewer rows);
+      the sample derives from ``(seed, step, path)``.
+    Returns ``{path: LayerStats}`` in model order.
+    """
+    classes = _layer_classes(kinds)
+    if isinstance(rows_per_step, bool) or not isinstance(rows_per_step, (int, np.integer)) \
+            or rows_per_step < 1:
+        raise ValueError(f"rows_per_step: expected a positive int, got {rows_per_step!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed: expected an int in [0, 2**32), got {seed!r}")
+    xs, timesteps, labels = _check_trajectory(xs, timesteps, labels, null_label)
+    num_steps, n = xs.shape[0], xs.shape[1]
+    y_both = jnp.asarray(np.concatenate([labels, np.full(n, null_label, np.int32)]))
+    available = layer_paths(model, params, (jnp.zeros((2 * n, *xs.shape[2:]), xs.dtype),
+                                            jnp.zeros((2 * n,), jnp.float32), y_both),
+                            kinds=kinds)
+    selected = select_paths(available, paths)
+    buffers: dict[str, dict[str, np.ndarray]] = {}
+    for step in tqdm(range(num_steps), desc="calibration statistics", disable=not progress):
+        out = jax.device_get(_step_statistics(
+            model, params, xs[step], jnp.asarray(timesteps[step], jnp.float32), y_both,
+            jnp.asarray(step, jnp.int32), jnp.asarray(seed, jnp.uint32),
+            paths=tuple(selected), classes=classes, num_rows=int(rows_per_step)))
+        for path in selected:
+            for name in _STAT_NAMES:
+                value = np.asarray(out[path][name], np.float32)
+                if not np.all(np.isfinite(value)):
+                    raise ValueError(f"non-finite activation statistic {name!r} in layer "
+                                     f"{path!r} at step {step}")
+                store = buffers.setdefault(path, {})
+                if name not in store:
+                    store[name] = np.empty((num_steps, *value.shape), np.float32)
+                store[name][step] = value
+    return {path: LayerStats(**buffers[path],
+                             weight_absmax=_weight_absmax(params, path,
+                                                          buffers[path]["absmax"].shape[1]))
+            for path in selected}
+
+
+def calibration_trajectory(model: nn.Module, params: Any, sampler: Sampler, labels,
+                           null_label: int, shape: tuple[int, ...], seed: int,
+                           cfg_scale: float | None) -> CalibrationTrajectory:
+    """Run the real sampler (``sample(denoise_fn_for(model), ..., return_trajectory=True)``)
+    and return its per-step model inputs for ``collect_stats``."""
+    x_final, xs = sample(denoise_fn_for(model), params, sampler, labels, seed=seed,
+                         cfg_scale=cfg_scale, null_label=null_label, shape=shape,
+                         return_trajectory=True)
+    return CalibrationTrajectory(xs=np.asarray(xs), timesteps=np.asarray(sampler.model_time),
+                                 labels=np.asarray(labels, np.int32), x_final=np.asarray(x_final))

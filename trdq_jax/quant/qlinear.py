@@ -1,0 +1,152 @@
+"""The quantized linear layer: a pytree of integers and scales, and its execution backends.
+
+For a float layer ``y = x W + b`` (Flax kernel ``W [K, N]``) TR-DQ computes, per time segment k,
+
+    x̃ = T_k(x) = ((x / s_k) R1_k)[perm_k] R2_k      (or a Hadamard, or nothing)
+    W̃_k = M_k⁻¹ W, folded offline (M_k is T_k as a matrix), so that x̃ W̃_k = x W
+    y ≈ dequant(Q_a(x̃)) dequant(Q_w(W̃)) + b
+
+Backends, which agree to float tolerance:
+  ``fake``: simulated quantization in float32 (the reference);
+  ``xla``: int8 x int8 -> int32 ``dot_general``, scales (and the asymmetric zero-point correction
+    ``z_x * colsum(W_q)``) applied after the dot; int8 is never converted to float before the dot;
+  ``pallas``: the kernels of ``pallas_kernels`` (next milestone; asking for it raises).
+Everything that varies with the time segment has a leading axis ``[S, ...]`` selected with the
+traced segment index; ``S == 1`` is selected statically and costs nothing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from trdq_jax.quant import duquant, hadamard, quantizers
+
+BACKENDS = ("fake", "xla", "pallas")
+
+
+@struct.dataclass
+class QLinear:
+    """One quantized ``Dense``. Shapes: K inputs, N outputs, Sw weight copies, S segments.
+
+    w_q: int8 ``[Sw, K, N]``, or uint8 ``[Sw, ceil(K/2), N]`` holding two int4 codes per byte
+      (float32 folded weights when ``w_bits == 16``: quantization disabled).
+    w_scale: float32 ``[Sw, N]`` symmetric per-output-channel weight scales.
+    w_colsum: int32 ``[Sw, N]`` column sums of the codes (asymmetric-activation correction).
+    bias: float32 ``[N]`` or None.
+    smooth: float32 ``[S, K]`` smoothing divisors, or None.
+    signs: float32 ``[K or block]`` Hadamard signs (rotation "hadamard"/"block_hadamard"), or None.
+    r1, r2: float32 ``[S, B, B]``; perm: int32 ``[S, K]`` (rotation "duquant"), or None.
+    a_scale, a_zero: float32 / int32 ``[S]`` static activation quantization, or None.
+    a_clip: float32 ``[S]`` dynamic per-token clipping ratios, or None.
+    """
+
+    w_q: jax.Array
+    w_scale: jax.Array
+    w_colsum: jax.Array
+    bias: Any = None
+    smooth: Any = None
+    signs: Any = None
+    r1: Any = None
+    perm: Any = None
+    r2: Any = None
+    a_scale: Any = None
+    a_zero: Any = None
+    a_clip: Any = None
+    in_features: int = struct.field(pytree_node=False, default=0)
+    w_bits: int = struct.field(pytree_node=False, default=8)
+    a_bits: int = struct.field(pytree_node=False, default=8)
+    a_mode: str = struct.field(pytree_node=False, default="dynamic")
+    a_symmetric: bool = struct.field(pytree_node=False, default=False)
+    rotation: str = struct.field(pytree_node=False, default="none")
+    rotation_block: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def packed(self) -> bool:
+        return self.w_q.dtype == jnp.uint8
+
+    @property
+    def num_weight_copies(self) -> int:
+        return int(self.w_q.shape[0])
+
+
+def _select(arr, segment):
+    """``arr[segment]`` along the leading axis; static ``arr[0]`` when there is one entry."""
+    if arr.shape[0] == 1:
+        return arr[0]
+    return jnp.take(arr, segment, axis=0, mode="clip")
+
+
+def transform_activation(q: QLinear, x: jax.Array, segment) -> jax.Array:
+    """``x [..., K]`` -> ``x̃ [..., K]`` float32 (smoothing, then rotation/permutation)."""
+    x = x.astype(jnp.float32)
+    if q.smooth is not None:
+        x = x / _select(q.smooth, segment)
+    if q.rotation == "hadamard":
+        x = hadamard.hadamard_transform(x, q.signs)
+    elif q.rotation == "block_hadamard":
+        x = hadamard.block_hadamard_transform(x, q.rotation_block, q.signs)
+    elif q.rotation == "duquant":
+        x = duquant.apply_duquant(x, _select(q.r1, segment), _select(q.perm, segment),
+                                  _select(q.r2, segment))
+    return x
+
+
+def quantize_activation(q: QLinear, x: jax.Array, segment):
+    """Transformed activations -> ``(codes int8, scale, zero or None)`` (per token or tensor)."""
+    if q.a_mode == "static":
+        scale, zero = _select(q.a_scale, segment), (
+            None if q.a_symmetric else _select(q.a_zero, segment))
+        return quantizers.quantize(x, scale, zero, q.a_bits), scale, zero
+    clip = 1.0 if q.a_clip is None else _select(q.a_clip, segment)
+    lo = jnp.min(x, axis=-1, keepdims=True) * clip
+    hi = jnp.max(x, axis=-1, keepdims=True) * clip
+    scale, zero = quantizers.scale_zero_from_range(lo, hi, q.a_bits, q.a_symmetric)
+    return quantizers.quantize(x, scale, zero, q.a_bits), scale, zero
+
+
+def weight_codes(q: QLinear, segment) -> jax.Array:
+    """int8 ``[K, N]`` codes of the segment's weight copy (unpacking int4 if needed)."""
+    w = _select(q.w_q, segment)
+    return quantizers.unpack_int4(w, q.in_features) if q.packed else w  # float if w_bits == 16
+
+
+def dequantized_weight(q: QLinear, segment) -> jax.Array:
+    """float32 ``[K, N]``: the transformed weight W̃ as the quantizer represents it."""
+    if q.w_bits == 16:
+        return _select(q.w_q, segment)
+    return quantizers.dequantize(weight_codes(q, segment), _select(q.w_scale, segment), None)
+
+
+def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> jax.Array:
+    """Quantized ``x [..., K] -> y [..., N]`` float32 on the chosen backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "pallas":
+        raise NotImplementedError("backend: 'pallas' arrives with the pallas_kernels milestone; "
+                                  "use 'xla' (integer dot) or 'fake' (simulation)")
+    if x.shape[-1] != q.in_features:
+        raise ValueError(f"x: expected last axis {q.in_features}, got shape {x.shape}")
+    segment = jnp.asarray(segment, jnp.int32)
+    xt = transform_activation(q, x, segment)
+    if q.a_bits == 16:  # weight-only quantization (or none: w_bits == 16)
+        y = xt @ dequantized_weight(q, segment)
+    else:
+        codes, a_scale, a_zero = quantize_activation(q, xt, segment)
+        if backend == "fake" or q.w_bits == 16:  # no integer dot with float weights
+            y = quantizers.dequantize(codes, a_scale, a_zero) @ dequantized_weight(q, segment)
+        else:
+            acc = jax.lax.dot_general(codes, weight_codes(q, segment),
+                                      (((codes.ndim - 1,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.int32)
+            if a_zero is not None:
+                acc = acc - a_zero * _select(q.w_colsum, segment)
+            y = acc.astype(jnp.float32) * a_scale * _select(q.w_scale, segment)
+    return y + q.bias if q.bias is not None else y
+
+
+def qlinear_bytes(q: QLinear) -> int:
+    """Bytes held by every array of the layer (codes, scales, rotations, per-segment copies)."""
+    return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(q)))

@@ -1,0 +1,136 @@
+"""One recipe type describes every quantization method.
+
+A ``Recipe`` combines the building blocks: smoothing (SmoothQuant-style channel scales with
+migration strength alpha), rotation (none, full Hadamard, block Hadamard, DuQuant greedy block
+rotation + zigzag permutation), a weight quantizer, an activation quantizer (static per-tensor or
+dynamic per-token), the number of time segments, which parameters vary per segment, and layers
+kept in float by regex. ``RECIPES`` holds the named methods; adding a method is adding a recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+from trdq_jax.config import ConfigError
+
+# Embedders, adaLN modulation and the final layer stay in float (TR-DQ / ViDiT-Q remain_fp).
+DEFAULT_KEEP_FLOAT = (r"(^|/)(x|t|y)_embedder(/|$)", r"adaLN_modulation", r"(^|/)final_layer(/|$)",
+                      r"(^|/)emb_proj$", r"(^|/)conv_(in|out)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A quantization method as data.
+
+    Fields:
+      w_bits, a_bits: 2..8; 16 means that side stays float (w16a16 = every transform applied
+        with quantization disabled: the output must equal the float model's).
+      w_clip_search: per-channel MSE search of the weight clipping ratio.
+      a_mode: "static" (per-tensor scale from calibration, one per segment) or "dynamic"
+        (per-token min/max at run time; a per-segment clipping ratio is calibrated).
+      a_symmetric: symmetric activation codes (else asymmetric with a zero point).
+      smoothing: SmoothQuant scales ``s = a^alpha / w^(1-alpha)``; ``alpha_grid`` non-empty means
+        alpha is searched (per segment when ``per_segment_weights``) to minimise layer output error.
+      rotation: "none" | "hadamard" (full width, random signs) | "block_hadamard" |
+        "duquant" (greedy block rotation, zigzag permutation, greedy block rotation).
+      rotation_block: block width for block rotations (a divisor of every quantized width is
+        chosen automatically when this one does not divide).
+      num_segments, segment_split: time segments over the sampling trajectory ("uniform" over the
+        training-time axis, or "similarity": contiguous DP split of similar steps).
+      per_segment_weights: each segment has its own smoothing/rotation AND its own quantized
+        weight copy (TR-DQ as released); else one shared weight, activation-side params per segment.
+      keep_float: regexes over module paths ("blocks_0/attn/qkv") of layers kept in float.
+    """
+
+    name: str
+    w_bits: int = 8
+    a_bits: int = 8
+    w_symmetric: bool = True
+    w_clip_search: bool = False
+    a_mode: Literal["static", "dynamic"] = "dynamic"
+    a_symmetric: bool = False
+    a_clip_search: bool = True
+    smoothing: bool = False
+    alpha: float = 0.5
+    alpha_grid: tuple[float, ...] = ()
+    rotation: Literal["none", "hadamard", "block_hadamard", "duquant"] = "none"
+    rotation_block: int = 128
+    num_segments: int = 1
+    segment_split: Literal["uniform", "similarity"] = "uniform"
+    per_segment_weights: bool = False
+    keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
+    seed: int = 0
+
+    def __post_init__(self):
+        for field in ("w_bits", "a_bits"):
+            value = getattr(self, field)
+            ok = isinstance(value, int) and not isinstance(value, bool) and (
+                2 <= value <= 8 or value == 16)
+            if not ok:
+                raise ConfigError(f"Recipe.{field}: expected bits in 2..8 (or 16 = float), "
+                                  f"got {value!r}")
+        if self.a_mode not in ("static", "dynamic"):
+            raise ConfigError(f"Recipe.a_mode: expected 'static' or 'dynamic', got {self.a_mode!r}")
+        if self.rotation not in ("none", "hadamard", "block_hadamard", "duquant"):
+            raise ConfigError(f"Recipe.rotation: expected none|hadamard|block_hadamard|duquant, "
+                              f"got {self.rotation!r}")
+        if self.segment_split not in ("uniform", "similarity"):
+            raise ConfigError(f"Recipe.segment_split: expected 'uniform' or 'similarity', "
+                              f"got {self.segment_split!r}")
+        if not isinstance(self.num_segments, int) or self.num_segments < 1:
+            raise ConfigError(f"Recipe.num_segments: expected a positive int, got {self.num_segments!r}")
+        if not 0.0 <= self.alpha <= 1.0 or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ConfigError(f"Recipe.alpha/alpha_grid: expected values in [0, 1], got "
+                              f"{self.alpha}, {self.alpha_grid}")
+        if self.per_segment_weights and self.num_segments == 1:
+            raise ConfigError("Recipe.per_segment_weights: needs num_segments > 1")
+        for pattern in self.keep_float:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"Recipe.keep_float: invalid regex {pattern!r}: {e}") from None
+
+    @property
+    def float_activations(self) -> bool:
+        return self.a_bits == 16
+
+    @property
+    def float_weights(self) -> bool:
+        return self.w_bits == 16
+
+    def with_bits(self, w_bits: int, a_bits: int) -> "Recipe":
+        return dataclasses.replace(self, w_bits=w_bits, a_bits=a_bits)
+
+
+_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+# The methods compared in BENCHMARKS.md. Bits are set per row with ``with_bits``.
+RECIPES: dict[str, Recipe] = {
+    # naive PTQ: per-channel min-max weights, static per-tensor activations
+    "minmax": Recipe("minmax", a_mode="static", a_clip_search=False),
+    # SmoothQuant: channel scales (alpha 0.5), static per-tensor activations
+    "smoothquant": Recipe("smoothquant", a_mode="static", smoothing=True, alpha=0.5),
+    # QuaRot-style: full-width randomized Hadamard, dynamic per-token activations, time-agnostic
+    "quarot": Recipe("quarot", rotation="hadamard", a_mode="dynamic", a_clip_search=False),
+    # ViDiT-Q-style: static-dynamic channel balancing = smoothing then rotation, dynamic per-token
+    "viditq": Recipe("viditq", smoothing=True, alpha=0.5, rotation="hadamard", a_mode="dynamic",
+                     a_clip_search=False),
+    # TR-DQ as released: per-segment smoothing (alpha searched per segment), per-segment DuQuant
+    # rotation/permutation and per-segment weight copies; dynamic asymmetric per-token activations
+    "trdq_release": Recipe("trdq_release", smoothing=True, alpha_grid=_ALPHAS, rotation="duquant",
+                           num_segments=4, per_segment_weights=True, a_mode="dynamic",
+                           a_clip_search=False),
+    # ours: one shared quantized weight (smoothing alpha searched on the pooled trajectory, full
+    # Hadamard), per-segment activation clipping ratios, weight clipping search
+    "trdq": Recipe("trdq", smoothing=True, alpha_grid=_ALPHAS, rotation="hadamard", num_segments=4,
+                   segment_split="similarity", a_mode="dynamic", a_clip_search=True,
+                   w_clip_search=True),
+}
+
+
+def get_recipe(name: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> Recipe:
+    """A named recipe at the given bit widths, e.g. ``get_recipe("trdq", 4, 8)``."""
+    if name not in RECIPES:
+        raise ConfigError(f"recipe: unknown {name!r}; known: {sorted(RECIPES)}")
+    return dataclasses.replace(RECIPES[name], w_bits=w_bits, a_bits=a_bits, **overrides)
