@@ -14,7 +14,7 @@ def get_config() -> ExperimentConfig:
                          num_groups=16, num_classes=10, class_dropout_prob=0.1,
                          learn_sigma=False),
         sampler=SamplerConfig(solver="ddim", num_steps=50, schedule="linear",
-                              num_train_steps=1000, cfg_scale=3.0),
+                              num_train_steps=1000, cfg_scale=5.0),
         train=TrainConfig(dataset="digits", num_steps=3000, batch_size=64, learning_rate=5e-4,
                           warmup_steps=200, ema_decay=0.999, checkpoint_every=250,
                           log_every=50, seed=0),

@@ -59,6 +59,17 @@ def load_training_arrays(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]
                      f"model, got family {model.family!r}")
 
 
+def run_identity(cfg: ExperimentConfig) -> dict:
+    """What defines a training run (compared on resume): everything that changes the weights.
+
+    Sampler and generation settings other than the diffusion process are not part of it, so
+    a finished run can be re-exported with, e.g., a retuned default guidance scale.
+    """
+    d = to_dict(cfg)
+    return {"name": d["name"], "model": d["model"], "train": d["train"],
+            "diffusion": {k: d["sampler"][k] for k in ("schedule", "num_train_steps")}}
+
+
 def _make_loss(cfg: ExperimentConfig, model):
     if isinstance(cfg.model, ClassifierConfig):
         from trdq_jax.eval.classifier import make_classifier_loss
@@ -101,7 +112,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = T
         return batch_iterator(arrays, train_cfg.batch_size, train_cfg.seed, start_step=start_step)
 
     result = fit(_make_loss(cfg, model), params, batches, train_cfg, workdir, resume=resume,
-                 progress=progress, run_config=to_dict(cfg))
+                 progress=progress, run_config=run_identity(cfg))
     is_classifier = isinstance(cfg.model, ClassifierConfig)
     final = jax.device_get(result.params if is_classifier else result.ema_params)
     export_cfg = cfg
