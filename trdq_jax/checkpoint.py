@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from trdq_jax.config import (ExperimentConfig, MODEL_CONFIGS, experiment_from_dict,
+from trdq_jax.config import (ExperimentConfig, MODEL_CONFIGS, dict_diff, experiment_from_dict,
                              model_config_from_dict, to_dict)
 
 FORMAT = "trdq_jax.checkpoint/1"
@@ -152,20 +152,9 @@ def _check_same_config(stored, expected, path) -> None:
         a, b = _model_cfg(a), _model_cfg(b)
     if a != b:
         da, db = to_dict(a), to_dict(b)
-        diffs = _dict_diff(da, db)
+        diffs = dict_diff(da, db)
         raise CheckpointError(f"{str(path)!r}: stored config differs from the expected one: "
                               + "; ".join(diffs))
-
-
-def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out.extend(_dict_diff(va, vb, f"{prefix}{key}."))
-        elif va != vb:
-            out.append(f"{prefix}{key}: stored {va!r}, expected {vb!r}")
-    return out
 
 
 def _check_tree_matches(params, target, path) -> None:

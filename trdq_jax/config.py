@@ -352,6 +352,18 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def dict_diff(stored: dict, other: dict, other_label: str = "expected", prefix: str = "") -> list[str]:
+    """``["model.depth: stored 1, expected 2", ...]`` for nested config dicts that differ."""
+    out = []
+    for key in sorted(set(stored) | set(other)):
+        a, b = stored.get(key), other.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(dict_diff(a, b, other_label, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: stored {a!r}, {other_label} {b!r}")
+    return out
+
+
 # ----------------------------------------------------------------------------- overrides & files
 
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trdq_jax.config import TrainConfig, to_dict
+from trdq_jax.config import TrainConfig, dict_diff, to_dict
 
 GRAD_CLIP_NORM = 1.0
 _CONFIG_FILE = "config.json"
@@ -270,7 +270,7 @@ def _open_workdir(workdir: pathlib.Path, run_config: dict, resume: bool):
     if config_file.is_file():
         stored = json.loads(config_file.read_text())
         if stored != json.loads(config_json):
-            diffs = "; ".join(_dict_diff(stored, json.loads(config_json))) or "(unknown)"
+            diffs = "; ".join(dict_diff(stored, json.loads(config_json), "given")) or "(unknown)"
             raise ValueError(f"workdir: {str(workdir)!r} holds a run with a different config: "
                              f"{diffs}. Use another workdir or the original config")
     elif has_checkpoints:
@@ -284,17 +284,6 @@ def _open_workdir(workdir: pathlib.Path, run_config: dict, resume: bool):
     options = ocp.CheckpointManagerOptions(max_to_keep=_MAX_TO_KEEP, create=True,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(ckpt_dir.absolute(), options=options)
-
-
-def _dict_diff(stored: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(stored) | set(new)):
-        a, b = stored.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_dict_diff(a, b, f"{prefix}{key}."))
-        elif a != b:
-            out.append(f"{prefix}{key}: stored {a!r}, given {b!r}")
-    return out
 
 
 def _save(manager, step: int, state: dict) -> None:
