@@ -3,7 +3,7 @@
 A ``lax.scan`` compiles the step body once, so compile time should barely depend on the number
 of steps (ratio near 1); an unrolled Python loop would grow linearly.
 
-    PYTHONPATH=. python benchmarks/bench_compile.py [--solver ddim] [--batch 8]
+    python benchmarks/bench_compile.py [--solver ddim] [--batch 8] [--model digits-dit]
 """
 from __future__ import annotations
 
@@ -35,13 +35,25 @@ def _params(channels: int, hidden: int = 32, num_classes: int = 10, num_segments
             "segment": normal(keys[4], (num_segments, hidden))}
 
 
-def compile_seconds(solver: str, num_steps: int, batch: int) -> tuple[float, float]:
+def _setup(model_name: str | None, batch: int):
+    """(apply_fn, params, per-sample shape, num_classes) for the tiny function or a bundled model."""
+    if model_name is None:
+        return tiny_model, _params(4), (8, 8, 4), 10
+    from trdq_jax.models import input_shape, zoo
+    from trdq_jax.sampling import denoise_fn_for
+    model, params, cfg = zoo.load(model_name)
+    return denoise_fn_for(model), params, input_shape(cfg.model, 1)[1:], cfg.model.num_classes
+
+
+def compile_seconds(solver: str, num_steps: int, batch: int,
+                    model_name: str | None = None) -> tuple[float, float]:
     """(first call minus a warm call, warm call) in seconds; the difference is trace + compile."""
     sampler = Sampler.from_config(SamplerConfig(solver=solver, num_steps=num_steps,
                                                 num_segments=4))
-    labels = np.arange(batch, dtype=np.int32) % 10
-    args = (tiny_model, _params(4), sampler, labels)
-    kwargs = dict(seed=0, null_label=10, shape=(batch, 8, 8, 4))
+    apply_fn, params, sample_shape, num_classes = _setup(model_name, batch)
+    labels = np.arange(batch, dtype=np.int32) % num_classes
+    args = (apply_fn, params, sampler, labels)
+    kwargs = dict(seed=0, null_label=num_classes, shape=(batch, *sample_shape))
     start = time.perf_counter()
     jax.block_until_ready(sample(*args, cfg_scale=4.0, **kwargs))
     first = time.perf_counter() - start
@@ -56,13 +68,16 @@ def main() -> None:
     parser.add_argument("--solver", default="ddim",
                         choices=["ddpm", "ddim", "dpm_solver_pp_2m", "flow_euler"])
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", default=None,
+                        help="a bundled model (e.g. digits-dit) instead of the tiny function")
     args = parser.parse_args()
     jax.config.update("jax_enable_compilation_cache", False)
-    print(f"backend={jax.default_backend()} solver={args.solver} batch={args.batch}")
-    compile_seconds(args.solver, 5, args.batch)  # process warm-up (first jit, backend init)
+    print(f"backend={jax.default_backend()} solver={args.solver} batch={args.batch} "
+          f"model={args.model or 'tiny function'}")
+    compile_seconds(args.solver, 5, args.batch, args.model)  # process warm-up
     results = {}
     for steps in (10, 250):
-        compile_s, run_s = compile_seconds(args.solver, steps, args.batch)
+        compile_s, run_s = compile_seconds(args.solver, steps, args.batch, args.model)
         results[steps] = compile_s
         print(f"steps={steps:4d}  compile={compile_s:.3f}s  run={run_s * 1e3:.1f}ms")
     print(f"compile-time ratio 250/10 steps: {results[250] / results[10]:.2f}")
