@@ -1,12 +1,19 @@
-"""``trdq`` command line: ``trdq {demo,sample,train,convert,info} --help``."""
+"""``trdq`` command line: ``trdq {info,train,convert,sample,demo,eval,calibrate,quantize,
+plot-ranges} --help``. Errors print one line ``trdq CMD: error: ...`` and exit with status 2."""
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 
 from trdq_jax.config import ConfigError, apply_overrides, load_config_file
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``trdq sample: error: argument --per-class: ...``), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -59,7 +66,7 @@ def _cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="trdq", description="TR-DQ diffusion quantization toolkit for JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -82,18 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
-    from trdq_jax import evaluate, generate
+    from trdq_jax import evaluate, generate, quant_cli
     generate.add_commands(sub)
     evaluate.add_command(sub)
+    quant_cli.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trdq_jax.checkpoint import CheckpointError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"trdq {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, CheckpointError,
+            NotImplementedError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"trdq {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

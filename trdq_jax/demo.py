@@ -4,6 +4,14 @@ Samples the model with CFG (``per_class`` samples of every class from fixed seed
 ``grid.png`` (one labelled row per class) and ``report.json`` / ``report.md`` with class-match
 accuracy and digits-FID against the held-out digits (when the bundled classifier is present)
 and timings (compile vs steady-state).
+
+Then TR-DQ: calibrates ``get_recipe("trdq", ...)`` (4 labels per class, seed 1000: not the
+evaluation seed), quantizes to W8A8 and W4A8, samples the first ``quant_per_class`` labels of
+every class from the same noise as the float samples (integer ``xla`` backend) and adds
+``grid_quantized.png`` (float | W8A8 | W4A8 per class), ``samples_quantized.npz`` (labels,
+float, w8a8, w4a8 samples) and a ``quantized`` report section:
+PSNR / SSIM vs float, class match, digits-FID, weight bytes vs bf16, calibration and
+quantization time.
 """
 from __future__ import annotations
 
@@ -31,8 +39,12 @@ def _fallback_model():
 
 
 def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class: int = 30,
-             seed: int = 0) -> dict:
-    """Run the demo and return the report dict (also written to ``out``)."""
+             seed: int = 0, quant_per_class: int = 10) -> dict:
+    """Run the demo and return the report dict (also written to ``out``).
+
+    Labels are class-interleaved (0, 1, ..., 9, 0, 1, ...) so that the first
+    ``quant_per_class * num_classes`` float samples share their noise with the quantized ones.
+    """
     from trdq_jax.data import load_digits
     from trdq_jax.models import zoo
     from trdq_jax.sampling import Sampler
@@ -40,6 +52,8 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
 
     if per_class < 1:
         raise ValueError(f"per_class: expected a positive int, got {per_class}")
+    if quant_per_class < 1:
+        raise ValueError(f"quant_per_class: expected a positive int, got {quant_per_class}")
     out = pathlib.Path(out)
     if model_name in zoo.available():
         model, params, cfg = zoo.load(model_name)
@@ -48,7 +62,7 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
         model, params, cfg = _fallback_model()
         source = f"UNTRAINED fallback ({model_name} is not bundled in this installation)"
     num_classes = cfg.model.num_classes
-    labels = np.repeat(np.arange(num_classes), per_class)
+    labels = np.tile(np.arange(num_classes), per_class)
     sampler = Sampler.from_config(cfg.sampler)
 
     # Timings: the first batch includes compilation; a second identical call is steady state.
@@ -76,14 +90,112 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
                       "all_samples_steady": round(steady, 3),
                       "per_sample_ms": round(1000 * steady / len(labels), 3)},
     }
-    if classifier_for(samples) in zoo.available():
+    has_classifier = classifier_for(samples) in zoo.available()
+    if has_classifier:
         report.update(judge(samples, labels, test_images))
     else:
         report["note"] = f"{classifier_for(samples)} not bundled: no class match / digits-FID"
+    n_q = min(quant_per_class, per_class) * num_classes
+    report["quantized"] = quantized_comparison(
+        model, params, cfg, labels[:n_q], samples[:n_q], seed, out / "grid_quantized.png",
+        test_images if has_classifier else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "report.md").write_text(_markdown(report))
     return report
+
+
+def quantized_comparison(model, params, cfg, labels, float_samples, seed, grid_path,
+                         reference=None) -> dict:
+    """Calibrate TR-DQ once, quantize W8A8 and W4A8, sample ``labels`` from ``seed`` (the noise
+    of ``float_samples [N, H, W, C]``), compare and draw ``grid_path``.
+
+    ``reference``: held-out images for class match / digits-FID (None: skipped).
+    Returns the report's ``quantized`` section.
+    """
+    from trdq_jax.eval import psnr, ssim
+    from trdq_jax.plots import save_comparison_grid
+    from trdq_jax.quant import QuantizedDenoiser, get_recipe, quantize
+    from trdq_jax.quant_cli import DEFAULT_CALIB_SEED, quantize_summary, run_calibration
+    from trdq_jax.sampling import Sampler
+
+    calib_per_class = 4
+    t0 = time.perf_counter()
+    calib = run_calibration(model, params, cfg, get_recipe("trdq", 4, 8),
+                            per_class=calib_per_class, seed=DEFAULT_CALIB_SEED, progress=True)
+    calib_seconds = time.perf_counter() - t0
+    sampler = Sampler.from_config(cfg.sampler).with_segments(calib.segment_of_step,
+                                                             calib.num_segments)
+    clipped_float = np.clip(float_samples, -1.0, 1.0)
+    num_classes = cfg.model.num_classes
+    section = {"recipe": "trdq", "backend": "xla", "seed": seed,
+               "num_samples": int(len(labels)),
+               "calibration": {"per_class": calib_per_class, "seed": DEFAULT_CALIB_SEED,
+                               "seconds": round(calib_seconds, 3),
+                               "segment_of_step": calib.segment_of_step.tolist()},
+               "settings": {}}
+    if reference is not None:
+        section["float_same_samples"] = judge(float_samples, labels, reference)
+    grid = {"float": [r[:10] for r in class_rows(float_samples, labels, num_classes)]}
+    quantized = {}
+    for w_bits, a_bits in ((8, 8), (4, 8)):
+        name = f"W{w_bits}A{a_bits}"
+        recipe = get_recipe("trdq", w_bits, a_bits)
+        t0 = time.perf_counter()
+        qparams = quantize(params, calib, recipe, progress=True)
+        quant_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        qsamples = generate(model, qparams, cfg, labels, seed=seed, sampler=sampler,
+                            apply_fn=QuantizedDenoiser(model, "xla"), progress=True)
+        sample_seconds = time.perf_counter() - t0
+        clipped = np.clip(qsamples, -1.0, 1.0)
+        entry = quantize_summary(params, qparams, recipe, quant_seconds)
+        entry.update({"psnr_db_vs_float": psnr(clipped_float, clipped)[1],
+                      "ssim_vs_float": ssim(clipped_float, clipped)[1],
+                      "calibration_plus_quantization_s": round(calib_seconds + quant_seconds, 3),
+                      "sampling_s_incl_compile": round(sample_seconds, 3)})
+        if reference is not None:
+            entry.update(judge(qsamples, labels, reference))
+        section["settings"][name] = entry
+        grid[name] = [r[:10] for r in class_rows(qsamples, labels, num_classes)]
+        quantized[name] = qsamples
+    arrays = {"labels": labels, "float": float_samples, **{
+        name.lower(): q for name, q in quantized.items()}}
+    _save_npz(pathlib.Path(grid_path).with_name("samples_quantized.npz"), arrays)
+    save_comparison_grid(grid_path, grid, [f"digit {c}" for c in range(num_classes)],
+                         title=f"{cfg.name}: float vs TR-DQ W8A8 vs W4A8 (same noise, seed {seed})")
+    return section
+
+
+def _save_npz(path: pathlib.Path, arrays: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _quantized_markdown(section: dict) -> list[str]:
+    lines = ["", f"## TR-DQ quantized vs float ({section['num_samples']} samples, same noise, "
+                 f"backend {section['backend']})", "",
+             f"Calibration: {section['calibration']['per_class']} per class, seed "
+             f"{section['calibration']['seed']}, {section['calibration']['seconds']} s; "
+             f"step -> segment table {section['calibration']['segment_of_step']}.", "",
+             "| setting | PSNR vs float (dB) | SSIM vs float | class match | digits-FID "
+             "| weight bytes | ratio to bf16 | calib + quant (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    float_judged = section.get("float_same_samples")
+    if float_judged:
+        lines.append(f"| float (same samples) | - | - | "
+                     f"{float_judged['class_match']['accuracy']:.4f} | "
+                     f"{float_judged['digits_fid']:.3f} | - | 1 (bf16) | - |")
+    for name, e in section["settings"].items():
+        match = f"{e['class_match']['accuracy']:.4f}" if "class_match" in e else "-"
+        fid = f"{e['digits_fid']:.3f}" if "digits_fid" in e else "-"
+        lines.append(f"| {name} | {e['psnr_db_vs_float']:.2f} | {e['ssim_vs_float']:.4f} | "
+                     f"{match} | {fid} | {e['weight_bytes']} (bf16 {e['bf16_bytes']}) | "
+                     f"{e['ratio_to_bf16']:.3f} | {e['calibration_plus_quantization_s']} |")
+    lines += ["", "![float | W8A8 | W4A8](grid_quantized.png)", ""]
+    return lines
 
 
 def _markdown(report: dict) -> str:
@@ -102,11 +214,17 @@ def _markdown(report: dict) -> str:
     for key, value in report["timings_s"].items():
         lines.append(f"| {key} | {value} |")
     lines += ["", "![samples](grid.png)", ""]
+    if "quantized" in report:
+        lines += _quantized_markdown(report["quantized"])
     return "\n".join(lines)
 
 
 def run_demo_command(args) -> int:
-    report = run_demo(args.out, args.model, args.per_class, args.seed)
+    report = run_demo(args.out, args.model, args.per_class, args.seed, args.quant_per_class)
     print(json.dumps({k: report[k] for k in ("model", "num_samples", "timings_s")}, default=float))
-    print(f"wrote {pathlib.Path(args.out) / 'grid.png'} and report.json / report.md")
+    for name, e in report["quantized"]["settings"].items():
+        print(json.dumps({"setting": name, "psnr_db_vs_float": round(e["psnr_db_vs_float"], 2),
+                          "ssim_vs_float": round(e["ssim_vs_float"], 4),
+                          "ratio_to_bf16": e["ratio_to_bf16"]}))
+    print(f"wrote {pathlib.Path(args.out) / 'grid.png'}, grid_quantized.png and report.json / .md")
     return 0

@@ -1,12 +1,10 @@
 """Batched generation, the ``trdq sample`` command and the ``trdq demo`` main job."""
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import time
 
-import jax
 import numpy as np
 
 from trdq_jax.config import ExperimentConfig
@@ -21,10 +19,14 @@ def null_label(model_cfg) -> int:
 
 def generate(model, params, cfg: ExperimentConfig, labels, *, seed: int = 0,
              cfg_scale: float | None = None, batch_size: int | None = None,
-             share_cfg: bool = False, progress: bool = False, sampler=None) -> np.ndarray:
+             share_cfg: bool = False, progress: bool = False, sampler=None,
+             apply_fn=None) -> np.ndarray:
     """Sample ``len(labels)`` images/videos in batches; sample i depends only on ``(seed, i)``.
 
-    Returns float32 ``[N, ...spatial, C]`` (the first ``in_channels`` output channels).
+    ``apply_fn``: the denoiser (default ``denoise_fn_for(model)``; e.g. a
+    ``trdq_jax.quant.QuantizedDenoiser`` with quantized ``params``); ``sampler`` defaults to
+    ``cfg.sampler``'s. Returns float32 ``[N, ...spatial, C]`` (the first ``in_channels`` output
+    channels).
     """
     from trdq_jax.models import input_shape
     from trdq_jax.sampling import Sampler, denoise_fn_for, sample
@@ -34,7 +36,7 @@ def generate(model, params, cfg: ExperimentConfig, labels, *, seed: int = 0,
         raise ValueError(f"labels: expected a non-empty 1-D array, got shape {labels.shape}")
     sampler = sampler or Sampler.from_config(cfg.sampler)
     batch_size = batch_size or cfg.generation.batch_size
-    apply_fn = denoise_fn_for(model)
+    apply_fn = apply_fn or denoise_fn_for(model)
     out = []
     starts = range(0, len(labels), batch_size)
     if progress:
@@ -54,33 +56,59 @@ def class_rows(samples: np.ndarray, labels: np.ndarray, num_classes: int) -> lis
     return [samples[labels == c] for c in range(num_classes)]
 
 
-def _load_model(args):
-    """(model, params, cfg, source) from --model NAME or --checkpoint DIR (+ --config/--set)."""
+def load_float_model(model_name: str | None = None, checkpoint_dir: str | None = None,
+                     overrides=()):
+    """``(model, params, cfg, source)`` of a bundled model or a float checkpoint directory.
+
+    ``overrides``: ``section.field=value`` strings for ``sampler.*`` / ``generation.*``
+    (``model.*`` is fixed by the checkpoint). ``source`` describes where the params came from.
+    """
     from trdq_jax import checkpoint
     from trdq_jax.config import apply_overrides
     from trdq_jax.models import build_model, zoo
-    if args.checkpoint:
-        params, cfg = checkpoint.restore(args.checkpoint)
+    if checkpoint_dir:
+        if not pathlib.Path(checkpoint_dir).is_dir():
+            raise ValueError(f"--checkpoint: no checkpoint directory at {str(checkpoint_dir)!r}")
+        try:
+            params, cfg = checkpoint.restore(checkpoint_dir)
+        except checkpoint.CheckpointError as e:
+            raise ValueError(f"--checkpoint: {e}") from None
         if not isinstance(cfg, ExperimentConfig):
-            cfg = ExperimentConfig(name=pathlib.Path(args.checkpoint).name, model=cfg)
-        source = str(args.checkpoint)
+            cfg = ExperimentConfig(name=pathlib.Path(checkpoint_dir).name, model=cfg)
+        source = str(checkpoint_dir)
     else:
-        model, params, cfg = zoo.load(args.model)
-        source = f"bundled:{args.model}"
-    cfg = apply_overrides(cfg, [s for s in args.set if not s.startswith("model.")])
-    if any(s.startswith("model.") for s in args.set):
+        model_name = model_name or "digits-dit"
+        _, params, cfg = zoo.load(model_name)
+        source = f"bundled:{model_name}"
+    if any(s.startswith("model.") for s in overrides):
         raise ValueError("--set: model.* fields are fixed by the checkpoint")
+    cfg = apply_overrides(cfg, list(overrides))
     return build_model(cfg.model), params, cfg, source
+
+
+def _load_model(args):
+    """(model, params, cfg, source) from --model NAME or --checkpoint DIR (+ --set)."""
+    return load_float_model(args.model, args.checkpoint, args.set)
 
 
 def _cmd_sample(args) -> int:
     from trdq_jax.viz import save_grid
-    model, params, cfg, source = _load_model(args)
-    n = args.per_class
-    labels = np.repeat(np.arange(cfg.model.num_classes), n)
+    if args.per_class < 1:
+        raise ValueError(f"--per-class: expected a positive int, got {args.per_class}")
+    sampler = apply_fn = None
+    if args.quantized:
+        from trdq_jax.quant_cli import load_quantized_model
+        model, params, cfg, source, sampler, apply_fn = load_quantized_model(
+            args.quantized, args.backend, args.set)
+    else:
+        if args.backend != "xla":
+            raise ValueError("--backend: only applies to --quantized checkpoints")
+        model, params, cfg, source = _load_model(args)
+    labels = np.repeat(np.arange(cfg.model.num_classes), args.per_class)
     t0 = time.perf_counter()
     samples = generate(model, params, cfg, labels, seed=args.seed, cfg_scale=args.cfg_scale,
-                       share_cfg=args.share_cfg, progress=True)
+                       share_cfg=args.share_cfg, progress=True, sampler=sampler,
+                       apply_fn=apply_fn)
     seconds = time.perf_counter() - t0
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,8 +127,14 @@ def add_commands(sub) -> None:
     """Register ``sample`` and ``demo`` on the CLI's subparsers."""
     p = sub.add_parser("sample", help="sample a bundled model or a checkpoint into a grid")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="digits-dit", help="bundled model name (default digits-dit)")
+    src.add_argument("--model", default="digits-dit",
+                     help="bundled model name (default digits-dit)")
     src.add_argument("--checkpoint", help="a trdq checkpoint directory instead of a bundled model")
+    src.add_argument("--quantized", metavar="QDIR",
+                     help="a quantized checkpoint (trdq quantize --out QDIR); restored without the "
+                          "float weights, sampled with its stored time-segment table")
+    p.add_argument("--backend", default="xla",
+                   help="quantized execution: xla (int8 dot, default) or fake (simulated)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override sampler.*/generation.* fields, e.g. sampler.num_steps=100")
     p.add_argument("--out", required=True, help="output directory (grid.png, samples.npz)")
@@ -116,4 +150,7 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default="digits-dit", help="bundled model to demonstrate")
     p.add_argument("--per-class", type=int, default=30, help="samples per class for the metrics")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant-per-class", type=int, default=10,
+                   help="samples per class of the float vs W8A8 vs W4A8 comparison "
+                        "(at most --per-class)")
     p.set_defaults(func=demo.run_demo_command)

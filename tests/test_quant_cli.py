@@ -1,0 +1,146 @@
+"""``trdq calibrate | quantize | sample --quantized``: round trip, exactness, named errors."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import trdq_jax.quant as Q
+from trdq_jax import checkpoint
+from trdq_jax.cli import build_parser, main
+from trdq_jax.config import DiTConfig, ExperimentConfig, GenerationConfig, SamplerConfig
+from trdq_jax.models import build_model, init_params
+from trdq_jax.quant_cli import load_calibration
+from trdq_jax.sampling import Sampler, denoise_fn_for, sample
+
+TINY = ExperimentConfig(
+    name="tiny-dit",
+    model=DiTConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=48, depth=1,
+                    num_heads=2, num_classes=3, learn_sigma=False),
+    sampler=SamplerConfig(solver="ddim", num_steps=6, cfg_scale=2.0),
+    generation=GenerationConfig(batch_size=64))
+
+
+def tiny_params(seed: int = 0):
+    """Init params perturbed so that the zero-initialised adaLN/final layers do something."""
+    params = init_params(TINY.model, jax.random.key(seed))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                     for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    checkpoint.save(path, tiny_params(), TINY)
+    return path
+
+
+@pytest.mark.parametrize("command", ["calibrate", "quantize", "plot-ranges", "sample"])
+def test_help_for_quant_commands(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: trdq {command}" in out and "--out" in out
+
+
+def test_calibrate_quantize_sample_round_trip_is_exact(tmp_path, tiny_ckpt, capsys):
+    calib_dir, qdir, sdir = tmp_path / "calib", tmp_path / "q", tmp_path / "s"
+    assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--recipe", "trdq", "--w-bits", "4",
+                 "--a-bits", "8", "--segments", "2", "--per-class", "2", "--out",
+                 str(calib_dir)]) == 0
+    assert main(["quantize", "--calib", str(calib_dir), "--out", str(qdir)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["sample", "--quantized", str(qdir), "--per-class", "2", "--out", str(sdir)]) == 0
+    got = np.load(sdir / "samples.npz")
+    assert (sdir / "grid.png").stat().st_size > 0
+
+    # the same pipeline in process, from the public library API
+    params, cfg = checkpoint.restore(tiny_ckpt)
+    model = build_model(cfg.model)
+    recipe = Q.get_recipe("trdq", 4, 8, num_segments=2)
+    sampler = Sampler.from_config(cfg.sampler)
+    calib_labels = np.repeat(np.arange(3), 2)
+    calib = Q.calibrate(model, params, recipe, sampler, labels=calib_labels, null_label=3,
+                        shape=(6, 8, 8, 1), seed=1000, rows_per_step=64)
+    stored, stored_recipe, stored_cfg, _ = load_calibration(calib_dir)
+    assert stored_recipe == recipe and stored_cfg == cfg
+    np.testing.assert_array_equal(stored.segment_of_step, calib.segment_of_step)
+    for path, stats in calib.stats.items():
+        np.testing.assert_array_equal(stored.stats[path].rows, stats.rows)
+        np.testing.assert_array_equal(stored.stats[path].absmax, stats.absmax)
+    qparams = Q.quantize(params, calib, recipe)
+    labels = np.repeat(np.arange(3), 2)
+    want = sample(Q.QuantizedDenoiser(model, "xla"), qparams,
+                  sampler.with_segments(calib.segment_of_step, 2), labels, seed=0,
+                  cfg_scale=None, null_label=3, shape=(6, 8, 8, 1))
+    np.testing.assert_array_equal(got["labels"], labels)
+    np.testing.assert_array_equal(got["samples"], np.asarray(want))
+
+    # it really is quantized: restored without float kernels, close to but not the float model
+    restored, _, _, _ = Q.load_quantized(qdir)
+    assert "qkv" not in restored["float"]["blocks_0"]["attn"]
+    assert restored["layers"]["blocks_0"]["attn"]["qkv"].w_q.dtype == np.uint8  # packed int4
+    ref = np.asarray(sample(denoise_fn_for(model), params, sampler, labels, seed=0, cfg_scale=None,
+                            null_label=3, shape=(6, 8, 8, 1)))
+    err = np.sqrt(np.mean((got["samples"] - ref) ** 2)) / np.sqrt(np.mean(ref ** 2))
+    assert 0 < err < 0.2, err
+    bf16 = sum(2 * np.size(leaf) for p in Q.quantized_layer_paths(restored)
+               for leaf in jax.tree.leaves(_node(params, p)))
+    assert printed["bf16_bytes"] == bf16 and printed["ratio_to_bf16"] < 0.6
+
+
+def _node(tree, path):
+    for name in path.split("/"):
+        tree = tree[name]
+    return tree
+
+
+def test_quantize_on_the_fly_and_changed_weights(tmp_path, tiny_ckpt, capsys):
+    assert main(["quantize", "--checkpoint", str(tiny_ckpt), "--recipe", "minmax",
+                 "--per-class", "1", "--out", str(tmp_path / "q")]) == 0
+    _, _, recipe, table = Q.load_quantized(tmp_path / "q")
+    assert (recipe.name, recipe.w_bits, recipe.a_bits) == ("minmax", 8, 8)
+    np.testing.assert_array_equal(table, np.zeros(6, np.int32))
+    # a calibration refuses float weights that changed after it was made
+    ck = tmp_path / "ck"
+    checkpoint.save(ck, tiny_params(0), TINY)
+    assert main(["calibrate", "--checkpoint", str(ck), "--recipe", "minmax", "--per-class", "1",
+                 "--out", str(tmp_path / "c")]) == 0
+    checkpoint.save(ck, tiny_params(5), TINY, overwrite=True)
+    capsys.readouterr()
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--out", str(tmp_path / "q2")]) == 2
+    assert "--calib: the float weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--recipe", "nope"], "--recipe: unknown 'nope'; expected one of"),
+    (["calibrate", "--w-bits", "9"], "--w-bits: expected bits in 2..8 (or 16 = float), got 9"),
+    (["calibrate", "--a-bits", "1"], "--a-bits: expected bits in 2..8"),
+    (["calibrate", "--segments", "7"], "--segments: 7 segments but the sampler has only 6 steps"),
+    (["quantize", "--calib", "{tmp}/missing"], "--calib: no calibration directory at"),
+    (["quantize"], "--calib: give either --calib DIR or --model NAME"),
+    (["sample", "--quantized", "{tmp}/missing"], "--quantized: no quantized checkpoint directory"),
+    (["sample", "--quantized", "{ck}", "--backend", "gpu"], "--backend: expected one of"),
+    (["sample", "--quantized", "{ck}"], "--quantized: '"),  # a float checkpoint
+    (["calibrate", "--checkpoint", "{tmp}/missing"], "--checkpoint: no checkpoint directory"),
+])
+def test_errors_name_the_argument_on_one_line(argv, message, tmp_path, tiny_ckpt, capsys):
+    argv = [a.format(tmp=tmp_path, ck=tiny_ckpt) for a in argv]
+    if argv[0] == "calibrate" and "--checkpoint" not in argv:
+        argv += ["--checkpoint", str(tiny_ckpt)]
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--w-bits", "four", "--out", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == ("trdq calibrate: error: argument --w-bits: invalid int value: 'four' "
+                   "(see --help)\n")
