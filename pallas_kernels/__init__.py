@@ -1,7 +1,19 @@
-"""Pallas int8 / int4 matmul kernels for trdq_jax.
+"""Pallas kernels for quantized linear layers (TPU via Mosaic, GPU via Triton, CPU interpreted).
 
-Not implemented yet: the W8A8 / W4A8 kernels with fused dequantisation and segment-indexed scales
-are tracked by the project's kernels issue. Nothing here is importable as a kernel today, on
-purpose, so that no code path silently uses a placeholder.
+``w8a8_matmul``      int8 / packed-int4 weights x int8 activations -> int32 accumulate, with the
+                     dequantisation epilogue (zero-point correction, scales, bias) fused in and the
+                     time segment selecting the scale row through scalar prefetch.
+``int8_matmul_acc``  the raw int32 accumulator of the same kernels.
+``per_token_quantize`` float activations -> int8 codes + per-token scale / zero, in a kernel.
+``platform``         backend / chip detection, the block-size table, ``auto_backend``.
+
+Only interpret mode has been run (on CPU); TPU and GPU lowering is checked from CPU with
+``jax.export``. See ``int8_matmul`` for what is expected of each accelerator.
 """
-__all__: list[str] = []
+from pallas_kernels import platform
+from pallas_kernels.fused_quant import per_token_quantize
+from pallas_kernels.int8_matmul import VARIANTS, int8_matmul_acc, w8a8_matmul
+from pallas_kernels.platform import BLOCK_SIZE_TABLE, auto_backend, default_block_sizes
+
+__all__ = ["BLOCK_SIZE_TABLE", "VARIANTS", "auto_backend", "default_block_sizes",
+           "int8_matmul_acc", "per_token_quantize", "platform", "w8a8_matmul"]

@@ -10,7 +10,10 @@ Backends, which agree to float tolerance:
   ``fake``: simulated quantization in float32 (the reference);
   ``xla``: int8 x int8 -> int32 ``dot_general``, scales (and the asymmetric zero-point correction
     ``z_x * colsum(W_q)``) applied after the dot; int8 is never converted to float before the dot;
-  ``pallas``: the kernels of ``pallas_kernels`` (next milestone; asking for it raises).
+  ``pallas``: the kernels of ``pallas_kernels`` (integer matmul with the epilogue fused, dynamic
+    activation quantization in a kernel; interpreted on CPU);
+  ``auto``: ``pallas`` on TPU / GPU where ``pallas_kernels.auto_backend`` says the layer fits,
+    else ``xla``.
 Everything that varies with the time segment has a leading axis ``[S, ...]`` selected with the
 traced segment index; ``S == 1`` is selected statically and costs nothing.
 """
@@ -24,7 +27,7 @@ from flax import struct
 
 from trdq_jax.quant import duquant, hadamard, quantizers
 
-BACKENDS = ("fake", "xla", "pallas")
+BACKENDS = ("fake", "xla", "pallas", "auto")
 
 
 @struct.dataclass
@@ -124,15 +127,29 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
     """Quantized ``x [..., K] -> y [..., N]`` float32 on the chosen backend."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "pallas":
-        raise NotImplementedError("backend: 'pallas' arrives with the pallas_kernels milestone; "
-                                  "use 'xla' (integer dot) or 'fake' (simulation)")
     if x.shape[-1] != q.in_features:
         raise ValueError(f"x: expected last axis {q.in_features}, got shape {x.shape}")
+    if backend == "auto":  # Pallas on TPU/GPU for integer layers wide enough, else XLA
+        from pallas_kernels import auto_backend
+        backend = auto_backend(q.in_features, q.w_scale.shape[-1], q.w_bits, q.a_bits)
     segment = jnp.asarray(segment, jnp.int32)
     xt = transform_activation(q, x, segment)
     if q.a_bits == 16:  # weight-only quantization (or none: w_bits == 16)
         y = xt @ dequantized_weight(q, segment)
+    elif backend == "pallas" and q.w_bits != 16:  # transform stays in XLA; bias fused in kernel
+        import pallas_kernels as pk  # imported on use: the kernels load only when asked for
+        rows = xt.reshape(-1, q.in_features)
+        if q.a_mode == "dynamic":
+            clip = 1.0 if q.a_clip is None else _select(q.a_clip, segment)
+            codes, a_scale, a_zero = pk.per_token_quantize(
+                rows, jnp.min(rows, axis=-1, keepdims=True) * clip,
+                jnp.max(rows, axis=-1, keepdims=True) * clip, bits=q.a_bits,
+                symmetric=q.a_symmetric)
+        else:
+            codes, a_scale, a_zero = quantize_activation(q, rows, segment)
+        y = pk.w8a8_matmul(codes, q.w_q, a_scale, a_zero, q.w_scale, q.w_colsum, q.bias, segment,
+                           w_bits=4 if q.packed else 8)
+        return y.reshape(x.shape[:-1] + y.shape[-1:])
     else:
         codes, a_scale, a_zero = quantize_activation(q, xt, segment)
         if backend == "fake" or q.w_bits == 16:  # no integer dot with float weights

@@ -1,0 +1,173 @@
+"""Full DiT-XL/2 sampling: float vs W8A8 vs W4A8 (random weights), time and device memory.
+
+The quantized models are built straight from the random float weights (per-channel symmetric
+weights, dynamic per-token asymmetric 8-bit activations, no rotation, the usual layers kept in
+float: embedders, adaLN, final layer): calibrating XL is too slow for a benchmark, and random
+weights time the same. Each variant runs the whole jitted ``lax.scan`` sampler (CFG batched);
+timings are medians over interleaved repetitions. Memory per variant: the bytes its parameters
+hold and XLA's compiled estimate for the sampler program (arguments + outputs + temporaries);
+``memory_stats()`` peak, where the device reports one, is process-wide (all variants together).
+
+"rel rms diff" compares final samples with the float variant's: a wiring check only. With
+random weights and ``bfloat16`` the float reference is itself far from a float32 run (tens of
+per cent here), so use ``--float-dtype float32`` to see the quantization error alone.
+
+On CPU, ``--backend pallas`` runs the kernels in interpret mode (NOT a speed result) and
+``auto`` means ``xla``. ``--tiny`` swaps in a two-block width-128 DiT for a CPU smoke run.
+
+    PYTHONPATH=. python benchmarks/bench_sampler.py [--steps 50] [--batch 8] [--backend auto]
+        [--reps 3] [--float-dtype bfloat16] [--tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import trdq_jax.quant as Q
+from pallas_kernels import platform
+from trdq_jax.config import DiTConfig, SamplerConfig
+from trdq_jax.models import build_model, dit_config, init_params, input_shape
+from trdq_jax.quant import quantizers
+from trdq_jax.sampling import Sampler, denoise_fn_for, sample
+
+_quantize_weight = jax.jit(quantizers.quantize_weight, static_argnames="bits")
+
+
+def _dense_paths(tree, prefix=()) -> list[str]:
+    """Module paths of every Dense (a dict holding a 2-D ``kernel``)."""
+    if not hasattr(tree, "items"):
+        return []
+    if "kernel" in tree and getattr(tree["kernel"], "ndim", 0) == 2:
+        return ["/".join(prefix)]
+    return [p for name, sub in tree.items() for p in _dense_paths(sub, prefix + (name,))]
+
+
+def _get(tree, path: str):
+    for name in path.split("/"):
+        tree = tree[name]
+    return tree
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        names = path.split("/")
+        node = out
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = value
+    return out
+
+
+def _without(tree, paths: set[str], prefix=()):
+    return {name: (_without(sub, paths, prefix + (name,)) if hasattr(sub, "items") else sub)
+            for name, sub in tree.items() if "/".join(prefix + (name,)) not in paths}
+
+
+def quantize_random(params, w_bits: int, a_bits: int = 8) -> dict:
+    """``{"float", "layers"}`` qparams from float weights, without calibration (see module doc)."""
+    recipe = Q.Recipe("bench", w_bits=w_bits, a_bits=a_bits)
+    paths, _ = Q.select_layers(_dense_paths(params), recipe)
+    layers = {}
+    for path in paths:
+        dense = _get(params, path)
+        kernel = jnp.asarray(dense["kernel"], jnp.float32)
+        codes, scale, _ = _quantize_weight(kernel, bits=w_bits)
+        w_q = quantizers.pack_int4(codes) if w_bits <= 4 else codes
+        bias = dense.get("bias")
+        layers[path] = Q.QLinear(
+            w_q=w_q[None], w_scale=scale[None], w_colsum=codes.astype(jnp.int32).sum(0)[None],
+            bias=None if bias is None else jnp.asarray(bias, jnp.float32),
+            in_features=kernel.shape[0], w_bits=w_bits, a_bits=a_bits, a_mode="dynamic")
+    return {"float": _without(params, set(paths)), "layers": _nest(layers)}
+
+
+@jax.jit
+def _randomized(params, key):
+    """DiT's adaLN-zero init makes the output exactly 0; perturb every weight so it is not."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [p + (0.02 * jax.random.normal(k, p.shape)).astype(p.dtype)
+                                     for p, k in zip(leaves, keys)])
+
+
+def _nbytes(tree) -> int:
+    return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))
+
+
+def _config(args) -> DiTConfig:
+    if args.tiny:
+        return DiTConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=128, depth=2,
+                         num_heads=2, num_classes=10, dtype=args.float_dtype,
+                         param_dtype=args.float_dtype)
+    return dit_config("XL/2", dtype=args.float_dtype, param_dtype=args.float_dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--backend", default="auto", choices=Q.BACKENDS)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--float-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--tiny", action="store_true", help="tiny DiT, 2 steps, batch 2")
+    args = parser.parse_args()
+    if args.tiny:
+        args.steps, args.batch, args.reps = 2, 2, 2
+    cfg = _config(args)
+    backend = platform.backend_name()
+    print(f"device: {jax.devices()[0].device_kind} ({backend})  model: "
+          f"{'tiny DiT' if args.tiny else 'DiT-XL/2'} {args.float_dtype}  steps: {args.steps}  "
+          f"batch: {args.batch} (x2 for CFG)  quantized backend: {args.backend}")
+    if backend == "cpu" and args.backend == "pallas":
+        print("WARNING: CPU -> Pallas runs in INTERPRET mode; timings are NOT speed results.")
+
+    model = build_model(cfg)
+    params = _randomized(init_params(cfg, jax.random.key(0)), jax.random.key(1))
+    variants = {"float": (denoise_fn_for(model), params),
+                "w8a8": (Q.QuantizedDenoiser(model, args.backend), quantize_random(params, 8)),
+                "w4a8": (Q.QuantizedDenoiser(model, args.backend), quantize_random(params, 4))}
+    sampler = Sampler.from_config(SamplerConfig(num_steps=args.steps, cfg_scale=4.0))
+    labels = np.arange(args.batch) % cfg.num_classes
+    shape = input_shape(cfg, args.batch)
+    runs = {}
+    for name, (apply_fn, p) in variants.items():
+        run = jax.jit(lambda p, f=apply_fn: sample(f, p, sampler, labels, seed=0, cfg_scale=4.0,
+                                                   null_label=cfg.num_classes, shape=shape))
+        compiled = run.lower(p).compile()
+        mem = compiled.memory_analysis()
+        program = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                            + mem.temp_size_in_bytes)
+        runs[name] = (compiled, p, program, np.asarray(compiled(p)))  # warm-up output kept
+
+    times = {name: [] for name in runs}
+    for _ in range(args.reps):
+        for name, (compiled, p, _, _) in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(p))
+            times[name].append(time.perf_counter() - start)
+
+    ref_out = runs["float"][3]
+    t_float = float(np.median(times["float"]))
+    print(f"{'variant':>8} {'median s':>9} {'float/x':>8} {'param MiB':>10} {'program MiB':>12} "
+          f"{'rel rms diff':>13}")
+    for name, (_, p, program, out) in runs.items():
+        t = float(np.median(times[name]))
+        prog = "n/a" if program is None else f"{program / 2 ** 20:.1f}"
+        rms = float(np.sqrt(np.mean((out - ref_out) ** 2) / np.mean(ref_out ** 2)))
+        print(f"{name:>8} {t:>9.3f} {t_float / t:>8.2f} {_nbytes(p) / 2 ** 20:>10.1f} {prog:>12} "
+              f"{rms:>13.3e}")
+    stats = jax.devices()[0].memory_stats()
+    peak = None if not stats else stats.get("peak_bytes_in_use")
+    print("device peak_bytes_in_use (process-wide): "
+          + ("not reported by this device" if peak is None else f"{peak / 2 ** 20:.1f} MiB"))
+    if backend == "cpu":
+        print("(CPU timings: a smoke run, not accelerator speed results)")
+
+
+if __name__ == "__main__":
+    main()
