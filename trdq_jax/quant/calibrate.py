@@ -58,11 +58,39 @@ def calibrate(model, params, recipe: Recipe, sampler, *, labels, null_label: int
     stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.labels, null_label,
                                   paths=[f"^{re.escape(p)}$" for p in quantized],
                                   rows_per_step=rows_per_step, seed=seed, progress=progress)
+    return Calibration(stats=stats, segment_of_step=_segment_table(stats, recipe, sampler),
+                       num_segments=recipe.num_segments, keep_float=kept)
+
+
+def derive_calibration(calib: Calibration, recipe: Recipe, sampler) -> Calibration:
+    """The ``Calibration`` of ``recipe`` from statistics already collected (no model run).
+
+    Statistics do not depend on the recipe, only the layer selection and the segment table do:
+    calibrate once with any recipe, then derive the others. The layers ``recipe`` quantizes
+    must all be in ``calib.stats`` (ValueError naming the missing ones otherwise).
+    """
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe: expected a Recipe, got {type(recipe).__name__}")
+    if recipe.num_segments > sampler.num_steps:
+        raise ValueError(f"recipe.num_segments: {recipe.num_segments} segments but the sampler "
+                         f"has only {sampler.num_steps} steps")
+    paths = list(calib.stats) + [p for ps in calib.keep_float.values() for p in ps
+                                 if p not in calib.stats]
+    quantized, kept = select_layers(paths, recipe)
+    missing = [p for p in quantized if p not in calib.stats]
+    if missing:
+        raise ValueError(f"calib: layers {missing} have no statistics; calibrate with a recipe "
+                         f"that quantizes them")
+    stats = {p: calib.stats[p] for p in quantized}
+    return Calibration(stats=stats, segment_of_step=_segment_table(stats, recipe, sampler),
+                       num_segments=recipe.num_segments, keep_float=kept)
+
+
+def _segment_table(stats: dict, recipe: Recipe, sampler) -> np.ndarray:
+    """int32 ``[num_steps]``: uniform over training time or the similarity split of ``stats``."""
     if recipe.segment_split == "uniform":
         table = segments.uniform_segments(np.asarray(sampler.train_timesteps), recipe.num_segments,
                                           sampler.num_train_steps)
     else:
         table = segments.similarity_segments(stats, recipe.num_segments)
-    table = segments.check_segments(table, recipe.num_segments)
-    return Calibration(stats=stats, segment_of_step=np.asarray(table, np.int32),
-                       num_segments=recipe.num_segments, keep_float=kept)
+    return np.asarray(segments.check_segments(table, recipe.num_segments), np.int32)

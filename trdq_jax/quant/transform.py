@@ -12,6 +12,7 @@ is in ``qparams["layers"]`` by ``qlinear_apply`` with the step's time segment.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax.quant import duquant, hadamard, quantizers
-from trdq_jax.quant.qlinear import QLinear, qlinear_apply
+from trdq_jax.quant.qlinear import QLinear, qlinear_apply, transform_activation
 from trdq_jax.quant.recipe import DEFAULT_KEEP_FLOAT, Recipe
 
 _CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -119,8 +120,13 @@ def _stack(dicts: list[dict]) -> dict:
     return {k: np.stack([np.asarray(d[k]) for d in dicts]) for k in dicts[0]} if dicts else {}
 
 
-def _build(recipe: Recipe, kernel, bias, transforms: list[dict], act: dict, block: int) -> QLinear:
-    """Assemble a QLinear: fold each transform into the weight, quantize it, pack int4."""
+def _build(recipe: Recipe, kernel, bias, transforms: list[dict], act: dict, block: int,
+           rows: list | None = None) -> QLinear:
+    """Assemble a QLinear: fold each transform into the weight, quantize it, pack int4.
+
+    ``rows``: per transform, the float activation rows ``[R, K]`` it was calibrated on; given
+    (and ``recipe.gptq``), weights are quantized with GPTQ on those rows, else round-to-nearest.
+    """
     k = kernel.shape[0]
     smooth = [t.pop("smooth") for t in transforms] if "smooth" in transforms[0] else None
     rot = _stack(transforms) if recipe.rotation == "duquant" else (transforms[0] if transforms else {})
@@ -139,16 +145,17 @@ def _build(recipe: Recipe, kernel, bias, transforms: list[dict], act: dict, bloc
             codes.append(wt.astype(np.float32))
             scales.append(np.ones(wt.shape[1], np.float32))
             continue
-        clip = (quantizers.mse_clip_search(jnp.asarray(wt), recipe.w_bits)
-                if recipe.w_clip_search else 1.0)
-        q, scale, _ = quantizers.quantize_weight(jnp.asarray(wt), recipe.w_bits, clip_ratio=clip)
+        q, scale = _quantize_folded(jnp.asarray(wt), recipe.w_bits, recipe.w_clip_search)
+        if recipe.gptq and rows is not None:
+            z = rows[j] if smooth is None else rows[j] / smooth[j]
+            xt = _rotate(template, jnp.asarray(z, jnp.float32), j)
+            q = _gptq(jnp.asarray(wt), xt.T @ xt, scale, recipe.w_bits)
         codes.append(np.asarray(q))
         scales.append(np.asarray(scale, np.float32))
     codes = np.stack(codes)
     colsum = np.zeros(codes.shape[::2], np.int32) if recipe.float_weights else \
         codes.astype(np.int32).sum(axis=1)
-    w_q = jnp.stack([quantizers.pack_int4(jnp.asarray(c)) for c in codes]) \
-        if recipe.w_bits <= 4 else jnp.asarray(codes)
+    w_q = _pack_int4(jnp.asarray(codes)) if recipe.w_bits <= 4 else jnp.asarray(codes)
     return dataclasses.replace(
         template, w_q=w_q, w_scale=jnp.asarray(np.stack(scales)), w_colsum=jnp.asarray(colsum),
         bias=None if bias is None else jnp.asarray(bias, jnp.float32),
@@ -157,15 +164,73 @@ def _build(recipe: Recipe, kernel, bias, transforms: list[dict], act: dict, bloc
         a_symmetric=recipe.a_symmetric, **{f: jnp.asarray(v) for f, v in act.items()})
 
 
+# The searches below evaluate many candidates per layer; every piece is jitted so that a layer
+# costs a few compiled calls (programs are cached by shape and reused across layers and recipes).
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "clip_search"))
+def _quantize_folded(wt: jax.Array, bits: int, clip_search: bool):
+    """Folded float weight ``[K, N]`` -> (int8 codes ``[K, N]``, float32 scales ``[N]``)."""
+    clip = quantizers.mse_clip_search(wt, bits) if clip_search else 1.0
+    q, scale, _ = quantizers.quantize_weight(wt, bits, clip_ratio=clip)
+    return q, scale
+
+
+_pack_int4 = jax.jit(quantizers.pack_int4)
+
+
+@functools.partial(jax.jit, static_argnames="bits")
+def _gptq(wt: jax.Array, hessian: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+    """GPTQ codes int8 ``[K, N]`` of the folded weight ``wt [K, N]`` with fixed per-output scales
+    ``[N]`` (symmetric): input channel i is rounded, and its error, divided by ``U[i, i]``, is
+    spread onto channels ``> i`` through row i of ``U``, the upper Cholesky factor of
+    ``(H + damp I)^-1`` with ``H = X̃ᵀX̃`` the calibration rows' Gram matrix and damp 1% of its
+    mean diagonal (Frantar et al. 2023). Minimises ``||X̃ (W̃ - deq(Q))||`` greedily."""
+    k = wt.shape[0]
+    qmax = 2 ** (bits - 1) - 1
+    h = hessian + 0.01 * jnp.mean(jnp.diag(hessian)) * jnp.eye(k) + 1e-8 * jnp.eye(k)
+    u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T
+    idx = jnp.arange(k)
+
+    def step(i, carry):
+        w, codes = carry
+        code = jnp.clip(jnp.round(w[i] / scale), -qmax, qmax)
+        err = (w[i] - code * scale) / u[i, i]
+        w = w - jnp.where((idx > i)[:, None], jnp.outer(u[i], err), 0.0)
+        return w, codes.at[i].set(code.astype(jnp.int8))
+
+    return jax.lax.fori_loop(0, k, step, (wt, jnp.zeros(wt.shape, jnp.int8)))[1]
+
+
+@jax.jit
+def _transform_rows(q: QLinear, z: jax.Array, j) -> jax.Array:
+    return transform_activation(q, z, j)
+
+
 def _rotate(template: QLinear, z: jax.Array, j: int) -> jax.Array:
     """Apply transform j's rotation (no smoothing) to rows of ``z [..., K]``."""
-    from trdq_jax.quant.qlinear import transform_activation
-    return transform_activation(dataclasses.replace(template, smooth=None), z, jnp.int32(j))
+    return _transform_rows(dataclasses.replace(template, smooth=None), z, jnp.int32(j))
+
+
+@jax.jit
+def _output_error_jit(q: QLinear, x: jax.Array, y_ref: jax.Array, segment) -> jax.Array:
+    y = qlinear_apply(q, x, segment, backend="fake")
+    return jnp.mean((y - y_ref) ** 2)
 
 
 def _output_error(q: QLinear, x: np.ndarray, y_ref: np.ndarray, segment: int) -> float:
-    y = qlinear_apply(q, jnp.asarray(x), segment, backend="fake")
-    return float(jnp.mean((y - y_ref) ** 2))
+    """Mean squared error of the simulated layer against the float output on rows ``x``."""
+    return float(_output_error_jit(q, jnp.asarray(x), jnp.asarray(y_ref), jnp.int32(segment)))
+
+
+@jax.jit
+def _errors_over(q: QLinear, x: jax.Array, y_ref: jax.Array, segment, grid: dict) -> jax.Array:
+    """Output errors ``[V]``: ``q`` with each ``[S]`` field of ``grid`` (``{field: [V]}``) set to
+    its v-th value in every segment, for v in 0..V-1 (one vectorised evaluation of a grid)."""
+    def one(values):
+        fields = {f: jnp.broadcast_to(v, getattr(q, f).shape) for f, v in values.items()}
+        return _output_error_jit(dataclasses.replace(q, **fields), x, y_ref, segment)
+    return jax.vmap(one)(grid)
 
 
 def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segments: int,
@@ -197,7 +262,11 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
         t.update(_rotation_fields(recipe, x, k, block))
         return t
 
+    gptq_weights = None  # set once the transforms are final (GPTQ runs once per layer)
+
     def candidate(transforms, act):
+        if gptq_weights is not None:
+            return dataclasses.replace(gptq_weights, **{f: jnp.asarray(v) for f, v in act.items()})
         return _build(recipe, kernel, bias, [dict(t) for t in transforms], act, block)
 
     transforms = []
@@ -211,10 +280,15 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
         y_ref = x @ kernel + (0 if bias_f is None else bias_f)
         # Alphas are compared under dynamic per-token activation quantization (a proxy that
         # needs no activation calibration); static scales are calibrated afterwards.
-        best = min(alphas, key=lambda a: _output_error(dataclasses.replace(
-            candidate([transform_for(x, absmax, a)], {}), a_mode="dynamic"), x, y_ref, 0))
-        transforms.append(transform_for(x, absmax, best))
+        options = [transform_for(x, absmax, a) for a in alphas]
+        errors = [_output_error(dataclasses.replace(candidate([t], {}), a_mode="dynamic"),
+                                x, y_ref, 0) for t in options]
+        transforms.append(options[int(np.argmin(errors))])  # first minimum: earliest alpha
 
+    if recipe.gptq and not recipe.float_weights:  # fitted on the rows each transform serves
+        fitted = [rows.reshape(-1, k)] if groups == [None] else seg_rows
+        gptq_weights = _build(recipe, kernel, bias, [dict(t) for t in transforms], {}, block,
+                              fitted)
     act = _calibrate_activations(recipe, candidate, transforms, seg_rows, stats, segment_of_step,
                                  num_segments, kernel, bias_f)
     return candidate(transforms, act)
@@ -239,38 +313,41 @@ def _calibrate_activations(recipe, candidate, transforms, seg_rows, stats, table
         x = seg_rows[s]
         y_ref = x @ kernel + (0 if bias is None else bias)
         j = s if recipe.per_segment_weights else 0
-        xt = np.asarray(_transformed(probe, x, j))
         if recipe.a_mode == "dynamic":
-            best = min(ratios, key=lambda r: _output_error(
-                dataclasses.replace(probe, a_clip=jnp.full((num_segments,), r, jnp.float32)),
-                x, y_ref, s)) if len(ratios) > 1 else 1.0
-            fields["a_clip"].append(best)
+            fields["a_clip"].append(_search(
+                dataclasses.replace(probe, a_clip=jnp.ones((num_segments,), jnp.float32)),
+                x, y_ref, s, ratios, {"a_clip": np.asarray(ratios, np.float32)}))
             continue
+        xt = np.asarray(_transformed(probe, x, j))
         lo, hi = float(xt.min()), float(xt.max())
         if recipe.rotation == "none" and not recipe.smoothing:  # exact range is known
             lo = min(lo, float(np.asarray(stats.tensor_min)[table == s].min()))
             hi = max(hi, float(np.asarray(stats.tensor_max)[table == s].max()))
-
-        def static(r):
-            scale, zero = quantizers.scale_zero_from_range(jnp.float32(lo * r), jnp.float32(hi * r),
-                                                           recipe.a_bits, recipe.a_symmetric)
-            return float(scale), 0 if zero is None else int(zero)
-
-        def with_static(r):
-            sc, z = static(r)
-            return dataclasses.replace(probe, a_scale=jnp.full((num_segments,), sc, jnp.float32),
-                                       a_zero=jnp.full((num_segments,), z, jnp.int32))
-        best = min(ratios, key=lambda r: _output_error(with_static(r), x, y_ref, s)) \
-            if len(ratios) > 1 else 1.0
-        sc, z = static(best)
-        fields["a_scale"].append(sc)
-        fields["a_zero"].append(z)
+        # lo * r in float64, then float32: the range each grid ratio r gives
+        scale, zero = quantizers.scale_zero_from_range(
+            np.asarray([lo * r for r in ratios], np.float32),
+            np.asarray([hi * r for r in ratios], np.float32), recipe.a_bits, recipe.a_symmetric)
+        scale = np.asarray(scale, np.float32)
+        zero = np.zeros(len(ratios), np.int32) if zero is None else np.asarray(zero, np.int32)
+        best = _search(probe, x, y_ref, s, range(len(ratios)), {"a_scale": scale, "a_zero": zero})
+        fields["a_scale"].append(float(scale[best]))
+        fields["a_zero"].append(int(zero[best]))
     return {k: np.asarray(v, np.int32 if k == "a_zero" else np.float32) for k, v in fields.items()}
 
 
+def _search(q: QLinear, x, y_ref, segment: int, options, grid: dict):
+    """The option whose grid entry (``{field: [V]}``) gives the least output error on segment
+    ``segment`` (first minimum); a one-entry grid is returned without evaluation."""
+    options = list(options)
+    if len(options) == 1:
+        return options[0]
+    errors = _errors_over(q, jnp.asarray(x), jnp.asarray(y_ref), jnp.int32(segment),
+                          {f: jnp.asarray(v) for f, v in grid.items()})
+    return options[int(np.argmin(np.asarray(errors)))]
+
+
 def _transformed(q: QLinear, x, j: int):
-    from trdq_jax.quant.qlinear import transform_activation
-    return transform_activation(q, jnp.asarray(x), jnp.int32(j))
+    return _transform_rows(q, jnp.asarray(x), jnp.int32(j))
 
 
 # ----------------------------------------------------------------------------- whole model

@@ -1,0 +1,281 @@
+"""Quality, size and cost of every quantization recipe on the bundled diffusion models.
+
+For each model x bit width x recipe in ``trdq_jax.quant.RECIPES``: PSNR / SSIM of the quantized
+samples against the float model's samples drawn from the SAME noise and labels, digits-FID
+against held-out data, class match, bytes of the quantized layers and their ratio to the same
+layers stored as bf16, and calibration + quantize seconds. Statistics are collected once per
+model and every recipe's calibration is derived from them (``derive_calibration``).
+
+    PYTHONPATH=. python benchmarks/bench_quant.py [--models digits-dit,...] \\
+        [--bits W8A8,W6A6,W4A8,W4A4] [--recipes trdq,quarot,...] [--per-class 10] \\
+        [--write BENCHMARKS.md]
+
+``--write`` replaces the text between ``<!-- bench_quant:begin -->`` and
+``<!-- bench_quant:end -->`` in that file (appending the markers if absent).
+"""
+from __future__ import annotations
+
+import os
+
+# Small numpy matmuls (DuQuant's rotation products) thrash with a multi-threaded OpenBLAS on a
+# busy 2-core machine (8x slower measured); XLA does the heavy work on its own threads anyway.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from trdq_jax import quant as Q  # noqa: E402
+from trdq_jax.eval import psnr, ssim  # noqa: E402
+from trdq_jax.evaluate import heldout_data, judge  # noqa: E402
+from trdq_jax.generate import null_label  # noqa: E402
+from trdq_jax.models import input_shape, zoo  # noqa: E402
+from trdq_jax.quant import duquant  # noqa: E402
+from trdq_jax.quant.calibrate import derive_calibration  # noqa: E402
+from trdq_jax.sampling import Sampler, denoise_fn_for, sample  # noqa: E402
+
+DIFFUSION_MODELS = ("digits-dit", "digits-unet", "moving-digits-vdit")
+BEGIN, END = "<!-- bench_quant:begin -->", "<!-- bench_quant:end -->"
+TIE_DB = 0.5  # recipes closer than this in PSNR are reported as tied
+
+
+def memoise_duquant() -> dict:
+    """Make ``duquant.calibrate_duquant`` remember its results by input digest for this process.
+
+    DuQuant rotations depend on the (smoothed) activation rows, not on the bit width, so the
+    ``trdq_release`` rows of the 2nd, 3rd... bit width reuse the rotations of the first: the
+    results are identical, only their quantize seconds drop. Returns the memo (clear per model).
+    """
+    original = getattr(duquant.calibrate_duquant, "__wrapped__", duquant.calibrate_duquant)
+    memo: dict = {}
+
+    @functools.wraps(original)
+    def calibrate(x, block=128, **kwargs):
+        x = np.ascontiguousarray(x, np.float32)
+        key = (hashlib.sha1(x.tobytes()).hexdigest(), x.shape, block, tuple(sorted(kwargs.items())))
+        if key not in memo:
+            memo[key] = original(x, block, **kwargs)
+        return memo[key]
+
+    duquant.calibrate_duquant = calibrate
+    return memo
+
+
+def parse_bits(text: str) -> list[tuple[int, int]]:
+    """``"W8A8,W4A16"`` -> ``[(8, 8), (4, 16)]``."""
+    out = []
+    for item in text.split(","):
+        m = re.fullmatch(r"W(\d+)A(\d+)", item.strip(), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"--bits: expected comma-separated WxAy like W4A8, got {item!r}")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def _sample_all(apply_fn, params, sampler, labels, cfg, seed):
+    """Samples of every label in batches of ``cfg.generation.batch_size``; sample i depends on
+    ``(seed, i)`` only, so float and quantized runs see the same noise."""
+    out, batch = [], cfg.generation.batch_size
+    for start in range(0, len(labels), batch):
+        chunk = labels[start:start + batch]
+        out.append(np.asarray(sample(apply_fn, params, sampler, chunk, seed=seed,
+                                     cfg_scale=cfg.sampler.cfg_scale,
+                                     null_label=null_label(cfg.model),
+                                     shape=input_shape(cfg.model, len(chunk)),
+                                     sample_offset=start)))
+    return np.concatenate(out)
+
+
+def _scores(samples, labels, reference, float_samples=None) -> dict:
+    samples = np.clip(samples, -1.0, 1.0)
+    judged = judge(samples, labels, reference)
+    row = {"fid": judged["digits_fid"], "class_match": judged["class_match"]["accuracy"]}
+    if float_samples is not None:
+        row["psnr"] = psnr(samples, float_samples)[1]
+        row["ssim"] = ssim(samples, float_samples)[1]
+    return row
+
+
+def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[str], per_class: int,
+                calib_per_class: int, seed: int, bar) -> dict:
+    """Every (bits, recipe) row of one bundled model (plus its float row)."""
+    model, params, cfg = zoo.load(name)
+    sampler = Sampler.from_config(cfg.sampler)
+    labels = np.repeat(np.arange(cfg.model.num_classes), per_class).astype(np.int32)
+    reference, _ = heldout_data(cfg.model)
+    float_samples = np.clip(_sample_all(denoise_fn_for(model), params, sampler, labels, cfg, seed),
+                            -1.0, 1.0)
+    result = {"model": name, "float": _scores(float_samples, labels, reference), "rows": [],
+              "num_samples": len(labels), "sampler": f"{cfg.sampler.solver} "
+              f"{cfg.sampler.num_steps} steps, cfg {cfg.sampler.cfg_scale}"}
+    calib_labels = np.repeat(np.arange(cfg.model.num_classes), calib_per_class)
+    start = time.perf_counter()
+    shared = Q.calibrate(model, params, Q.get_recipe(recipes[0]), sampler, labels=calib_labels,
+                         null_label=null_label(cfg.model),
+                         shape=input_shape(cfg.model, len(calib_labels)), seed=seed + 1,
+                         cfg_scale=cfg.sampler.cfg_scale)
+    result["calib_seconds"] = time.perf_counter() - start
+    result["calib_samples"] = len(calib_labels)
+    memoise_duquant().clear()
+    for w_bits, a_bits in bits:
+        for recipe_name in recipes:
+            bar.set_postfix_str(f"{name} W{w_bits}A{a_bits} {recipe_name}")
+            recipe = Q.get_recipe(recipe_name, w_bits, a_bits)
+            start = time.perf_counter()
+            calib = derive_calibration(shared, recipe, sampler)
+            qparams = jax.block_until_ready(Q.quantize(params, calib, recipe))
+            quant_seconds = time.perf_counter() - start
+            paths = Q.quantized_layer_paths(qparams)
+            qbytes = Q.weight_bytes(qparams)["quantized_layers"]
+            samples = _sample_all(Q.QuantizedDenoiser(model, "xla"), qparams,
+                                  sampler.with_segments(calib.segment_of_step,
+                                                        calib.num_segments), labels, cfg, seed)
+            result["rows"].append({"bits": f"W{w_bits}A{a_bits}", "recipe": recipe_name,
+                                   **_scores(samples, labels, reference, float_samples),
+                                   "bytes": qbytes,
+                                   "ratio": qbytes / Q.float_bytes_of(params, paths),
+                                   "quant_seconds": quant_seconds})
+            r = result["rows"][-1]
+            bar.write(f"{name} {r['bits']} {recipe_name}: PSNR {r['psnr']:.2f} dB, SSIM "
+                      f"{r['ssim']:.4f}, FID {r['fid']:.2f}, match {r['class_match']:.3f}, "
+                      f"{r['ratio']:.3f}x bf16, quantize {quant_seconds:.1f} s")
+            bar.update()
+    return result
+
+
+def verdict(rows: list[dict]) -> str:
+    """One line per bit width: tied within TIE_DB, or the ranking where recipes differ."""
+    values = sorted(((r["psnr"], r["recipe"]) for r in rows), reverse=True)
+    spread = values[0][0] - values[-1][0]
+    if spread < TIE_DB:
+        return (f"every recipe lands within {TIE_DB} dB (spread {spread:.2f} dB): "
+                f"no ranking is claimed at this width")
+    tied = [n for v, n in values if values[0][0] - v < TIE_DB]
+    ranking = " > ".join(f"{n} {v:.2f}" for v, n in values)
+    best = " and ".join(tied) + (" (tied within 0.5 dB)" if len(tied) > 1 else "")
+    return f"recipes differ (spread {spread:.2f} dB); best: {best}; PSNR dB: {ranking}"
+
+
+LEGEND = ("PSNR / SSIM: quantized vs float samples from the same noise and labels (clipped to "
+          "[-1, 1], data range 2); digits-FID vs held-out data (our digits classifier's features, "
+          "comparable within this project only); class match: fraction classified as their "
+          "label. Bytes: every array of the quantized layers (codes, scales, rotations, "
+          "per-segment copies); x bf16: ratio to the same layers stored as bf16. Quantize s: "
+          "deriving the recipe's calibration from the shared statistics + `quantize` (add the "
+          "shared statistics time for a stand-alone run); DuQuant rotations do not depend on the "
+          "bit width and are computed once per model, so only the first bit width's "
+          "`trdq_release` row includes their search. Backend `xla` (int8 dot), "
+          "`OPENBLAS_NUM_THREADS=1`. A bit width where every recipe lands within 0.5 dB PSNR is "
+          "reported as a tie; elsewhere the ranking is given.")
+
+
+def _model_markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench_quant:model:{name} -->", f"<!-- /bench_quant:model:{name} -->"
+
+
+def model_block(res: dict, command: str) -> str:
+    """Markdown of one model's results, wrapped in its own markers."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    f = res["float"]
+    begin, end = _model_markers(res["model"])
+    lines = [begin, f"### {res['model']}", "", f"Command: `{command}`  ",
+             f"Date: {now}; machine: {platform.machine()} {jax.devices()[0].platform.upper()}, "
+             f"{_cores()} cores, jax {jax.__version__}.  ",
+             f"{res['num_samples']} samples ({res['sampler']}); statistics from "
+             f"{res['calib_samples']} calibration samples in {res['calib_seconds']:.1f} s. "
+             f"Float: digits-FID {f['fid']:.2f}, class match {f['class_match']:.3f}.", "",
+             "| bits | recipe | PSNR dB | SSIM | digits-FID | class match | bytes | "
+             "x bf16 | quantize s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['bits']} | {r['recipe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+                     f"{r['fid']:.2f} | {r['class_match']:.3f} | {r['bytes']:,} | "
+                     f"{r['ratio']:.3f} | {r['quant_seconds']:.1f} |")
+    lines += [""]
+    for bits in dict.fromkeys(r["bits"] for r in res["rows"]):
+        lines.append(f"- **{bits}**: {verdict([r for r in res['rows'] if r['bits'] == bits])}")
+    lines.append(end)
+    return "\n".join(lines)
+
+
+def to_markdown(blocks: dict[str, str], previous: str = "") -> str:
+    """The whole marked section: the legend, then one block per model in ``DIFFUSION_MODELS``
+    order, taken from ``blocks`` or else kept from the ``previous`` section's text."""
+    parts = [BEGIN, "## bench_quant: recipes x bit widths", "", LEGEND, ""]
+    for name in DIFFUSION_MODELS:
+        begin, end = _model_markers(name)
+        if name in blocks:
+            parts += [blocks[name], ""]
+        elif begin in previous and end in previous:
+            parts += [begin + previous.split(begin, 1)[1].split(end, 1)[0] + end, ""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def write_section(path: pathlib.Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between the ``begin`` / ``end`` markers of ``path`` by ``section`` (which
+    carries the markers); create the file / append the section where they are absent."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None,
+                        help="comma-separated bundled diffusion models (default: those present)")
+    parser.add_argument("--bits", default="W8A8,W6A6,W4A8,W4A4")
+    parser.add_argument("--recipes", default=",".join(Q.RECIPES))
+    parser.add_argument("--per-class", type=int, default=10, help="judged samples per class")
+    parser.add_argument("--calib-per-class", type=int, default=2,
+                        help="calibration samples per class")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", default=None, help="markdown file whose section to replace")
+    args = parser.parse_args(argv)
+    models = (args.models.split(",") if args.models
+              else [m for m in DIFFUSION_MODELS if m in zoo.available()])
+    unknown = [m for m in models if m not in DIFFUSION_MODELS]
+    if unknown:
+        parser.error(f"--models: {unknown} are not bundled diffusion models {DIFFUSION_MODELS}")
+    recipes = args.recipes.split(",")
+    if any(r not in Q.RECIPES for r in recipes):
+        parser.error(f"--recipes: expected names from {sorted(Q.RECIPES)}, got {recipes}")
+    if args.per_class < 1 or args.calib_per_class < 1:
+        parser.error("--per-class / --calib-per-class: expected positive ints")
+    bits = parse_bits(args.bits)
+    from tqdm import tqdm
+    results = []
+    with tqdm(total=len(models) * len(bits) * len(recipes), desc="bench_quant", unit="row") as bar:
+        for name in models:
+            results.append(bench_model(name, bits, recipes, args.per_class, args.calib_per_class,
+                                       args.seed, bar))
+    command = "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in
+                                                 ["benchmarks/bench_quant.py", *sys.argv[1:]])
+    blocks = {res["model"]: model_block(res, command) for res in results}
+    path = pathlib.Path(args.write) if args.write else None
+    previous = path.read_text() if path is not None and path.exists() else ""
+    section = to_markdown(blocks, previous.split(BEGIN, 1)[1] if BEGIN in previous else "")
+    print(section)
+    if path is not None:
+        write_section(path, section)
+
+
+if __name__ == "__main__":
+    main()
