@@ -77,17 +77,12 @@ def cfg_batch(cfg, batch: int):
 
 def _stages(q: qlinear.QLinear):
     """Cumulative prefixes of ``qlinear_apply`` (xla backend, segment 0) as jittable functions
-    of ``x [M, K]``: each returns a small reduction so that nothing is dead code."""
+    of ``x [M, K]``; each returns one small reduction of its last product (nothing is dead code,
+    and no stage pays for an extra pass over an earlier product)."""
     seg = jnp.int32(0)
 
-    def smooth(x):
-        return x / qlinear._select(q.smooth, seg) if q.smooth is not None else x
-
-    def rotate(x):
-        return qlinear.transform_activation(q, x, seg)
-
     def minmax(x):
-        xt = rotate(x)
+        xt = qlinear.transform_activation(q, x, seg)
         return xt, jnp.min(xt, -1, keepdims=True), jnp.max(xt, -1, keepdims=True)
 
     def quantize(x):
@@ -95,29 +90,29 @@ def _stages(q: qlinear.QLinear):
         clip = 1.0 if q.a_clip is None else qlinear._select(q.a_clip, seg)
         scale, zero = quantizers.scale_zero_from_range(lo * clip, hi * clip, q.a_bits,
                                                        q.a_symmetric)
-        return quantizers.quantize(xt, scale, zero, q.a_bits), scale, zero
+        return quantizers.quantize(xt, scale, zero, q.a_bits)
 
     def dot(x):
-        codes, scale, zero = quantize(x)
-        acc = jax.lax.dot_general(codes, qlinear.weight_codes(q, seg), (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.int32)
-        return acc, scale, zero
+        return jax.lax.dot_general(quantize(x), qlinear.weight_codes(q, seg),
+                                   (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
 
+    smooth = (lambda x: x / qlinear._select(q.smooth, seg)) if q.smooth is not None else (
+        lambda x: x)
     return {"smooth": lambda x: jnp.sum(smooth(x)),
-            "+ rotate": lambda x: jnp.sum(rotate(x)),
-            "+ per-token min/max": lambda x: sum(jnp.sum(a) for a in minmax(x)),
-            "+ quantize": lambda x: jnp.sum(quantize(x)[0].astype(jnp.int32)),
-            "+ int8 dot": lambda x: jnp.sum(dot(x)[0]),
+            "+ rotate": lambda x: jnp.sum(qlinear.transform_activation(q, x, seg)),
+            "+ per-token min/max": lambda x: sum(jnp.sum(a) for a in minmax(x)[1:]),
+            "+ quantize": lambda x: jnp.sum(quantize(x).astype(jnp.int32)),
+            "+ int8 dot": lambda x: jnp.sum(dot(x)),
             "+ epilogue (= full layer)": lambda x: jnp.sum(qlinear.qlinear_apply(q, x, seg,
                                                                                   "xla"))}
 
 
-def layer_breakdown(params, qparams, tokens: int, reps: int) -> list[tuple[str, float]]:
-    """Seconds of each cumulative stage summed over every quantized layer (``tokens`` rows, the
-    CFG batch's token count), next to the float ``x @ W + b`` of the same layers."""
-    paths = Q.quantized_layer_paths(qparams)
-    totals: dict[str, float] = {}
-    for path in paths:
+def layer_breakdown(params, qparams, tokens: int, reps: int) -> dict[int, dict[str, float]]:
+    """``{K: {stage: seconds}}``: each cumulative stage summed over the quantized layers of input
+    width K (``tokens`` rows, the CFG batch's token count), next to the float ``x @ W + b`` of
+    the same layers; the number of layers is under the key ``"layers"``."""
+    totals: dict[int, dict[str, float]] = {}
+    for path in Q.quantized_layer_paths(qparams):
         q, dense = qparams["layers"], params
         for name in path.split("/"):
             q, dense = q[name], dense[name]
@@ -125,10 +120,11 @@ def layer_breakdown(params, qparams, tokens: int, reps: int) -> list[tuple[str, 
         fns = {"float x @ W + b": jax.jit(lambda x, d=dense: jnp.sum(
             x @ d["kernel"].astype(jnp.float32) + d["bias"].astype(jnp.float32)))}
         fns.update({k: jax.jit(f) for k, f in _stages(q).items()})
-        medians = interleaved_medians(fns, {k: (x,) for k in fns}, reps)
-        for k, v in medians.items():
-            totals[k] = totals.get(k, 0.0) + v
-    return list(totals.items())
+        row = totals.setdefault(q.in_features, {"layers": 0})
+        row["layers"] += 1
+        for k, v in interleaved_medians(fns, {k: (x,) for k in fns}, reps).items():
+            row[k] = row.get(k, 0.0) + v
+    return totals
 
 
 def main(argv=None) -> None:
@@ -162,22 +158,24 @@ def main(argv=None) -> None:
           f"ratio {ratio:.2f}x", flush=True)
     tokens = 2 * args.batch * (cfg.model.input_size // cfg.model.patch_size) ** 2
     parts = layer_breakdown(params, qparams, tokens, max(5, args.reps // 2))
-    for name, seconds in parts:
-        print(f"    {name:28s} {1e3 * seconds:8.2f} ms", flush=True)
+    for k, row in parts.items():
+        print(f"    K={k} ({row['layers']} layers): " + ", ".join(
+            f"{name} {1e3 * v:.2f} ms" for name, v in row.items() if name != "layers"), flush=True)
 
     command = "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in
                                                  ["benchmarks/bench_overhead.py", *sys.argv[1:]])
-    section = to_markdown(command, args, calib_s, quant_s, medians, ratio, parts, tokens,
-                          len(Q.quantized_layer_paths(qparams)))
+    section = to_markdown(command, args, calib_s, quant_s, medians, ratio, parts, tokens)
     print(section)
     if args.write:
         from bench_quant import write_section  # same directory (sys.path[0])
         write_section(pathlib.Path(args.write), section, BEGIN, END)
 
 
-def to_markdown(command, args, calib_s, quant_s, medians, ratio, parts, tokens, num_layers):
+def to_markdown(command, args, calib_s, quant_s, medians, ratio, parts, tokens) -> str:
     import os
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    widths = sorted(parts)
+    stages = [s for s in parts[widths[0]] if s != "layers"]
     lines = [BEGIN, "## bench_overhead: calibration time and quantized forward cost", "",
              f"Command: `{command}`  ",
              f"Date: {now}; machine: {platform.machine()} CPU, {len(os.sched_getaffinity(0))} "
@@ -188,10 +186,14 @@ def to_markdown(command, args, calib_s, quant_s, medians, ratio, parts, tokens, 
              f"(b) jitted forward on a CFG batch of 2x{args.batch}, {args.reps} interleaved "
              f"repetitions, median: float {1e3 * medians['float']:.2f} ms, quantized (`xla`) "
              f"{1e3 * medians['quantized']:.2f} ms, **ratio {ratio:.2f}x** (goal <= 1.10x).", "",
-             f"Breakdown over the {num_layers} quantized linear layers ({tokens} tokens each), "
-             f"cumulative stages of `qlinear_apply`, each layer timed alone:", "",
-             "| stage | ms (sum over layers) |", "|---|---|"]
-    lines += [f"| {name} | {1e3 * s:.2f} |" for name, s in parts]
+             f"Breakdown: cumulative stages of `qlinear_apply` on {tokens} tokens, each layer "
+             f"timed alone (median), ms summed over the layers of each input width K:", "",
+             "| stage | " + " | ".join(f"K={k} ({parts[k]['layers']} layers)" for k in widths)
+             + " | all |", "|---" * (len(widths) + 2) + "|"]
+    for stage in stages:
+        values = [parts[k][stage] for k in widths]
+        lines.append(f"| {stage} | " + " | ".join(f"{1e3 * v:.2f}" for v in values)
+                     + f" | {1e3 * sum(values):.2f} |")
     lines.append(END)
     return "\n".join(lines)
 

@@ -10,6 +10,8 @@ model and every recipe's calibration is derived from them (``derive_calibration`
         [--bits W8A8,W6A6,W4A8,W4A4] [--recipes trdq,quarot,...] [--per-class 10] \\
         [--write BENCHMARKS.md]
 
+A recipe may carry field overrides for ablations: ``--recipes "trdq,trdq[gptq=False;alpha=0.5]"``.
+
 ``--write`` replaces the text between ``<!-- bench_quant:begin -->`` and
 ``<!-- bench_quant:end -->`` in that file (appending the markers if absent).
 """
@@ -22,6 +24,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
@@ -71,6 +74,25 @@ def memoise_duquant() -> dict:
     return memo
 
 
+def parse_recipes(text: str) -> list[tuple[str, str, dict]]:
+    """``"trdq,trdq[gptq=False;num_segments=1]"`` -> ``[(label, recipe name, overrides)]``."""
+    out = []
+    for spec in re.split(r",(?![^\[]*\])", text):
+        m = re.fullmatch(r"\s*(\w+)\s*(?:\[(.*)\])?\s*", spec)
+        if not m or m.group(1) not in Q.RECIPES:
+            raise ValueError(f"--recipes: expected names from {sorted(Q.RECIPES)} with optional "
+                             f"[field=value;...] overrides, got {spec!r}")
+        overrides = {}
+        for item in filter(None, (m.group(2) or "").split(";")):
+            key, _, value = item.partition("=")
+            try:
+                overrides[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                raise ValueError(f"--recipes: bad override {item!r} in {spec!r}") from None
+        out.append((spec.strip(), m.group(1), overrides))
+    return out
+
+
 def parse_bits(text: str) -> list[tuple[int, int]]:
     """``"W8A8,W4A16"`` -> ``[(8, 8), (4, 16)]``."""
     out = []
@@ -99,14 +121,21 @@ def _sample_all(apply_fn, params, sampler, labels, cfg, seed):
 def _scores(samples, labels, reference, float_samples=None) -> dict:
     samples = np.clip(samples, -1.0, 1.0)
     judged = judge(samples, labels, reference)
-    row = {"fid": judged["digits_fid"], "class_match": judged["class_match"]["accuracy"]}
+    match = judged["class_match"]
+    row = {"fid": judged["digits_fid"], "class_match": match["accuracy"],
+           "frame_match": match.get("frame_accuracy")}
     if float_samples is not None:
-        row["psnr"] = psnr(samples, float_samples)[1]
+        # videos: one PSNR per video (its frames stacked into one tall image), since single
+        # frames can match exactly (inf dB) where a digit leaves the canvas
+        as_image = (lambda v: v.reshape(v.shape[0], -1, *v.shape[-2:])) if samples.ndim == 5 \
+            else (lambda v: v)
+        row["psnr"] = psnr(as_image(samples), as_image(float_samples))[1]
         row["ssim"] = ssim(samples, float_samples)[1]
     return row
 
 
-def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[str], per_class: int,
+def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str, str, dict]],
+                per_class: int,
                 calib_per_class: int, seed: int, bar) -> dict:
     """Every (bits, recipe) row of one bundled model (plus its float row)."""
     model, params, cfg = zoo.load(name)
@@ -118,9 +147,11 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[str], per_
     result = {"model": name, "float": _scores(float_samples, labels, reference), "rows": [],
               "num_samples": len(labels), "sampler": f"{cfg.sampler.solver} "
               f"{cfg.sampler.num_steps} steps, cfg {cfg.sampler.cfg_scale}"}
+    bar.write(f"{name} float: FID {result['float']['fid']:.2f}, "
+              f"match {_match(result['float'])}")
     calib_labels = np.repeat(np.arange(cfg.model.num_classes), calib_per_class)
     start = time.perf_counter()
-    shared = Q.calibrate(model, params, Q.get_recipe(recipes[0]), sampler, labels=calib_labels,
+    shared = Q.calibrate(model, params, Q.get_recipe(recipes[0][1]), sampler, labels=calib_labels,
                          null_label=null_label(cfg.model),
                          shape=input_shape(cfg.model, len(calib_labels)), seed=seed + 1,
                          cfg_scale=cfg.sampler.cfg_scale)
@@ -128,9 +159,9 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[str], per_
     result["calib_samples"] = len(calib_labels)
     memoise_duquant().clear()
     for w_bits, a_bits in bits:
-        for recipe_name in recipes:
+        for recipe_name, base, overrides in recipes:
             bar.set_postfix_str(f"{name} W{w_bits}A{a_bits} {recipe_name}")
-            recipe = Q.get_recipe(recipe_name, w_bits, a_bits)
+            recipe = Q.get_recipe(base, w_bits, a_bits, **overrides)
             start = time.perf_counter()
             calib = derive_calibration(shared, recipe, sampler)
             qparams = jax.block_until_ready(Q.quantize(params, calib, recipe))
@@ -147,7 +178,7 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[str], per_
                                    "quant_seconds": quant_seconds})
             r = result["rows"][-1]
             bar.write(f"{name} {r['bits']} {recipe_name}: PSNR {r['psnr']:.2f} dB, SSIM "
-                      f"{r['ssim']:.4f}, FID {r['fid']:.2f}, match {r['class_match']:.3f}, "
+                      f"{r['ssim']:.4f}, FID {r['fid']:.2f}, match {_match(r)}, "
                       f"{r['ratio']:.3f}x bf16, quantize {quant_seconds:.1f} s")
             bar.update()
     return result
@@ -183,6 +214,13 @@ def _model_markers(name: str) -> tuple[str, str]:
     return f"<!-- bench_quant:model:{name} -->", f"<!-- /bench_quant:model:{name} -->"
 
 
+def _match(row: dict) -> str:
+    """Class match; for videos ``frames f / videos v`` (a video matches when all frames do)."""
+    if row.get("frame_match") is None:
+        return f"{row['class_match']:.3f}"
+    return f"frames {row['frame_match']:.3f} / videos {row['class_match']:.3f}"
+
+
 def model_block(res: dict, command: str) -> str:
     """Markdown of one model's results, wrapped in its own markers."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -193,12 +231,12 @@ def model_block(res: dict, command: str) -> str:
              f"{_cores()} cores, jax {jax.__version__}.  ",
              f"{res['num_samples']} samples ({res['sampler']}); statistics from "
              f"{res['calib_samples']} calibration samples in {res['calib_seconds']:.1f} s. "
-             f"Float: digits-FID {f['fid']:.2f}, class match {f['class_match']:.3f}.", "",
+             f"Float: digits-FID {f['fid']:.2f}, class match {_match(f)}.", "",
              "| bits | recipe | PSNR dB | SSIM | digits-FID | class match | bytes | "
              "x bf16 | quantize s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['bits']} | {r['recipe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
-                     f"{r['fid']:.2f} | {r['class_match']:.3f} | {r['bytes']:,} | "
+                     f"{r['fid']:.2f} | {_match(r)} | {r['bytes']:,} | "
                      f"{r['ratio']:.3f} | {r['quant_seconds']:.1f} |")
     lines += [""]
     for bits in dict.fromkeys(r["bits"] for r in res["rows"]):
@@ -254,9 +292,10 @@ def main(argv=None) -> None:
     unknown = [m for m in models if m not in DIFFUSION_MODELS]
     if unknown:
         parser.error(f"--models: {unknown} are not bundled diffusion models {DIFFUSION_MODELS}")
-    recipes = args.recipes.split(",")
-    if any(r not in Q.RECIPES for r in recipes):
-        parser.error(f"--recipes: expected names from {sorted(Q.RECIPES)}, got {recipes}")
+    try:
+        recipes = parse_recipes(args.recipes)
+    except ValueError as e:
+        parser.error(str(e))
     if args.per_class < 1 or args.calib_per_class < 1:
         parser.error("--per-class / --calib-per-class: expected positive ints")
     bits = parse_bits(args.bits)

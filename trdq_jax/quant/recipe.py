@@ -41,6 +41,10 @@ class Recipe:
       per_segment_weights: each segment has its own smoothing/rotation AND its own quantized
         weight copy (TR-DQ as released); else one shared weight, activation-side params per segment.
       keep_float: regexes over module paths ("blocks_0/attn/qkv") of layers kept in float.
+      gptq: quantize weights with GPTQ (rounding errors spread onto the remaining input channels
+        through the inverse Gram matrix of the transformed calibration rows: pooled over the
+        trajectory for a shared weight, per segment for per-segment weights); else
+        round-to-nearest. Smoothing alphas are still compared with round-to-nearest weights.
     """
 
     name: str
@@ -60,6 +64,7 @@ class Recipe:
     segment_split: Literal["uniform", "similarity"] = "uniform"
     per_segment_weights: bool = False
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
+    gptq: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -122,10 +127,11 @@ RECIPES: dict[str, Recipe] = {
                            num_segments=4, per_segment_weights=True, a_mode="dynamic",
                            a_clip_search=False),
     # ours: one shared quantized weight (smoothing alpha searched on the pooled trajectory, full
-    # Hadamard), per-segment activation clipping ratios, weight clipping search
+    # Hadamard, weight clipping search, GPTQ fitted on the whole calibration trajectory),
+    # per-segment activation clipping ratios
     "trdq": Recipe("trdq", smoothing=True, alpha_grid=_ALPHAS, rotation="hadamard", num_segments=4,
                    segment_split="similarity", a_mode="dynamic", a_clip_search=True,
-                   w_clip_search=True),
+                   w_clip_search=True, gptq=True),
 }
 
 

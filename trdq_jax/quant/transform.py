@@ -241,6 +241,8 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
     ``rows [steps, R, K]``. Per-segment transforms (``recipe.per_segment_weights``) each get
     their own smoothing alpha (searched), rotation and weight copy; otherwise one transform is
     calibrated on the pooled trajectory and only activation parameters vary per segment.
+    Smoothing alphas are compared with round-to-nearest weights; with ``recipe.gptq`` the final
+    weights are then GPTQ-fitted once, and activation parameters are searched against them.
     """
     kernel = np.asarray(kernel, np.float32)
     k = kernel.shape[0]
