@@ -78,6 +78,34 @@ def test_transforms_without_quantization_leave_output_unchanged(cfg):
             assert rel < 1e-4, (fields, segment, rel)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits-dit", "digits-unet", "moving-digits-vdit"])
+def test_transforms_leave_bundled_models_unchanged(name):
+    """The trained weights (bf16, outlier channels included), not random ones: every transform
+    folded and run online with quantization disabled changes no output by more than 1e-4."""
+    from trdq_jax.models import zoo
+    if name not in zoo.available():
+        pytest.skip(f"{name} is not bundled in this checkout")
+    model, params, cfg = zoo.load(name)
+    cfg = cfg.model
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    want = np.asarray(_forward(model, params, cfg))
+    width = cfg.hidden_size if cfg.family != "unet" else None
+    for fields in TRANSFORMS:
+        if width is None and fields.get("rotation") == "hadamard":
+            continue  # UNet widths are powers of two: covered by the block variants
+        fields = dict(fields)
+        if "rotation_block" in fields and width is not None:
+            fields["rotation_block"] = 64 if fields["rotation"] == "duquant" else 48
+        recipe = Q.Recipe("t", w_bits=16, a_bits=16, **fields)
+        calib = _calib(model, params, recipe, cfg, np.array([0, 3, 7, 9]))
+        qparams = Q.quantize(params, calib, recipe)
+        for segment in range(recipe.num_segments):
+            got = np.asarray(_forward(model, params, cfg, qparams, segment=segment))
+            rel = np.abs(got - want).max() / np.abs(want).max()
+            assert rel < 1e-4, (name, fields, segment, rel)
+
+
 @pytest.mark.parametrize("w_bits, a_bits, a_mode, a_symmetric", [
     (8, 8, "dynamic", False), (8, 8, "static", True), (4, 8, "dynamic", True),
     (4, 8, "static", False), (6, 6, "dynamic", False), (4, 16, "dynamic", False),

@@ -70,6 +70,31 @@ def test_epsilon_mse_matches_numpy(shape):
     assert float(metrics["mse"]) == pytest.approx(want, rel=1e-5)
 
 
+def test_min_snr_weighting_matches_numpy():
+    shape, gamma = (32, 4, 4, 1), 5.0
+    model = _AffineModel()
+    params = model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[:1]),
+                        jnp.zeros(shape[:1], jnp.int32))["params"]
+    loss_fn = make_diffusion_loss(model, _Cfg(False), "linear", 1000, min_snr_gamma=gamma)
+    x0, y = _batch(shape, seed=2)
+    rng = jax.random.key(5)
+    loss, metrics = loss_fn(params, (x0, y), rng)
+
+    _, acp = _linear_acp(1000)
+    t, eps = _draws(rng, shape, 1000)
+    bshape = (-1, 1, 1, 1)
+    x_t = np.sqrt(acp[t]).reshape(bshape) * x0 + np.sqrt(1 - acp[t]).reshape(bshape) * eps
+    pred = 0.7 * x_t + 0.3 * (t / 1000.0).reshape(bshape) + 0.05 * y.reshape(bshape)
+    per_example = np.mean((pred - eps) ** 2, axis=(1, 2, 3))
+    snr = acp[t] / (1 - acp[t])
+    assert np.any(snr > gamma) and np.any(snr < gamma)  # both branches of the min are drawn
+    assert float(loss) == pytest.approx(np.mean(np.minimum(snr, gamma) / snr * per_example),
+                                        rel=1e-5)
+    assert float(metrics["mse"]) == pytest.approx(np.mean(per_example), rel=1e-5)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        make_diffusion_loss(model, _Cfg(False), "linear", 1000, min_snr_gamma=-1.0)
+
+
 def _approx_cdf(x):
     return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 

@@ -75,7 +75,8 @@ def _make_loss(cfg: ExperimentConfig, model):
         from trdq_jax.eval.classifier import make_classifier_loss
         return make_classifier_loss(model)
     return make_diffusion_loss(model, cfg.model, schedule=cfg.sampler.schedule,
-                               num_train_steps=cfg.sampler.num_train_steps)
+                               num_train_steps=cfg.sampler.num_train_steps,
+                               min_snr_gamma=cfg.train.min_snr_gamma)
 
 
 def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,

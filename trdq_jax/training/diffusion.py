@@ -22,7 +22,7 @@ HYBRID_LAMBDA = 0.001
 
 
 def make_diffusion_loss(model: nn.Module, model_cfg, schedule: str = "linear",
-                        num_train_steps: int = 1000):
+                        num_train_steps: int = 1000, min_snr_gamma: float = 0.0):
     """Build ``loss_fn(params, batch, rng) -> (loss, metrics)`` for ``fit``.
 
     Args:
@@ -31,13 +31,15 @@ def make_diffusion_loss(model: nn.Module, model_cfg, schedule: str = "linear",
       model_cfg: its config; ``learn_sigma`` and ``in_channels`` are read from it.
       schedule: noise schedule name for ``make_betas`` ("linear" or "cosine").
       num_train_steps: number of diffusion steps T.
+      min_snr_gamma: 0 for the plain epsilon MSE; ``gamma > 0`` weights example ``b``'s MSE by
+        ``min(SNR(t_b), gamma) / SNR(t_b)`` with ``SNR = acp / (1 - acp)`` (Min-SNR-gamma).
     Returns:
       ``loss_fn`` taking ``batch = (x0, y)`` with ``x0`` float ``[B, ..., C]`` (images or videos,
       channels last) and ``y`` int ``[B]``, and a ``jax.random`` key. The key is split as
       ``t_key, noise_key, dropout_key = jax.random.split(rng, 3)``; ``t`` is
       ``jax.random.randint(t_key, (B,), 0, T)`` and ``eps`` is
-      ``jax.random.normal(noise_key, x0.shape, float32)``. Metrics: ``mse`` and, with learned
-      sigma, ``vb`` (bits per dimension of the sampled term).
+      ``jax.random.normal(noise_key, x0.shape, float32)``. Metrics: ``mse`` (unweighted) and,
+      with learned sigma, ``vb`` (bits per dimension of the sampled term).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a flax.linen Module, got {type(model).__name__}")
@@ -49,6 +51,13 @@ def make_diffusion_loss(model: nn.Module, model_cfg, schedule: str = "linear",
     learn_sigma = bool(model_cfg.learn_sigma)
     channels = int(model_cfg.in_channels)
     steps = int(num_train_steps)
+    if isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, (int, float)) \
+            or not 0.0 <= min_snr_gamma < float("inf"):
+        raise ValueError(f"min_snr_gamma: expected a finite number >= 0, got {min_snr_gamma!r}")
+    acp = alphas_cumprod(betas)
+    snr = acp / (1.0 - acp)
+    weight_table = jnp.asarray(np.minimum(snr, min_snr_gamma) / snr if min_snr_gamma > 0
+                               else np.ones_like(snr), jnp.float32)
 
     def loss_fn(params, batch, rng):
         x0, y = batch
@@ -65,12 +74,14 @@ def make_diffusion_loss(model: nn.Module, model_cfg, schedule: str = "linear",
             raise ValueError(f"model: output has {out.shape[-1]} channels, expected {expected} "
                              f"(in_channels={channels}, learn_sigma={learn_sigma})")
         eps_pred = out[..., :channels]
-        mse = jnp.mean((eps_pred - eps) ** 2)
+        per_example = jnp.mean((eps_pred - eps) ** 2, axis=tuple(range(1, eps.ndim)))
+        mse = jnp.mean(per_example)
+        weighted = jnp.mean(weight_table[t] * per_example)
         if not learn_sigma:
-            return mse, {"mse": mse}
+            return weighted, {"mse": mse}
         vb = _vlb_term(tables, x0, x_t, t, jax.lax.stop_gradient(eps_pred), out[..., channels:])
         vb = jnp.mean(vb)
-        return mse + HYBRID_LAMBDA * steps * vb, {"mse": mse, "vb": vb}
+        return weighted + HYBRID_LAMBDA * steps * vb, {"mse": mse, "vb": vb}
 
     return loss_fn
 
