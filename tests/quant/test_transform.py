@@ -128,6 +128,25 @@ def test_fake_and_xla_agree_on_every_layer(dit, w_bits, a_bits, a_mode, a_symmet
                                        err_msg=path)
 
 
+def test_recipe_keep_float_survives_calibrate_then_quantize(dit):
+    model, params = dit
+    recipe = Q.Recipe("k", keep_float=Q.Recipe("x").keep_float + ("mlp/fc2$",))
+    calib = _calib(model, params, recipe)
+    assert not any(p.endswith("mlp/fc2") for p in calib.stats)
+    qparams = Q.quantize(params, calib, recipe)
+    paths = Q.quantized_layer_paths(qparams)
+    assert paths and not any(p.endswith("mlp/fc2") for p in paths)
+    assert "kernel" in qparams["float"]["blocks_0"]["mlp"]["fc2"]
+
+
+def test_token_min_max_matches_numpy():
+    x = np.random.default_rng(1).standard_normal((3, 5, 40)).astype(np.float32)
+    x[1, 2, 7] = 50.0
+    lo, hi = jax.jit(Q.qlinear.token_min_max)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(lo), x.min(-1, keepdims=True))
+    np.testing.assert_array_equal(np.asarray(hi), x.max(-1, keepdims=True))
+
+
 def test_int8_dot_accumulates_exactly_in_int32():
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, (64, 4608), dtype=np.int8)

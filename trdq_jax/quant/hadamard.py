@@ -167,6 +167,16 @@ def _factor_matrices(n: int) -> tuple[np.ndarray, ...]:
     return tuple(f.astype(np.float32) for f in factors)
 
 
+@functools.lru_cache(maxsize=None)
+def _normalised_factor_matrices(n: int) -> tuple[np.ndarray, ...]:
+    """``_factor_matrices(n)`` with 1/sqrt(n) folded into the last factor: the scale rides in a
+    constant of the last contraction instead of costing one more pass over the activations."""
+    factors = list(_factor_matrices(n))
+    if factors:
+        factors[-1] = (factors[-1].astype(np.float64) / math.sqrt(n)).astype(np.float32)
+    return tuple(factors)
+
+
 def _check_signs(signs, length: int, what: str):
     signs = jnp.asarray(signs, dtype=jnp.float32)
     if signs.shape != (length,):
@@ -183,17 +193,22 @@ def hadamard_transform(x, signs=None):
     if x.ndim == 0:
         raise ValueError("x: expected an array of shape [..., n], got a scalar")
     n = x.shape[-1]
-    factors = _factor_matrices(n)
+    factors = _normalised_factor_matrices(n)
     if signs is not None:
         x = x * _check_signs(signs, n, "matching x's last axis")
+    if n == 1:
+        return x
     lead = x.shape[:-1]
     y = x.reshape(lead + tuple(f.shape[0] for f in factors))
     letters = "abcdefgh"[: len(factors)]
-    for i, f in enumerate(factors):
+    # Last axis first: that contraction is a plain GEMM on x as laid out, so whatever produced x
+    # (e.g. a GELU) is not fused into a transposing copy. Factors on different axes commute.
+    for i in reversed(range(len(factors))):
+        f = factors[i]
         out = letters[:i] + "z" + letters[i + 1:]
         y = jnp.einsum(f"...{letters},{letters[i]}z->...{out}", y, jnp.asarray(f),
                        precision=lax.Precision.HIGHEST)
-    return y.reshape(lead + (n,)) * np.float32(1.0 / math.sqrt(n))
+    return y.reshape(lead + (n,))
 
 
 def block_hadamard_transform(x, block: int, signs=None):

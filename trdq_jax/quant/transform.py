@@ -366,7 +366,15 @@ def quantize(params, calib, recipe: Recipe, *, progress: bool = False) -> dict:
     if calib.num_segments != recipe.num_segments:
         raise ValueError(f"calib: calibrated for {calib.num_segments} segments, recipe wants "
                          f"{recipe.num_segments}; re-run calibrate with this recipe")
-    quantized, _ = select_layers(list(calib.stats), recipe)
+    # The layers the calibration kept in float count too, so a recipe's own keep_float regexes
+    # (already applied by calibrate) still match what they matched there.
+    paths = list(calib.stats) + [p for ps in calib.keep_float.values() for p in ps
+                                 if p not in calib.stats]
+    quantized, _ = select_layers(paths, recipe)
+    missing = [p for p in quantized if p not in calib.stats]
+    if missing:
+        raise ValueError(f"calib: layers {missing} have no statistics; calibrate with a recipe "
+                         f"that quantizes them")
     layers: dict = {}
     items = quantized
     if progress:
