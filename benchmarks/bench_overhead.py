@@ -127,6 +127,31 @@ def layer_breakdown(params, qparams, tokens: int, reps: int) -> dict[int, dict[s
     return totals
 
 
+def variant_ratios(model, params, cfg, batch: int, reps: int, w_bits: int, a_bits: int,
+                   calib_per_class: int) -> dict[str, float]:
+    """Whole-model forward time of each transform added in turn, relative to float (one run,
+    interleaved): where the quantized forward's extra time comes from."""
+    dyn = dict(w_bits=w_bits, a_bits=a_bits, a_mode="dynamic")
+    variants = {
+        "minmax (no smoothing, no rotation)": Q.Recipe("v", **dyn),
+        "+ smoothing": Q.Recipe("v", smoothing=True, alpha=0.5, **dyn),
+        "+ full Hadamard (no smoothing)": Q.Recipe("v", rotation="hadamard", **dyn),
+        "+ smoothing + full Hadamard": Q.Recipe("v", smoothing=True, alpha=0.5,
+                                                rotation="hadamard", **dyn),
+        "trdq": Q.get_recipe("trdq", w_bits, a_bits),
+    }
+    x, t, y = cfg_batch(cfg, batch)
+    denoiser = Q.QuantizedDenoiser(model, "xla")
+    quant_fn = jax.jit(lambda p, x, t, y, s: denoiser(p, x, t, y, s, False))
+    fns = {"float": jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))}
+    args = {"float": (params, x, t, y)}
+    for name, recipe in variants.items():
+        _, qparams, _, _ = time_calibration(model, params, cfg, recipe, calib_per_class)
+        fns[name], args[name] = quant_fn, (qparams, x, t, y, jnp.int32(0))
+    medians = interleaved_medians(fns, args, reps)
+    return {k: v / medians["float"] for k, v in medians.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=100, help="samples; the CFG batch is 2x")
@@ -135,9 +160,16 @@ def main(argv=None) -> None:
     parser.add_argument("--recipe", default="trdq")
     parser.add_argument("--calib-per-class", type=int, default=2)
     parser.add_argument("--write", default=None, help="markdown file whose section to replace")
+    parser.add_argument("--variants", action="store_true",
+                        help="only print whole-model ratios with each transform added in turn")
     args = parser.parse_args(argv)
     w_bits, a_bits = (int(v) for v in args.bits.upper().lstrip("W").split("A"))
     model, params, cfg = zoo.load("digits-dit")
+    if args.variants:
+        for name, ratio in variant_ratios(model, params, cfg, args.batch, args.reps, w_bits,
+                                          a_bits, args.calib_per_class).items():
+            print(f"  {name:36s} {ratio:.2f}x float", flush=True)
+        return
     recipe = Q.get_recipe(args.recipe, w_bits, a_bits)
     calib, qparams, calib_s, quant_s = time_calibration(model, params, cfg, recipe,
                                                         args.calib_per_class)
