@@ -139,6 +139,21 @@ def test_recipe_keep_float_survives_calibrate_then_quantize(dit):
     assert "kernel" in qparams["float"]["blocks_0"]["mlp"]["fc2"]
 
 
+def test_derive_calibration_reuses_statistics(dit):
+    from trdq_jax.quant.calibrate import derive_calibration
+    model, params = dit
+    calib = _calib(model, params, Q.Recipe("all"))
+    fewer = Q.Recipe("k", num_segments=3, keep_float=Q.Recipe("x").keep_float + ("mlp/fc2$",))
+    derived = derive_calibration(calib, fewer, SAMPLER)
+    assert sorted(derived.stats) == sorted(p for p in calib.stats if not p.endswith("mlp/fc2"))
+    assert derived.num_segments == 3 and set(np.asarray(derived.segment_of_step)) == {0, 1, 2}
+    np.testing.assert_array_equal(derived.stats["blocks_0/attn/qkv"].absmax,
+                                  calib.stats["blocks_0/attn/qkv"].absmax)
+    Q.quantize(params, derived, fewer)  # the derived selection quantizes as is
+    with pytest.raises(ValueError, match="no statistics"):
+        derive_calibration(derived, Q.Recipe("all"), SAMPLER)  # fc2 was never measured
+
+
 def test_token_min_max_matches_numpy():
     x = np.random.default_rng(1).standard_normal((3, 5, 40)).astype(np.float32)
     x[1, 2, 7] = 50.0

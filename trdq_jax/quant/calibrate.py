@@ -9,7 +9,7 @@ import numpy as np
 
 from trdq_jax.quant import capture, segments
 from trdq_jax.quant.recipe import Recipe
-from trdq_jax.quant.transform import select_layers
+from trdq_jax.quant.transform import calibrated_selection, select_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +74,7 @@ def derive_calibration(calib: Calibration, recipe: Recipe, sampler) -> Calibrati
     if recipe.num_segments > sampler.num_steps:
         raise ValueError(f"recipe.num_segments: {recipe.num_segments} segments but the sampler "
                          f"has only {sampler.num_steps} steps")
-    paths = list(calib.stats) + [p for ps in calib.keep_float.values() for p in ps
-                                 if p not in calib.stats]
-    quantized, kept = select_layers(paths, recipe)
-    missing = [p for p in quantized if p not in calib.stats]
-    if missing:
-        raise ValueError(f"calib: layers {missing} have no statistics; calibrate with a recipe "
-                         f"that quantizes them")
+    quantized, kept = calibrated_selection(calib, recipe)
     stats = {p: calib.stats[p] for p in quantized}
     return Calibration(stats=stats, segment_of_step=_segment_table(stats, recipe, sampler),
                        num_segments=recipe.num_segments, keep_float=kept)

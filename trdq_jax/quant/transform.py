@@ -352,6 +352,20 @@ def _transformed(q: QLinear, x, j: int):
     return _transform_rows(q, jnp.asarray(x), jnp.int32(j))
 
 
+def calibrated_selection(calib, recipe: Recipe) -> tuple[list[str], dict[str, list[str]]]:
+    """``select_layers`` over every layer ``calib`` saw (with statistics or kept in float), so a
+    recipe's own keep_float regexes, already applied by ``calibrate``, match again; the layers
+    ``recipe`` quantizes must all have statistics (ValueError naming the missing ones)."""
+    paths = list(calib.stats) + [p for ps in calib.keep_float.values() for p in ps
+                                 if p not in calib.stats]
+    quantized, kept = select_layers(paths, recipe)
+    missing = [p for p in quantized if p not in calib.stats]
+    if missing:
+        raise ValueError(f"calib: layers {missing} have no statistics; calibrate with a recipe "
+                         f"that quantizes them")
+    return quantized, kept
+
+
 # ----------------------------------------------------------------------------- whole model
 
 
@@ -366,15 +380,7 @@ def quantize(params, calib, recipe: Recipe, *, progress: bool = False) -> dict:
     if calib.num_segments != recipe.num_segments:
         raise ValueError(f"calib: calibrated for {calib.num_segments} segments, recipe wants "
                          f"{recipe.num_segments}; re-run calibrate with this recipe")
-    # The layers the calibration kept in float count too, so a recipe's own keep_float regexes
-    # (already applied by calibrate) still match what they matched there.
-    paths = list(calib.stats) + [p for ps in calib.keep_float.values() for p in ps
-                                 if p not in calib.stats]
-    quantized, _ = select_layers(paths, recipe)
-    missing = [p for p in quantized if p not in calib.stats]
-    if missing:
-        raise ValueError(f"calib: layers {missing} have no statistics; calibrate with a recipe "
-                         f"that quantizes them")
+    quantized, _ = calibrated_selection(calib, recipe)
     layers: dict = {}
     items = quantized
     if progress:
