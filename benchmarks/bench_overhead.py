@@ -31,7 +31,7 @@ import numpy as np
 from trdq_jax import quant as Q
 from trdq_jax.generate import null_label
 from trdq_jax.models import input_shape, zoo
-from trdq_jax.quant import qlinear, quantizers
+from trdq_jax.quant import qlinear
 from trdq_jax.sampling import Sampler
 
 BEGIN, END = "<!-- bench_overhead:begin -->", "<!-- bench_overhead:end -->"
@@ -82,15 +82,10 @@ def _stages(q: qlinear.QLinear):
     seg = jnp.int32(0)
 
     def minmax(x):
-        xt = qlinear.transform_activation(q, x, seg)
-        return xt, jnp.min(xt, -1, keepdims=True), jnp.max(xt, -1, keepdims=True)
+        return qlinear.token_min_max(qlinear.transform_activation(q, x, seg))
 
     def quantize(x):
-        xt, lo, hi = minmax(x)
-        clip = 1.0 if q.a_clip is None else qlinear._select(q.a_clip, seg)
-        scale, zero = quantizers.scale_zero_from_range(lo * clip, hi * clip, q.a_bits,
-                                                       q.a_symmetric)
-        return quantizers.quantize(xt, scale, zero, q.a_bits)
+        return qlinear.quantize_activation(q, qlinear.transform_activation(q, x, seg), seg)[0]
 
     def dot(x):
         return jax.lax.dot_general(quantize(x), qlinear.weight_codes(q, seg),
@@ -100,7 +95,7 @@ def _stages(q: qlinear.QLinear):
         lambda x: x)
     return {"smooth": lambda x: jnp.sum(smooth(x)),
             "+ rotate": lambda x: jnp.sum(qlinear.transform_activation(q, x, seg)),
-            "+ per-token min/max": lambda x: sum(jnp.sum(a) for a in minmax(x)[1:]),
+            "+ per-token min/max": lambda x: sum(jnp.sum(a) for a in minmax(x)),
             "+ quantize": lambda x: jnp.sum(quantize(x).astype(jnp.int32)),
             "+ int8 dot": lambda x: jnp.sum(dot(x)),
             "+ epilogue (= full layer)": lambda x: jnp.sum(qlinear.qlinear_apply(q, x, seg,

@@ -54,6 +54,24 @@ TRANSFORMS = [
 ]
 
 
+def _assert_transforms_leave_output_unchanged(model, params, cfg, labels, block_of=None):
+    """Every transform in TRANSFORMS, with quantization disabled (16 bits), in every segment,
+    changes the model output by < 1e-4 relative. ``block_of(fields)`` overrides the block size."""
+    want = np.asarray(_forward(model, params, cfg))
+    for fields in TRANSFORMS:
+        if cfg.family == "unet" and fields.get("rotation") == "hadamard":
+            continue  # UNet attention widths are powers of two: covered by the block variants
+        if block_of is not None and "rotation_block" in fields:
+            fields = {**fields, "rotation_block": block_of(fields)}
+        recipe = Q.Recipe("t", w_bits=16, a_bits=16, **fields)
+        qparams = Q.quantize(params, _calib(model, params, recipe, cfg, labels), recipe)
+        assert Q.quantized_layer_paths(qparams)
+        for segment in range(recipe.num_segments):
+            got = np.asarray(_forward(model, params, cfg, qparams, segment=segment))
+            rel = np.abs(got - want).max() / np.abs(want).max()
+            assert rel < 1e-4, (cfg.family, fields, segment, rel)
+
+
 @pytest.mark.parametrize("cfg", [
     DIT,
     VideoDiTConfig(num_frames=2, input_size=8, in_channels=1, patch_size=4, hidden_size=24,
@@ -63,47 +81,23 @@ TRANSFORMS = [
                num_classes=3),
 ], ids=["dit", "video_dit", "unet"])
 def test_transforms_without_quantization_leave_output_unchanged(cfg):
-    model, params = build_model(cfg), _perturbed(cfg)
-    want = np.asarray(_forward(model, params, cfg))
-    for fields in TRANSFORMS:
-        if cfg.family == "unet" and fields.get("rotation") == "hadamard":
-            continue  # UNet attention widths 32 = 2^5 are covered; full Hadamard of 32 is too
-        recipe = Q.Recipe("t", w_bits=16, a_bits=16, **fields)
-        calib = _calib(model, params, recipe, cfg, LABELS)
-        qparams = Q.quantize(params, calib, recipe)
-        assert Q.quantized_layer_paths(qparams)
-        for segment in range(recipe.num_segments):
-            got = np.asarray(_forward(model, params, cfg, qparams, segment=segment))
-            rel = np.abs(got - want).max() / np.abs(want).max()
-            assert rel < 1e-4, (fields, segment, rel)
+    _assert_transforms_leave_output_unchanged(build_model(cfg), _perturbed(cfg), cfg, LABELS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits-dit", "digits-unet", "moving-digits-vdit"])
 def test_transforms_leave_bundled_models_unchanged(name):
-    """The trained weights (bf16, outlier channels included), not random ones: every transform
-    folded and run online with quantization disabled changes no output by more than 1e-4."""
+    """The trained weights (bf16, outlier channels included), not random ones."""
     from trdq_jax.models import zoo
     if name not in zoo.available():
         pytest.skip(f"{name} is not bundled in this checkout")
     model, params, cfg = zoo.load(name)
-    cfg = cfg.model
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
-    want = np.asarray(_forward(model, params, cfg))
-    width = cfg.hidden_size if cfg.family != "unet" else None
-    for fields in TRANSFORMS:
-        if width is None and fields.get("rotation") == "hadamard":
-            continue  # UNet widths are powers of two: covered by the block variants
-        fields = dict(fields)
-        if "rotation_block" in fields and width is not None:
-            fields["rotation_block"] = 64 if fields["rotation"] == "duquant" else 48
-        recipe = Q.Recipe("t", w_bits=16, a_bits=16, **fields)
-        calib = _calib(model, params, recipe, cfg, np.array([0, 3, 7, 9]))
-        qparams = Q.quantize(params, calib, recipe)
-        for segment in range(recipe.num_segments):
-            got = np.asarray(_forward(model, params, cfg, qparams, segment=segment))
-            rel = np.abs(got - want).max() / np.abs(want).max()
-            assert rel < 1e-4, (name, fields, segment, rel)
+    # transformer widths 192 / 768: blocks that divide both (UNet keeps the small blocks)
+    block_of = None if cfg.model.family == "unet" else (
+        lambda fields: 64 if fields["rotation"] == "duquant" else 48)
+    _assert_transforms_leave_output_unchanged(model, params, cfg.model, np.array([0, 3, 7, 9]),
+                                              block_of)
 
 
 @pytest.mark.parametrize("w_bits, a_bits, a_mode, a_symmetric", [

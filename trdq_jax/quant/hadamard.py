@@ -196,8 +196,6 @@ def hadamard_transform(x, signs=None):
     factors = _normalised_factor_matrices(n)
     if signs is not None:
         x = x * _check_signs(signs, n, "matching x's last axis")
-    if n == 1:
-        return x
     lead = x.shape[:-1]
     y = x.reshape(lead + tuple(f.shape[0] for f in factors))
     letters = "abcdefgh"[: len(factors)]
