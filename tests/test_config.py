@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 
 from trdq_jax.config import (ConfigError, DiTConfig, ExperimentConfig, SamplerConfig, UNetConfig,
-                             apply_overrides, experiment_from_dict, load_config_file, to_dict)
+                             VideoDiTConfig, apply_overrides, experiment_from_dict,
+                             load_config_file, to_dict)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -27,6 +28,12 @@ def test_other_configs_validate():
         SamplerConfig(num_steps=10, num_segments=11)
     with pytest.raises(ConfigError, match=r"UNetConfig\.num_groups"):
         UNetConfig(base_channels=24, num_groups=16)
+    with pytest.raises(ConfigError, match=r"SamplerConfig\.prediction: expected"):
+        SamplerConfig(prediction="x0")
+    with pytest.raises(ConfigError, match=r"SamplerConfig\.prediction: expected 'epsilon'"):
+        SamplerConfig(solver="flow_euler", prediction="v")
+    with pytest.raises(ConfigError, match=r"VideoDiTConfig\.temporal_attention: expected"):
+        VideoDiTConfig(temporal_attention="space")
 
 
 def test_overrides_parse_by_declared_type():

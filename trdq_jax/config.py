@@ -99,7 +99,10 @@ class VideoDiTConfig:
     """Class-conditional spatio-temporal DiT (Latte-style alternating spatial/temporal blocks).
 
     Videos are ``[B, num_frames, input_size, input_size, in_channels]``. ``depth`` counts
-    spatial+temporal block pairs.
+    spatial+temporal block pairs. ``temporal_attention`` says what the second block of a pair
+    attends over: "frames" (Latte: the ``num_frames`` tokens at one patch position) or "video"
+    (all ``num_frames * tokens_per_frame`` tokens, full 3-D attention, so a token can follow
+    content that moves to another patch position).
     """
 
     family: Literal["video_dit"] = "video_dit"
@@ -114,11 +117,13 @@ class VideoDiTConfig:
     num_classes: int = 10
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
+    temporal_attention: str = "frames"
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self):
         _check_choice(self, "family", ("video_dit",))
+        _check_choice(self, "temporal_attention", ("frames", "video"))
         _check_positive_int(self, "num_frames", "input_size", "in_channels", "patch_size",
                             "hidden_size", "depth", "num_heads", "num_classes")
         if self.input_size % self.patch_size:
@@ -213,12 +218,19 @@ MODEL_CONFIGS = {"dit": DiTConfig, "video_dit": VideoDiTConfig, "unet": UNetConf
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """How to sample: solver, step count, schedule and guidance."""
+    """How to sample: solver, step count, schedule and guidance.
+
+    ``prediction`` is what the model was trained to output (eps solvers only): "epsilon" (DDPM,
+    DiT) or "v" (``v = sqrt(abar) eps - sqrt(1 - abar) x0``, Salimans & Ho 2022; the model then
+    predicts the data directly at high noise, where eps-prediction amplifies its errors by
+    ``sqrt(1 / abar - 1)``). ``flow_euler`` models always output the flow velocity.
+    """
 
     solver: str = "ddim"
     num_steps: int = 50
     schedule: str = "linear"
     num_train_steps: int = 1000
+    prediction: str = "epsilon"
     eta: float = 0.0
     cfg_scale: float = 4.0
     num_segments: int = 1
@@ -226,6 +238,10 @@ class SamplerConfig:
     def __post_init__(self):
         _check_choice(self, "solver", ("ddpm", "ddim", "dpm_solver_pp_2m", "flow_euler"))
         _check_choice(self, "schedule", ("linear", "cosine"))
+        _check_choice(self, "prediction", ("epsilon", "v"))
+        if self.solver == "flow_euler" and self.prediction != "epsilon":
+            _fail(self, "prediction", "'epsilon' (the default) with solver='flow_euler', whose "
+                  "model outputs the flow velocity", self.prediction)
         _check_positive_int(self, "num_steps", "num_train_steps", "num_segments")
         if self.num_steps > self.num_train_steps:
             _fail(self, "num_steps", f"<= num_train_steps={self.num_train_steps}", self.num_steps)

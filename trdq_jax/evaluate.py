@@ -46,13 +46,14 @@ def judge(samples: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dic
 
 def evaluate_classifier(name: str) -> dict:
     """Held-out accuracy of a bundled classifier (videos: every frame of the test videos)."""
-    from trdq_jax.data import load_digits, load_moving_digits
+    from trdq_jax.data import classifier_frames, load_digits, load_moving_digits
     from trdq_jax.eval import class_match_accuracy
     from trdq_jax.eval.classifier import make_classify_fn
     from trdq_jax.models import zoo
     clf, params, cfg = zoo.load(name)
     if cfg.train.dataset == "moving_digits":
-        x, y = load_moving_digits("test", canvas_size=cfg.model.input_size)
+        x, y = load_moving_digits("test", canvas_size=cfg.model.input_size,
+                                  num_frames=classifier_frames(cfg.model.input_size))
     else:
         x, y = load_digits("test", image_size=cfg.model.input_size)
     return {"model": name, "heldout": class_match_accuracy(x, y, make_classify_fn(clf, params))}

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from trdq_jax.data import load_digits, load_moving_digits
+from trdq_jax.data import classifier_frames, load_digits, load_moving_digits
 
 
 def _centre_of_mass(frames):
@@ -71,3 +71,14 @@ def test_video_of_a_digit_does_not_depend_on_the_split():
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         load_moving_digits(**kwargs)
+
+
+def test_classifier_frames_is_eight_or_what_the_canvas_allows():
+    assert [classifier_frames(c) for c in (9, 12, 14, 15, 16, 32)] == [2, 5, 7, 8, 8, 8]
+    for canvas in (9, 12, 16):  # the count it gives is always a valid video length
+        videos, _ = load_moving_digits("test", num_frames=classifier_frames(canvas),
+                                       canvas_size=canvas)
+        assert videos.shape[1:4] == (classifier_frames(canvas), canvas, canvas)
+    for bad in (8, 12.0, True):
+        with pytest.raises(ValueError, match="canvas_size"):
+            classifier_frames(bad)

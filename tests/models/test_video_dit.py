@@ -15,6 +15,7 @@ from trdq_jax.models.layers import Attention
 TINY = VideoDiTConfig(num_frames=3, input_size=8, in_channels=2, patch_size=4, hidden_size=16,
                       depth=2, num_heads=2, mlp_ratio=2.0, num_classes=4, class_dropout_prob=0.1,
                       learn_sigma=True)
+VIDEO_WIDE = VideoDiTConfig(**{**TINY.__dict__, "temporal_attention": "video"})
 B, F, S, C = 2, TINY.num_frames, TINY.input_size, TINY.in_channels
 
 
@@ -79,11 +80,17 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def _attention(p, h, heads, over_frames, share):
-    """h ``[B, F, L, D]``; attends over L (spatial) or over F (temporal) at each other index.
+def _attention(p, h, heads, over, share):
+    """h ``[B, F, L, D]``; attends over L ("tokens", spatial), over F at each patch position
+    ("frames", Latte temporal) or over all F*L tokens of a video ("video", full 3-D).
 
     With ``share`` the second half of the batch uses the first half's probabilities.
     """
+    if over == "video":
+        b, f, length, d = h.shape
+        out = _attention(p, h.reshape(b, 1, f * length, d), heads, "tokens", share)
+        return out.reshape(b, f, length, d)
+    over_frames = over == "frames"
     if over_frames:
         h = h.swapaxes(1, 2)
     b, a, length, d = h.shape
@@ -98,11 +105,11 @@ def _attention(p, h, heads, over_frames, share):
     return out.swapaxes(1, 2) if over_frames else out
 
 
-def _block(p, tok, c, heads, over_frames, share):
+def _block(p, tok, c, heads, over, share):
     e = lambda v: v[:, None, None, :]  # noqa: E731  [B, D] over [B, F, L, D]
     sh1, sc1, g1, sh2, sc2, g2 = np.split(_dense(p["adaLN_modulation_1"], _silu(c)), 6, axis=1)
     h = _layer_norm(tok) * (1 + e(sc1)) + e(sh1)
-    tok = tok + e(g1) * _attention(p["attn"], h, heads, over_frames, share)
+    tok = tok + e(g1) * _attention(p["attn"], h, heads, over, share)
     h = _layer_norm(tok) * (1 + e(sc2)) + e(sh2)
     return tok + e(g2) * _dense(p["mlp"]["fc2"], _gelu_tanh(_dense(p["mlp"]["fc1"], h)))
 
@@ -129,10 +136,11 @@ def reference_forward(params, x, t, y, cfg, share=False):
     c = c + p["y_embedder"]["embedding_table"]["embedding"][np.asarray(y)]
 
     for i in range(cfg.depth):
-        tok = _block(p[f"spatial_blocks_{i}"], tok, c, cfg.num_heads, False, share)
+        tok = _block(p[f"spatial_blocks_{i}"], tok, c, cfg.num_heads, "tokens", share)
         if i == 0:
             tok = tok + _sincos(d, np.arange(f))[None, :, None]
-        tok = _block(p[f"temporal_blocks_{i}"], tok, c, cfg.num_heads, True, share)
+        tok = _block(p[f"temporal_blocks_{i}"], tok, c, cfg.num_heads, cfg.temporal_attention,
+                     share)
 
     fl = p["final_layer"]
     shift, scale = np.split(_dense(fl["adaLN_modulation_1"], _silu(c)), 2, axis=1)
@@ -158,6 +166,16 @@ def test_share_cfg_matches_numpy_reference_in_every_attention(params):
     x, t, y = _inputs(seed=1, batch=4)
     got = _apply(params, x, t, y, share_cfg=True)
     want = reference_forward(params, x, t, y, TINY, share=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_video_wide_temporal_attention_matches_numpy_reference(params, share):
+    # Same parameter tree as "frames": only what the temporal blocks attend over changes.
+    x, t, y = _inputs(seed=9, batch=4)
+    got = _apply(params, x, t, y, cfg=VIDEO_WIDE, share_cfg=share)
+    want = reference_forward(params, x, t, y, VIDEO_WIDE, share=share)
+    assert np.abs(want - reference_forward(params, x, t, y, TINY, share=share)).max() > 1e-2
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
 
 
@@ -265,7 +283,22 @@ def test_spatial_blocks_mix_positions_and_temporal_blocks_do_not(params):
         :, F - 1, :p, :p].max() > 1e-2
 
 
-def test_share_cfg_reaches_every_attention_with_the_expected_sequences(params):
+def test_video_wide_temporal_blocks_carry_a_moved_patch_to_other_positions(params):
+    # Frame 0, patch (0, 0) changes; with the spatial blocks off, "frames" attention can only
+    # carry that to patch (0, 0) of later frames, "video" attention reaches every patch.
+    x, t, y = _inputs(seed=10)
+    p = TINY.patch_size
+    x2 = x.at[:, 0, :p, :p].add(1.0)
+    no_spatial = _with_blocks_zeroed(params, "spatial_blocks")
+    last_frame_elsewhere = lambda cfg: np.abs(  # noqa: E731
+        np.asarray(_apply(no_spatial, x, t, y, cfg=cfg))
+        - np.asarray(_apply(no_spatial, x2, t, y, cfg=cfg)))[:, F - 1, p:, p:]
+    assert last_frame_elsewhere(TINY).max() < 1e-6
+    assert last_frame_elsewhere(VIDEO_WIDE).max() > 1e-2
+
+
+@pytest.mark.parametrize("cfg", [TINY, VIDEO_WIDE], ids=["frames", "video"])
+def test_share_cfg_reaches_every_attention_with_the_expected_sequences(params, cfg):
     seen = []
 
     def spy(next_fun, args, kwargs, context):
@@ -275,12 +308,13 @@ def test_share_cfg_reaches_every_attention_with_the_expected_sequences(params):
 
     x, t, y = _inputs(batch=4)
     with nn.intercept_methods(spy):  # a fresh trace, so every call is seen
-        jax.eval_shape(lambda *a: _apply_eager(*a, share_cfg=True), params, x, t, y)
+        jax.eval_shape(lambda *a: _apply_eager(*a, cfg=cfg, share_cfg=True), params, x, t, y)
     tokens = (S // TINY.patch_size) ** 2
+    temporal = (4 * tokens, F, 16) if cfg.temporal_attention == "frames" else (4, F * tokens, 16)
     expected = []
     for i in range(TINY.depth):
         expected.append((("spatial_blocks_%d" % i, "attn"), (4 * F, tokens, 16), True))
-        expected.append((("temporal_blocks_%d" % i, "attn"), (4 * tokens, F, 16), True))
+        expected.append((("temporal_blocks_%d" % i, "attn"), temporal, True))
     assert seen == expected
 
 

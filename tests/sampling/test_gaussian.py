@@ -146,3 +146,23 @@ def test_ode_solvers_converge_to_the_exact_transport_map_at_their_order(solver, 
     errors = [np.abs(_draw(model, solver, n, num=num) - ideal).max() for n in (100, 200)]
     assert errors[1] < 0.05 * STD.max()
     np.testing.assert_allclose(errors[0] / errors[1], 2.0 ** order, rtol=0.2)
+
+
+def _gaussian_v(params, x, t, y, segment, share_cfg):
+    """The same exact denoiser as a v-prediction model: v = (eps - sqrt(1 - abar) x) / sqrt(abar)."""
+    abar = jnp.asarray(ABAR, jnp.float32)[t.astype(jnp.int32)][:, None]
+    eps = _gaussian_eps(params, x, t, y, segment, share_cfg)
+    return (eps - jnp.sqrt(1 - abar) * x) / jnp.sqrt(abar)
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim", "dpm_solver_pp_2m"])
+def test_v_prediction_tables_reproduce_the_eps_samples(solver):
+    # A v-model and an eps-model of one denoiser must give the same samples from the same noise.
+    def draw(apply_fn, prediction):
+        sampler = Sampler.from_config(SamplerConfig(solver=solver, num_steps=25,
+                                                    prediction=prediction))
+        return np.asarray(sample(apply_fn, PARAMS, sampler, np.zeros(256, np.int32), seed=3,
+                                 cfg_scale=1.0, null_label=1, shape=(256, 4)))
+    eps_samples = draw(_gaussian_eps, "epsilon")
+    np.testing.assert_allclose(draw(_gaussian_v, "v"), eps_samples, atol=2e-3)
+    assert np.abs(draw(_gaussian_v, "epsilon") - eps_samples).max() > 0.1  # tables do matter

@@ -95,6 +95,32 @@ def test_min_snr_weighting_matches_numpy():
         make_diffusion_loss(model, _Cfg(False), "linear", 1000, min_snr_gamma=-1.0)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_v_prediction_loss_matches_numpy(gamma):
+    shape = (32, 4, 4, 1)
+    model = _AffineModel()
+    params = model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[:1]),
+                        jnp.zeros(shape[:1], jnp.int32))["params"]
+    loss_fn = make_diffusion_loss(model, _Cfg(False), "linear", 1000, min_snr_gamma=gamma,
+                                  prediction="v")
+    x0, y = _batch(shape, seed=3)
+    rng = jax.random.key(6)
+    loss, metrics = loss_fn(params, (x0, y), rng)
+
+    _, acp = _linear_acp(1000)
+    t, eps = _draws(rng, shape, 1000)
+    a, b = np.sqrt(acp[t]).reshape(-1, 1, 1, 1), np.sqrt(1 - acp[t]).reshape(-1, 1, 1, 1)
+    x_t = a * x0 + b * eps
+    pred = 0.7 * x_t + 0.3 * (t / 1000.0).reshape(-1, 1, 1, 1) + 0.05 * y.reshape(-1, 1, 1, 1)
+    per_example = np.mean((pred - (a * eps - b * x0)) ** 2, axis=(1, 2, 3))
+    snr = acp[t] / (1 - acp[t])
+    weight = np.minimum(snr, gamma) / (snr + 1) if gamma else np.ones_like(snr)
+    assert float(loss) == pytest.approx(np.mean(weight * per_example), rel=1e-5)
+    assert float(metrics["mse"]) == pytest.approx(np.mean(per_example), rel=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        make_diffusion_loss(model, _Cfg(False), prediction="x0")
+
+
 def _approx_cdf(x):
     return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 

@@ -24,15 +24,19 @@ def _experiment(model, dataset="digits", **train_kw):
     return ExperimentConfig(name="tiny", model=model, train=TrainConfig(**kw))
 
 
-def test_moving_digits_frames_for_a_classifier():
-    cfg = _experiment(ClassifierConfig(input_size=16), "moving_digits")
+@pytest.mark.parametrize("canvas, frames_per_video", [(16, 8), (12, 5)])
+def test_moving_digits_frames_for_a_classifier(canvas, frames_per_video):
+    cfg = _experiment(ClassifierConfig(input_size=canvas), "moving_digits")
     frames, labels = load_training_arrays(cfg)
-    videos, video_labels = load_moving_digits("train")
-    assert frames.shape == (videos.shape[0] * 8, 16, 16, 1) and labels.shape == (frames.shape[0],)
-    # Frame 8*i + f is frame f of video i, labelled with the video's digit.
-    for i, f in ((0, 0), (3, 5), (len(videos) - 1, 7)):
-        np.testing.assert_array_equal(frames[8 * i + f], videos[i, f])
-        assert labels[8 * i + f] == video_labels[i]
+    videos, video_labels = load_moving_digits("train", num_frames=frames_per_video,
+                                              canvas_size=canvas)
+    n = frames_per_video
+    assert frames.shape == (videos.shape[0] * n, canvas, canvas, 1)
+    assert labels.shape == (frames.shape[0],)
+    # Frame n*i + f is frame f of video i, labelled with the video's digit.
+    for i, f in ((0, 0), (3, n - 2), (len(videos) - 1, n - 1)):
+        np.testing.assert_array_equal(frames[n * i + f], videos[i, f])
+        assert labels[n * i + f] == video_labels[i]
 
 
 def test_dataset_model_mismatch_is_refused():

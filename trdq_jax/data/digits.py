@@ -72,6 +72,16 @@ def load_moving_digits(split: str, num_frames: int = 8, canvas_size: int = 16,
     return _read_only(videos[index]), _read_only(labels[index])
 
 
+def classifier_frames(canvas_size: int) -> int:
+    """Frames per video when moving digits train or test a per-frame classifier on a
+    ``canvas_size`` canvas: 8, or ``canvas_size - 7`` (the most the canvas allows) when smaller,
+    so the frames cover the places the digit can be."""
+    if (not isinstance(canvas_size, int) or isinstance(canvas_size, bool)
+            or canvas_size < DIGIT_SIZE + 1):
+        raise ValueError(f"canvas_size: expected an int >= {DIGIT_SIZE + 1}, got {canvas_size!r}")
+    return min(8, canvas_size - DIGIT_SIZE + 1)
+
+
 def load_dataset(name: str, split: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """Dispatch on ``TrainConfig.dataset``: "digits" -> ``load_digits``, "moving_digits" ->
     ``load_moving_digits``; ``kwargs`` go to the loader (e.g. ``image_size``, ``num_frames``)."""

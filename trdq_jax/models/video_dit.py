@@ -2,8 +2,10 @@
 
 Each of the ``depth`` layers is a pair of adaLN-Zero ``DiTBlock``s: a spatial block attending
 over the ``(H/p)*(W/p)`` patch tokens of one frame, then a temporal block attending over the
-``F`` frames at one patch position. Both reuse the image ``DiTBlock`` by folding the other axis
-into the batch, so the conditioning vector is repeated along that axis (as Latte does).
+``F`` frames at one patch position (``temporal_attention="frames"``, Latte) or over all ``F*L``
+tokens of the video (``"video"``, full 3-D attention). Both reuse the image ``DiTBlock`` by
+folding the other axis into the batch, so the conditioning vector is repeated along that axis
+(as Latte does).
 
 Position embeddings are fixed constants, not parameters: DiT's 2-D sin-cos table is added to the
 tokens of every frame, and a 1-D sin-cos table over frame indices is added once, just before the
@@ -88,9 +90,14 @@ class VideoDiT(nn.Module):
             h = hs.reshape(batch, frames, num_tokens, cfg.hidden_size)
             if i == 0:
                 h = h + temporal_pos[None, :, None]
-            ht = block(f"temporal_blocks_{i}")(_frames_to_positions(h), c_per_position,
-                                               share_cfg=share_cfg)
-            h = _positions_to_frames(ht, batch)
+            temporal = block(f"temporal_blocks_{i}")
+            if cfg.temporal_attention == "video":
+                hv = temporal(h.reshape(batch, frames * num_tokens, cfg.hidden_size), c,
+                              share_cfg=share_cfg)
+                h = hv.reshape(batch, frames, num_tokens, cfg.hidden_size)
+            else:
+                ht = temporal(_frames_to_positions(h), c_per_position, share_cfg=share_cfg)
+                h = _positions_to_frames(ht, batch)
 
         h = h.reshape(batch * frames, num_tokens, cfg.hidden_size)
         h = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels, name="final_layer",

@@ -12,9 +12,9 @@ ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "models"
 BUNDLED = {
     "digits-dit": "class-conditional DiT on 8x8 scikit-learn digits (hidden 192 = 12*16)",
     "digits-unet": "class-conditional ADM-style UNet on 8x8 digits",
-    "moving-digits-vdit": "class-conditional spatio-temporal DiT on 8-frame 16x16 moving digits",
+    "moving-digits-vdit": "class-conditional spatio-temporal DiT on 5-frame 12x12 moving digits",
     "digits-classifier": "CNN digit classifier (8x8): digits-FID features and class match",
-    "moving-digits-classifier": "CNN digit classifier for 16x16 moving-digits frames",
+    "moving-digits-classifier": "CNN digit classifier for 12x12 moving-digits frames",
 }
 
 

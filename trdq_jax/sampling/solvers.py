@@ -2,7 +2,7 @@
 
 Every solver is written as one affine update per step ``i`` (sampling order, noisiest first)::
 
-    out     = model output at (x, model_time[i])             # eps, or velocity for flow_euler
+    out     = model output at (x, model_time[i])             # eps, v, or velocity for flow_euler
     x0      = x0_from_x[i] * x + x0_from_out[i] * out         # data prediction, carried to i+1
     x_next  = x_coef[i] * x + out_coef[i] * out + prev_x0_coef[i] * x0_prev
               + noise_scale[i] * exp(log_var / 2) * z,        z ~ N(0, I)
@@ -79,6 +79,8 @@ class Sampler:
             train_t = space_timesteps(cfg.num_train_steps, cfg.num_steps)
             betas = make_betas(cfg.schedule, cfg.num_train_steps)
             coef = _EPS_SOLVERS[cfg.solver](betas, train_t, cfg.eta)
+            if cfg.prediction == "v":
+                coef = _for_v_prediction(coef, alphas_cumprod(betas)[train_t])
             train_t, model_t = train_t[::-1], train_t[::-1].astype(np.float64)
             coef = {k: v[::-1] for k, v in coef.items()}
         sampler = cls(
@@ -201,6 +203,20 @@ def _dpm_solver_pp_2m(betas, timesteps, eta):
     return {"x_coef": x_coef + d_coef * x0["x0_from_x"], "out_coef": d_coef * x0["x0_from_out"],
             "prev_x0_coef": prev_coef, **x0,
             **_zeros(n, "noise_scale", "log_var_min", "log_var_max", "fixed_log_var")}
+
+
+def _for_v_prediction(coef: dict, kept: np.ndarray) -> dict:
+    """Rewrite eps-solver tables for a v-prediction model.
+
+    ``eps = sqrt(abar) v + sqrt(1 - abar) x`` is affine in ``v`` with the same ``x`` for both
+    CFG branches, so it folds into the ``x`` and ``out`` coefficients (and guiding ``v`` equals
+    guiding ``eps``).
+    """
+    a, b = np.sqrt(kept), np.sqrt(1.0 - kept)
+    return {**coef,
+            "x_coef": coef["x_coef"] + b * coef["out_coef"], "out_coef": a * coef["out_coef"],
+            "x0_from_x": coef["x0_from_x"] + b * coef["x0_from_out"],
+            "x0_from_out": a * coef["x0_from_out"]}
 
 
 _EPS_SOLVERS = {"ddpm": _ddpm, "ddim": _ddim, "dpm_solver_pp_2m": _dpm_solver_pp_2m}

@@ -35,9 +35,9 @@ def load_training_arrays(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]
 
     "digits" gives ``[N, S, S, 1]`` images at the model's ``input_size``; "moving_digits" gives
     ``[N, F, S, S, 1]`` videos for a video model, or their ``N * F`` frames ``[N*F, S, S, 1]``
-    (label repeated per frame) for a classifier.
+    (label repeated per frame; ``F = classifier_frames(S)``) for a classifier.
     """
-    from trdq_jax.data import load_dataset
+    from trdq_jax.data import classifier_frames, load_dataset
 
     model, dataset = cfg.model, cfg.train.dataset
     if model.in_channels != 1:
@@ -52,7 +52,8 @@ def load_training_arrays(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]
         return load_dataset("moving_digits", "train", num_frames=model.num_frames,
                             canvas_size=model.input_size)
     if isinstance(model, ClassifierConfig):
-        videos, labels = load_dataset("moving_digits", "train", canvas_size=model.input_size)
+        videos, labels = load_dataset("moving_digits", "train", canvas_size=model.input_size,
+                                      num_frames=classifier_frames(model.input_size))
         frames = videos.reshape((-1,) + videos.shape[2:])
         return frames, np.repeat(labels, videos.shape[1])
     raise ValueError(f"cfg.train.dataset: 'moving_digits' needs a video_dit or classifier "
@@ -67,7 +68,8 @@ def run_identity(cfg: ExperimentConfig) -> dict:
     """
     d = to_dict(cfg)
     return {"name": d["name"], "model": d["model"], "train": d["train"],
-            "diffusion": {k: d["sampler"][k] for k in ("schedule", "num_train_steps")}}
+            "diffusion": {k: d["sampler"][k] for k in ("schedule", "num_train_steps",
+                                                       "prediction")}}
 
 
 def _make_loss(cfg: ExperimentConfig, model):
@@ -76,7 +78,8 @@ def _make_loss(cfg: ExperimentConfig, model):
         return make_classifier_loss(model)
     return make_diffusion_loss(model, cfg.model, schedule=cfg.sampler.schedule,
                                num_train_steps=cfg.sampler.num_train_steps,
-                               min_snr_gamma=cfg.train.min_snr_gamma)
+                               min_snr_gamma=cfg.train.min_snr_gamma,
+                               prediction=cfg.sampler.prediction)
 
 
 def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,

@@ -22,7 +22,8 @@ HYBRID_LAMBDA = 0.001
 
 
 def make_diffusion_loss(model: nn.Module, model_cfg, schedule: str = "linear",
-                        num_train_steps: int = 1000, min_snr_gamma: float = 0.0):
+                        num_train_steps: int = 1000, min_snr_gamma: float = 0.0,
+                        prediction: str = "epsilon"):
     """Build ``loss_fn(params, batch, rng) -> (loss, metrics)`` for ``fit``.
 
     Args:
@@ -31,15 +32,17 @@ def make_diffusion_loss(model: nn.Module, model_cfg, schedule: str = "linear",
       model_cfg: its config; ``learn_sigma`` and ``in_channels`` are read from it.
       schedule: noise schedule name for ``make_betas`` ("linear" or "cosine").
       num_train_steps: number of diffusion steps T.
-      min_snr_gamma: 0 for the plain epsilon MSE; ``gamma > 0`` weights example ``b``'s MSE by
-        ``min(SNR(t_b), gamma) / SNR(t_b)`` with ``SNR = acp / (1 - acp)`` (Min-SNR-gamma).
+      min_snr_gamma: 0 for the plain MSE; ``gamma > 0`` weights example ``b``'s MSE by
+        ``min(SNR(t_b), gamma) / SNR(t_b)`` (epsilon) or ``min(SNR, gamma) / (SNR + 1)`` (v) with
+        ``SNR = acp / (1 - acp)`` (Min-SNR-gamma: both are ``min(SNR, gamma)`` times the x0 MSE).
+      prediction: the regression target, "epsilon" or "v" (``sqrt(acp) eps - sqrt(1 - acp) x0``).
     Returns:
       ``loss_fn`` taking ``batch = (x0, y)`` with ``x0`` float ``[B, ..., C]`` (images or videos,
       channels last) and ``y`` int ``[B]``, and a ``jax.random`` key. The key is split as
       ``t_key, noise_key, dropout_key = jax.random.split(rng, 3)``; ``t`` is
       ``jax.random.randint(t_key, (B,), 0, T)`` and ``eps`` is
-      ``jax.random.normal(noise_key, x0.shape, float32)``. Metrics: ``mse`` (unweighted) and,
-      with learned sigma, ``vb`` (bits per dimension of the sampled term).
+      ``jax.random.normal(noise_key, x0.shape, float32)``. Metrics: ``mse`` (unweighted, of the
+      target) and, with learned sigma, ``vb`` (bits per dimension of the sampled term).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a flax.linen Module, got {type(model).__name__}")
@@ -54,9 +57,12 @@ def make_diffusion_loss(model: nn.Module, model_cfg, schedule: str = "linear",
     if isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, (int, float)) \
             or not 0.0 <= min_snr_gamma < float("inf"):
         raise ValueError(f"min_snr_gamma: expected a finite number >= 0, got {min_snr_gamma!r}")
+    if prediction not in ("epsilon", "v"):
+        raise ValueError(f"prediction: expected 'epsilon' or 'v', got {prediction!r}")
     acp = alphas_cumprod(betas)
     snr = acp / (1.0 - acp)
-    weight_table = jnp.asarray(np.minimum(snr, min_snr_gamma) / snr if min_snr_gamma > 0
+    denominator = snr if prediction == "epsilon" else snr + 1.0
+    weight_table = jnp.asarray(np.minimum(snr, min_snr_gamma) / denominator if min_snr_gamma > 0
                                else np.ones_like(snr), jnp.float32)
 
     def loss_fn(params, batch, rng):
@@ -73,8 +79,13 @@ def make_diffusion_loss(model: nn.Module, model_cfg, schedule: str = "linear",
         if out.shape[-1] != expected:
             raise ValueError(f"model: output has {out.shape[-1]} channels, expected {expected} "
                              f"(in_channels={channels}, learn_sigma={learn_sigma})")
-        eps_pred = out[..., :channels]
-        per_example = jnp.mean((eps_pred - eps) ** 2, axis=tuple(range(1, eps.ndim)))
+        pred = out[..., :channels]
+        if prediction == "v":
+            a, b = _gather(tables["sqrt_acp"], t, x0), _gather(tables["sqrt_1m_acp"], t, x0)
+            target, eps_pred = a * eps - b * x0, a * pred + b * x_t
+        else:
+            target, eps_pred = eps, pred
+        per_example = jnp.mean((pred - target) ** 2, axis=tuple(range(1, eps.ndim)))
         mse = jnp.mean(per_example)
         weighted = jnp.mean(weight_table[t] * per_example)
         if not learn_sigma:
