@@ -100,9 +100,11 @@ def test_bundled_configs_load_and_fit_their_data(name, family):
     cfg = load_config_file(CONFIGS / f"{name}.py")
     assert cfg.name == name.replace("_", "-") and cfg.model.family == family
     inputs, labels = load_training_arrays(cfg)
+    video = load_config_file(CONFIGS / "moving_digits_vdit.py").model
+    canvas = (video.input_size, video.input_size, 1)  # the judge's frames fit the generator's
     expected = {"digits": load_digits("train")[0].shape[1:],
-                "moving_digits": (16, 16, 1) if family == "classifier"
-                else load_moving_digits("train")[0].shape[1:]}[cfg.train.dataset]
+                "moving_digits": canvas if family == "classifier"
+                else (video.num_frames,) + canvas}[cfg.train.dataset]
     assert inputs.shape[1:] == expected and len(labels) == len(inputs)
     if family == "dit":
         assert cfg.model.hidden_size == 192 and cfg.model.hidden_size // cfg.model.num_heads == 32
