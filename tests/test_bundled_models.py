@@ -17,8 +17,8 @@ def _need(name):
         pytest.fail(f"bundled model {name!r} is missing from trdq_jax/assets/models")
 
 
-# moving-digits-vdit is not bundled yet: its CPU training runs so far (2,500 steps at batch 16;
-# 3,600 at batch 32 with Min-SNR-5) reach 16-28% per-frame class match, not 90%; see the notes.
+# moving-digits-vdit is not bundled yet: its best CPU run (configs/moving_digits_vdit.py, 2,100
+# steps) reaches 61% per-frame class match, not 90%; see the README.
 SHIPPED = ["digits-classifier", "moving-digits-classifier", "digits-dit", "digits-unet"]
 
 
