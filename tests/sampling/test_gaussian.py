@@ -149,7 +149,7 @@ def test_ode_solvers_converge_to_the_exact_transport_map_at_their_order(solver, 
 
 
 def _gaussian_v(params, x, t, y, segment, share_cfg):
-    """The same exact denoiser as a v-prediction model: v = (eps - sqrt(1 - abar) x) / sqrt(abar)."""
+    """The exact denoiser as a v-prediction model: v = (eps - sqrt(1 - abar) x) / sqrt(abar)."""
     abar = jnp.asarray(ABAR, jnp.float32)[t.astype(jnp.int32)][:, None]
     eps = _gaussian_eps(params, x, t, y, segment, share_cfg)
     return (eps - jnp.sqrt(1 - abar) * x) / jnp.sqrt(abar)

@@ -10,5 +10,5 @@ from trdq_jax.data.digits import (DATASETS, SPLITS, classifier_frames, load_data
                                   load_digits, load_moving_digits)
 from trdq_jax.data.iterator import batch_iterator
 
-__all__ = ["DATASETS", "SPLITS", "batch_iterator", "classifier_frames", "load_dataset", "load_digits",
-           "load_moving_digits"]
+__all__ = ["DATASETS", "SPLITS", "batch_iterator", "classifier_frames", "load_dataset",
+           "load_digits", "load_moving_digits"]

@@ -3,9 +3,9 @@
 Each of the ``depth`` layers is a pair of adaLN-Zero ``DiTBlock``s: a spatial block attending
 over the ``(H/p)*(W/p)`` patch tokens of one frame, then a temporal block attending over the
 ``F`` frames at one patch position (``temporal_attention="frames"``, Latte) or over all ``F*L``
-tokens of the video (``"video"``, full 3-D attention). Both reuse the image ``DiTBlock`` by
-folding the other axis into the batch, so the conditioning vector is repeated along that axis
-(as Latte does).
+tokens of the video (``"video"``, full 3-D attention). All reuse the image ``DiTBlock``; the
+spatial and "frames" blocks fold the other axis into the batch, so the conditioning vector is
+repeated along that axis (as Latte does).
 
 Position embeddings are fixed constants, not parameters: DiT's 2-D sin-cos table is added to the
 tokens of every frame, and a 1-D sin-cos table over frame indices is added once, just before the
@@ -80,7 +80,8 @@ class VideoDiT(nn.Module):
         c = c + LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob,
                               param_dtype=pdtype, name="y_embedder")(y, train).astype(c.dtype)
         c_per_frame = jnp.repeat(c, frames, axis=0)         # [B*F, D], batch-major like h
-        c_per_position = jnp.repeat(c, num_tokens, axis=0)  # [B*L, D]
+        c_per_position = (jnp.repeat(c, num_tokens, axis=0)  # [B*L, D]
+                          if cfg.temporal_attention == "frames" else None)
 
         block = lambda name: DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio,  # noqa: E731
                                       name=name, **kw)
