@@ -39,6 +39,13 @@ def test_round_trip_with_metadata(tmp_path, params):
     checkpoint.restore(path, CFG)
 
 
+def test_relative_paths_save_and_restore(tmp_path, params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint.save("rel/ck", params, CFG)
+    restored, _ = checkpoint.restore("rel/ck")
+    _same(restored, params)
+
+
 def test_int8_leaves_round_trip_exactly(tmp_path):
     tree = {"w": np.arange(-128, 128, dtype=np.int8).reshape(16, 16), "s": np.float32([0.5])}
     checkpoint.save(tmp_path / "q", tree, CFG, kind="quantized")

@@ -122,7 +122,7 @@ def restore(path: str | os.PathLike, cfg=None, *, target: Any = None):
         must match its structure, shapes and dtypes. Float checkpoints of known models are checked
         against the model's abstract params automatically.
     """
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).absolute()  # orbax refuses relative paths
     meta = read_metadata(path)
     stored = stored_config(meta)
     if cfg is not None:
