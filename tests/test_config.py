@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 
-from trdq_jax.config import (ConfigError, DiTConfig, ExperimentConfig, SamplerConfig, UNetConfig,
-                             VideoDiTConfig, apply_overrides, experiment_from_dict,
+from trdq_jax.config import (ConfigError, DiTConfig, ExperimentConfig, SamplerConfig, TrainConfig,
+                             UNetConfig, VideoDiTConfig, apply_overrides, experiment_from_dict,
                              load_config_file, to_dict)
 
 
@@ -87,3 +87,15 @@ def test_config_file_loading(tmp_path):
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         DiTConfig().depth = 3
+
+
+def test_image_batch_size_is_checked_and_needs_a_video_model():
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ConfigError, match=r"^TrainConfig\.image_batch_size: expected a non"):
+            TrainConfig(image_batch_size=bad)
+    with pytest.raises(ConfigError, match=r"train\.image_batch_size: .*needs a video_dit model, "
+                                          r"got family 'dit'"):
+        ExperimentConfig(name="x", model=DiTConfig(), train=TrainConfig(image_batch_size=4))
+    video = VideoDiTConfig(num_frames=2, input_size=8, hidden_size=16, depth=1, num_heads=2)
+    cfg = ExperimentConfig(name="x", model=video, train=TrainConfig(image_batch_size=4))
+    assert experiment_from_dict(to_dict(cfg)) == cfg

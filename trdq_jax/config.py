@@ -258,6 +258,11 @@ class TrainConfig:
     ``min_snr_gamma``: 0 trains diffusion models on the plain epsilon MSE; ``gamma > 0`` weights
     each example's epsilon MSE by ``min(SNR(t), gamma) / SNR(t)`` (Min-SNR-gamma, Hang et al.
     2023), which stops the hard, detail-only low-noise steps from dominating the gradient.
+
+    ``image_batch_size`` (video models only): joint image-video training (VDM, Latte). Every step
+    also trains on this many still frames drawn from the training videos, fed as 1-frame videos;
+    the loss is the mean over all frames of the step. Stills are ``num_frames`` times cheaper than
+    videos, so the spatial blocks see many more digits for the same compute. 0 turns it off.
     """
 
     dataset: str = "digits"
@@ -268,6 +273,7 @@ class TrainConfig:
     warmup_steps: int = 500
     ema_decay: float = 0.999
     min_snr_gamma: float = 0.0
+    image_batch_size: int = 0
     checkpoint_every: int = 1000
     log_every: int = 100
     seed: int = 0
@@ -279,8 +285,10 @@ class TrainConfig:
         _check_float_range(self, "weight_decay", 0.0, 1.0)
         _check_float_range(self, "ema_decay", 0.0, 1.0)
         _check_float_range(self, "min_snr_gamma", 0.0, 1e6)
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            _fail(self, "warmup_steps", "a non-negative int", self.warmup_steps)
+        for name in ("warmup_steps", "image_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(self, name, "a non-negative int", value)
         if not isinstance(self.seed, int):
             _fail(self, "seed", "an int", self.seed)
 
@@ -315,6 +323,11 @@ class ExperimentConfig:
         if not isinstance(self.model, tuple(MODEL_CONFIGS.values())):
             _fail(self, "model", f"one of {[c.__name__ for c in MODEL_CONFIGS.values()]}",
                   self.model)
+        if self.train.image_batch_size and not isinstance(self.model, VideoDiTConfig):
+            raise ConfigError(f"ExperimentConfig.train.image_batch_size: joint image-video "
+                              f"training needs a video_dit model, got family "
+                              f"{self.model.family!r} with image_batch_size="
+                              f"{self.train.image_batch_size}")
 
 
 # ----------------------------------------------------------------------------- (de)serialisation

@@ -1,5 +1,6 @@
 """``train``: dataset shaping per model family, end-to-end run with export, and the configs."""
 import dataclasses
+import itertools
 import json
 import pathlib
 
@@ -12,7 +13,8 @@ from trdq_jax import checkpoint
 from trdq_jax.config import (ClassifierConfig, DiTConfig, ExperimentConfig, TrainConfig,
                              UNetConfig, VideoDiTConfig, load_config_file)
 from trdq_jax.data import load_digits, load_moving_digits
-from trdq_jax.training import load_training_arrays, train
+from trdq_jax.training import (_training_batches, joint_image_video_loss, load_training_arrays,
+                               train)
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -108,3 +110,60 @@ def test_bundled_configs_load_and_fit_their_data(name, family):
     assert inputs.shape[1:] == expected and len(labels) == len(inputs)
     if family == "dit":
         assert cfg.model.hidden_size == 192 and cfg.model.hidden_size // cfg.model.num_heads == 32
+
+
+# ----------------------------------------------------------------------------- joint image-video
+
+def test_joint_loss_is_the_mean_over_every_frame():
+    # A stand-in loss: the per-pixel mean of x0 (what make_diffusion_loss's MSE is, per pixel),
+    # so the joint loss must be the mean over all pixels of all frames, videos and stills alike.
+    def pixel_mean(params, batch, rng):
+        x0, _ = batch
+        return jnp.mean(x0) * params, {"mse": jnp.mean(x0 ** 2)}
+
+    rng = np.random.default_rng(0)
+    videos, stills = rng.normal(size=(3, 4, 6, 6, 1)), rng.normal(1.0, size=(5, 1, 6, 6, 1))
+    joint = joint_image_video_loss(pixel_mean)
+    loss, metrics = joint(2.0, ((videos, np.zeros(3)), (stills, np.zeros(5))), jax.random.key(0))
+    every_frame = np.concatenate([videos.reshape(-1, 6, 6, 1), stills[:, 0]])
+    np.testing.assert_allclose(float(loss), 2.0 * every_frame.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["mse"]), (every_frame ** 2).mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["video_mse"]), (videos ** 2).mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["image_mse"]), (stills ** 2).mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^batch: expected videos .* and stills"):
+        joint(2.0, ((videos, np.zeros(3)), (videos, np.zeros(3))), jax.random.key(0))
+
+
+VIDEO = VideoDiTConfig(num_frames=5, input_size=12, in_channels=1, patch_size=4, hidden_size=16,
+                       depth=1, num_heads=2, num_classes=10, learn_sigma=False,
+                       temporal_attention="video")
+
+
+def test_joint_batches_pair_videos_with_stills_from_the_training_videos():
+    cfg = _experiment(VIDEO, "moving_digits", image_batch_size=7)
+    videos, labels = load_training_arrays(cfg)
+    frames = {(v.tobytes(), int(y)) for vid, y in zip(videos, labels) for v in vid}
+    stream = _training_batches(cfg, (videos, labels))
+    first = list(itertools.islice(stream(0), 4))
+    for (vid, vid_y), (still, still_y) in first:
+        assert vid.shape == (8, 5, 12, 12, 1) and vid_y.shape == (8,)
+        assert still.shape == (7, 1, 12, 12, 1) and still_y.shape == (7,)
+        assert all((s[0].tobytes(), int(y)) in frames for s, y in zip(still, still_y))
+    # Resuming at step 2 yields what steps 2 and 3 were.
+    for a, b in zip(first[2:], itertools.islice(stream(2), 2)):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
+    too_many = _experiment(VIDEO, "moving_digits", image_batch_size=len(videos) * 5 + 1)
+    with pytest.raises(ValueError, match=r"^cfg.train.image_batch_size: expected <= "):
+        _training_batches(too_many, (videos, labels))
+
+
+def test_train_video_dit_jointly_with_stills(tmp_path):
+    cfg = _experiment(VIDEO, "moving_digits", num_steps=2, checkpoint_every=2, log_every=1,
+                      batch_size=2, image_batch_size=6)
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.step == 2
+    last = result.history[-1]
+    assert {"video_mse", "image_mse", "mse"} <= set(last)
+    low, high = sorted((last["video_mse"], last["image_mse"]))
+    assert low <= last["mse"] <= high  # the frame-weighted mean of the two

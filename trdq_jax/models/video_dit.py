@@ -43,7 +43,9 @@ class VideoDiT(nn.Module):
     """Spatio-temporal Diffusion Transformer.
 
     ``apply({'params': p}, x, t, y, train=False, share_cfg=False)``:
-      x: ``[B, F, H, W, C]`` float, ``F = num_frames``, ``H = W = input_size``.
+      x: ``[B, F, H, W, C]`` float, ``H = W = input_size``; ``F = num_frames`` for videos, or
+        fewer (``F = 1``: still images, as joint image-video training feeds them). Frame ``k``
+        always gets temporal position ``k``.
       t: ``[B]`` or scalar time steps in training units.
       y: ``[B]`` int labels; ``num_classes`` is the null label when ``class_dropout_prob > 0``.
       train: label dropout (needs a ``'dropout'`` rng).
@@ -58,10 +60,14 @@ class VideoDiT(nn.Module):
     def __call__(self, x, t, y, train: bool = False, share_cfg: bool = False):
         cfg = self.config
         num_label_values = cfg.num_classes + int(cfg.class_dropout_prob > 0)
-        check_inputs(x, t, y, spatial_shape=(cfg.num_frames, cfg.input_size, cfg.input_size),
+        frames = x.shape[1] if x.ndim == 5 else cfg.num_frames
+        if not 1 <= frames <= cfg.num_frames:
+            raise ValueError(f"x: expected 1 to num_frames={cfg.num_frames} frames in axis 1 of "
+                             f"[B, F, H, W, C], got shape {x.shape}")
+        check_inputs(x, t, y, spatial_shape=(frames, cfg.input_size, cfg.input_size),
                      channels=cfg.in_channels, num_label_values=num_label_values,
                      layout="[B, F, H, W, C]")
-        batch, frames = x.shape[0], cfg.num_frames
+        batch = x.shape[0]
         if share_cfg and batch % 2:
             # Checked here: folding frames/positions into the batch could make an odd B even.
             raise ValueError(f"share_cfg: expected an even batch [cond; uncond], got batch {batch}")

@@ -26,8 +26,9 @@ from trdq_jax.training.diffusion import make_diffusion_loss
 from trdq_jax.training.loop import (NonFiniteLossError, TrainResult, ema_update, fit,
                                     learning_rate_schedule, make_optimizer)
 
-__all__ = ["NonFiniteLossError", "TrainResult", "ema_update", "fit", "learning_rate_schedule",
-           "load_training_arrays", "make_diffusion_loss", "make_optimizer", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "ema_update", "fit", "joint_image_video_loss",
+           "learning_rate_schedule", "load_training_arrays", "make_diffusion_loss",
+           "make_optimizer", "train"]
 
 
 def load_training_arrays(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -76,10 +77,63 @@ def _make_loss(cfg: ExperimentConfig, model):
     if isinstance(cfg.model, ClassifierConfig):
         from trdq_jax.eval.classifier import make_classifier_loss
         return make_classifier_loss(model)
-    return make_diffusion_loss(model, cfg.model, schedule=cfg.sampler.schedule,
-                               num_train_steps=cfg.sampler.num_train_steps,
-                               min_snr_gamma=cfg.train.min_snr_gamma,
-                               prediction=cfg.sampler.prediction)
+    loss_fn = make_diffusion_loss(model, cfg.model, schedule=cfg.sampler.schedule,
+                                  num_train_steps=cfg.sampler.num_train_steps,
+                                  min_snr_gamma=cfg.train.min_snr_gamma,
+                                  prediction=cfg.sampler.prediction)
+    return joint_image_video_loss(loss_fn) if cfg.train.image_batch_size else loss_fn
+
+
+def joint_image_video_loss(loss_fn):
+    """Wrap a diffusion ``loss_fn`` for joint image-video training.
+
+    The returned ``(params, ((videos, y), (stills, y_stills)), rng) -> (loss, metrics)`` takes
+    videos ``[B, F, H, W, C]`` and stills ``[B_i, 1, H, W, C]`` and returns the mean over all
+    ``B*F + B_i`` frames, ``(B*F * L_video + B_i * L_stills) / (B*F + B_i)``: ``loss_fn``'s losses
+    are per-pixel means, so this is the loss of one batch holding every frame. The key is split
+    ``video_key, stills_key = jax.random.split(rng)``. Metrics: the joint ``mse`` plus
+    ``video_mse`` and ``image_mse``.
+    """
+    def joint(params, batch, rng):
+        (videos, labels), (stills, still_labels) = batch
+        if videos.ndim != 5 or stills.ndim != 5 or stills.shape[1] != 1:
+            raise ValueError(f"batch: expected videos [B, F, H, W, C] and stills "
+                             f"[B_i, 1, H, W, C], got {videos.shape} and {stills.shape}")
+        video_key, stills_key = jax.random.split(rng)
+        video_loss, video_metrics = loss_fn(params, (videos, labels), video_key)
+        still_loss, still_metrics = loss_fn(params, (stills, still_labels), stills_key)
+        w_video, w_still = videos.shape[0] * videos.shape[1], stills.shape[0]
+        mix = lambda a, b: (w_video * a + w_still * b) / (w_video + w_still)  # noqa: E731
+        metrics = {k: mix(video_metrics[k], still_metrics[k]) for k in video_metrics}
+        metrics.update(video_mse=video_metrics["mse"], image_mse=still_metrics["mse"])
+        return mix(video_loss, still_loss), metrics
+
+    return joint
+
+
+def _training_batches(cfg: ExperimentConfig, arrays: tuple[np.ndarray, np.ndarray]):
+    """``start_step -> iterator`` of the batches of ``fit`` (see ``batch_iterator``).
+
+    With ``image_batch_size`` each batch is ``((videos, y), (stills, y_stills))``: stills are
+    single frames of the training videos, ``[B_i, 1, H, W, C]``, shuffled by their own stream
+    (seed ``seed + 1``) so that a resumed run sees the same stills too.
+    """
+    from trdq_jax.data import batch_iterator
+
+    train_cfg = cfg.train
+    if not train_cfg.image_batch_size:
+        return lambda start: batch_iterator(arrays, train_cfg.batch_size, train_cfg.seed,
+                                            start_step=start)
+    videos, labels = arrays
+    stills = videos.reshape((-1, 1) + videos.shape[2:])
+    still_labels = np.repeat(labels, videos.shape[1])
+    if train_cfg.image_batch_size > len(stills):
+        raise ValueError(f"cfg.train.image_batch_size: expected <= {len(stills)} training frames, "
+                         f"got {train_cfg.image_batch_size}")
+    return lambda start: zip(
+        batch_iterator(arrays, train_cfg.batch_size, train_cfg.seed, start_step=start),
+        batch_iterator((stills, still_labels), train_cfg.image_batch_size, train_cfg.seed + 1,
+                       start_step=start))
 
 
 def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
@@ -101,7 +155,6 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = T
     if not isinstance(cfg, ExperimentConfig):
         raise ValueError(f"cfg: expected an ExperimentConfig, got {type(cfg).__name__}")
     from trdq_jax import checkpoint
-    from trdq_jax.data import batch_iterator
     from trdq_jax.models import build_model, init_params
 
     arrays = load_training_arrays(cfg)
@@ -112,10 +165,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = T
     model = build_model(cfg.model)
     params = init_params(cfg.model, jax.random.fold_in(jax.random.key(train_cfg.seed), 0))
 
-    def batches(start_step: int):
-        return batch_iterator(arrays, train_cfg.batch_size, train_cfg.seed, start_step=start_step)
-
-    result = fit(_make_loss(cfg, model), params, batches, train_cfg, workdir, resume=resume,
+    result = fit(_make_loss(cfg, model), params, _training_batches(cfg, arrays), train_cfg,
+                 workdir, resume=resume,
                  progress=progress, run_config=run_identity(cfg))
     is_classifier = isinstance(cfg.model, ClassifierConfig)
     final = jax.device_get(result.params if is_classifier else result.ema_params)
