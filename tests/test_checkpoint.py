@@ -76,6 +76,10 @@ def test_mismatched_config_is_named(tmp_path, params):
         checkpoint.restore(tmp_path / "ck", other)
 
 
+# Reading the truncated tree fails inside orbax's asyncio/tensorstore threads, and a callback of
+# that failed read lands after orbax closed its event loop ("Event loop is closed", printed as
+# unraisable). It is orbax's own cleanup of a read we expect to fail; the error we raise is checked.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_missing_and_truncated_checkpoints(tmp_path, params):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint directory"):
         checkpoint.restore(tmp_path / "absent")
