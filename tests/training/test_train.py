@@ -14,7 +14,7 @@ from trdq_jax.config import (ClassifierConfig, DiTConfig, ExperimentConfig, Trai
                              UNetConfig, VideoDiTConfig, load_config_file)
 from trdq_jax.data import load_digits, load_moving_digits
 from trdq_jax.training import (_training_batches, joint_image_video_loss, load_training_arrays,
-                               train)
+                               run_identity, train)
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -167,3 +167,20 @@ def test_train_video_dit_jointly_with_stills(tmp_path):
     assert {"video_mse", "image_mse", "mse"} <= set(last)
     low, high = sorted((last["video_mse"], last["image_mse"]))
     assert low <= last["mse"] <= high  # the frame-weighted mean of the two
+
+
+def test_run_identity_keeps_what_changes_the_weights():
+    cfg = _experiment(VIDEO, "moving_digits")
+    identity = run_identity(cfg)
+    assert identity["diffusion"] == {"schedule": "linear", "num_train_steps": 1000,
+                                     "prediction": "epsilon"}
+    # A retuned guidance scale or solver is the same run; a new objective is not.
+    retuned = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, cfg_scale=9.0,
+                                                                   solver="ddpm"))
+    assert run_identity(retuned) == identity
+    v = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, prediction="v"))
+    assert run_identity(v) != identity
+    # image_batch_size appears only when on, so workdirs written before the field existed resume.
+    assert "image_batch_size" not in identity["train"]
+    joint = _experiment(VIDEO, "moving_digits", image_batch_size=4)
+    assert run_identity(joint)["train"]["image_batch_size"] == 4

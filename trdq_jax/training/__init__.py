@@ -69,6 +69,9 @@ def run_identity(cfg: ExperimentConfig) -> dict:
     a finished run can be re-exported with, e.g., a retuned default guidance scale.
     """
     d = to_dict(cfg)
+    if not d["train"]["image_batch_size"]:
+        # Added later; left out when off so that runs started before it still resume.
+        del d["train"]["image_batch_size"]
     return {"name": d["name"], "model": d["model"], "train": d["train"],
             "diffusion": {k: d["sampler"][k] for k in ("schedule", "num_train_steps",
                                                        "prediction")}}
