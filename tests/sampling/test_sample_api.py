@@ -197,3 +197,29 @@ def test_model_output_shape_is_checked():
     with pytest.raises(ValueError, match="apply_fn"):
         sample(lambda p, x, t, y, s, c: x[..., :2], PARAMS, sampler, np.array([0, 1]), seed=0,
                cfg_scale=1.0, null_label=NULL, shape=(2, 3))
+
+
+def test_sample_inside_a_user_jit_equals_the_eager_call():
+    sampler = Sampler.from_config(SamplerConfig(solver="ddpm", num_steps=6))
+    apply_fn = _class_model(learned_sigma=True)
+    labels = np.array([2, 0, 1, 3])
+    eager = np.asarray(sample(apply_fn, PARAMS, sampler, labels, seed=4, cfg_scale=2.5,
+                              null_label=NULL, shape=(4, 3), sample_offset=3))
+
+    @jax.jit
+    def research_code(params, labels, w, seed, offset):
+        return sample(apply_fn, params, sampler, labels, seed=seed, cfg_scale=w,
+                      null_label=NULL, shape=(4, 3), sample_offset=offset)
+
+    traced = research_code(PARAMS, jnp.asarray(labels), jnp.float32(2.5), jnp.uint32(4),
+                           jnp.int32(3))
+    np.testing.assert_allclose(np.asarray(traced), eager, rtol=0, atol=1e-6)
+    # Shapes and dtypes are still checked on tracers.
+    for bad, match in [(dict(labels=jnp.zeros((4,), jnp.float32)), "^labels: .*traced"),
+                       (dict(w=jnp.zeros((2,))), "^cfg_scale: expected a scalar"),
+                       (dict(seed=jnp.float32(1.0)), "^seed: expected a scalar integer")]:
+        args = dict(params=PARAMS, labels=jnp.asarray(labels), w=jnp.float32(2.5),
+                    seed=jnp.uint32(4), offset=jnp.int32(3))
+        args.update(bad)
+        with pytest.raises(ValueError, match=match):
+            research_code(**args)

@@ -36,6 +36,9 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
     """Draw ``N = len(labels)`` samples; returns the final x, float32 ``shape``.
 
     labels: ints ``[N]`` in ``[0, null_label]`` (``null_label`` itself draws unconditionally).
+    ``sample`` may be called inside a user's ``jit``: ``labels``, ``cfg_scale``, ``seed`` and
+    ``sample_offset`` may then be traced; their shapes and dtypes are checked, and the value
+    ranges only when they are concrete.
     shape: the full batch shape ``(N, ...spatial, C)``.
     cfg_scale: guidance ``uncond + cfg_scale * (cond - uncond)`` on the eps channels; a traced
       value (changing it never recompiles). ``None`` uses ``sampler.cfg_scale``.
@@ -58,14 +61,18 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
     labels = _check_labels(labels, null_label)
     shape = _check_shape(shape, labels.shape[0])
     cfg_scale = sampler.cfg_scale if cfg_scale is None else cfg_scale
-    try:
-        cfg_value = float(cfg_scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}") from None
-    if not math.isfinite(cfg_value):
-        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_value}")
-    seed = _check_int("seed", seed, 0, 2 ** 32 - 1)
-    sample_offset = _check_int("sample_offset", sample_offset, 0, _INT32_MAX - shape[0])
+    cfg_value = _check_traced_scalar("cfg_scale", cfg_scale, jnp.floating)
+    if cfg_value is None:
+        try:
+            cfg_value = float(cfg_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}") from None
+        if not math.isfinite(cfg_value):
+            raise ValueError(f"cfg_scale: expected a finite number, got {cfg_value}")
+    if _check_traced_scalar("seed", seed, jnp.integer) is None:
+        seed = _check_int("seed", seed, 0, 2 ** 32 - 1)
+    if _check_traced_scalar("sample_offset", sample_offset, jnp.integer) is None:
+        sample_offset = _check_int("sample_offset", sample_offset, 0, _INT32_MAX - shape[0])
     if not isinstance(share_cfg, bool):
         raise ValueError(f"share_cfg: expected a bool, got {share_cfg!r}")
     if not (isinstance(progress, bool) or callable(progress)):
@@ -143,10 +150,27 @@ def _check_int(name: str, value, lo: int, hi: int) -> int:
     return int(value)
 
 
-def _check_labels(labels, null_label: int) -> np.ndarray:
+def _check_traced_scalar(name: str, value, kind) -> jax.Array | None:
+    """``value`` when it is a tracer (``sample`` called inside ``jit``): only its shape and dtype
+    can be checked there. ``None`` for concrete values, which the caller checks fully."""
+    if not isinstance(value, jax.core.Tracer):
+        return None
+    if value.shape != () or not (jnp.issubdtype(value.dtype, kind)
+                                 or (kind is jnp.floating
+                                     and jnp.issubdtype(value.dtype, jnp.integer))):
+        raise ValueError(f"{name}: expected a scalar {kind.__name__} value, got a traced "
+                         f"{value.dtype}{list(value.shape)}")
+    return value
+
+
+def _check_labels(labels, null_label: int):
     if isinstance(labels, jax.core.Tracer):
-        raise ValueError("labels: expected concrete values (sample() validates on the host); "
-                         "call it outside jit")
+        # Inside jit: values cannot be inspected (as in the models' input checks).
+        if labels.ndim != 1 or labels.shape[0] == 0 or not jnp.issubdtype(labels.dtype,
+                                                                          jnp.integer):
+            raise ValueError(f"labels: expected a non-empty 1-D integer array [N], got a traced "
+                             f"{labels.dtype}{list(labels.shape)}")
+        return labels
     array = np.asarray(labels)
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"labels: expected a non-empty 1-D array [N], got shape {array.shape}")
