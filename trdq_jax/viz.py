@@ -29,8 +29,11 @@ def save_grid(path: str | pathlib.Path, rows: list[np.ndarray], row_labels: list
     h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
     ncol = max(r.shape[0] for r in rows)
     top = 16 if title else 0
-    canvas = Image.new("RGB", (label_width + ncol * (w + pad) + pad, top + len(rows) * (h + pad) + pad),
-                       (255, 255, 255))
+    width = label_width + ncol * (w + pad) + pad
+    if title:  # widen narrow grids so the title is not cut off
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        width = max(width, int(np.ceil(probe.textlength(title))) + 2 * pad)
+    canvas = Image.new("RGB", (width, top + len(rows) * (h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((pad, 2), title, fill=(0, 0, 0))
