@@ -56,7 +56,7 @@ def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
       kind: free-form tag of what the tree holds (``"float"``, ``"quantized"``...).
       extra: JSON-serialisable metadata stored alongside.
     """
-    path = pathlib.Path(path).absolute()
+    path = pathlib.Path(path).expanduser().absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"path: {str(path)!r} exists; pass overwrite=True to replace it")
     if not jax.tree.leaves(params):
@@ -122,7 +122,7 @@ def restore(path: str | os.PathLike, cfg=None, *, target: Any = None):
         must match its structure, shapes and dtypes. Float checkpoints of known models are checked
         against the model's abstract params automatically.
     """
-    path = pathlib.Path(path).absolute()  # orbax refuses relative paths
+    path = pathlib.Path(path).expanduser().absolute()  # orbax refuses relative paths
     meta = read_metadata(path)
     stored = stored_config(meta)
     if cfg is not None:

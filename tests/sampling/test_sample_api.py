@@ -211,13 +211,21 @@ def test_sample_inside_a_user_jit_equals_the_eager_call():
         return sample(apply_fn, params, sampler, labels, seed=seed, cfg_scale=w,
                       null_label=NULL, shape=(4, 3), sample_offset=offset)
 
-    traced = research_code(PARAMS, jnp.asarray(labels), jnp.float32(2.5), jnp.uint32(4),
-                           jnp.int32(3))
-    np.testing.assert_allclose(np.asarray(traced), eager, rtol=0, atol=1e-6)
+    for seed in (jnp.uint32(4), jnp.int32(4)):
+        traced = research_code(PARAMS, jnp.asarray(labels), jnp.float32(2.5), seed, jnp.int32(3))
+        np.testing.assert_allclose(np.asarray(traced), eager, rtol=0, atol=1e-6)
+    # Concrete JAX scalars are accepted outside jit too, and checked by value there.
+    concrete = sample(apply_fn, PARAMS, sampler, labels, seed=jnp.uint32(4), cfg_scale=2.5,
+                      null_label=NULL, shape=(4, 3), sample_offset=jnp.int32(3))
+    np.testing.assert_allclose(np.asarray(concrete), eager, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="^seed: expected an int"):
+        sample(apply_fn, PARAMS, sampler, labels, seed=jnp.int32(-1), cfg_scale=2.5,
+               null_label=NULL, shape=(4, 3))
     # Shapes and dtypes are still checked on tracers.
     for bad, match in [(dict(labels=jnp.zeros((4,), jnp.float32)), "^labels: .*traced"),
-                       (dict(w=jnp.zeros((2,))), "^cfg_scale: expected a scalar"),
-                       (dict(seed=jnp.float32(1.0)), "^seed: expected a scalar integer")]:
+                       (dict(w=jnp.zeros((2,))), "^cfg_scale: expected a scalar number"),
+                       (dict(seed=jnp.float32(1.0)), "^seed: expected a scalar integer"),
+                       (dict(offset=jnp.float32(3.0)), "^sample_offset: expected a scalar int")]:
         args = dict(params=PARAMS, labels=jnp.asarray(labels), w=jnp.float32(2.5),
                     seed=jnp.uint32(4), offset=jnp.int32(3))
         args.update(bad)

@@ -60,10 +60,10 @@ class VideoDiT(nn.Module):
     def __call__(self, x, t, y, train: bool = False, share_cfg: bool = False):
         cfg = self.config
         num_label_values = cfg.num_classes + int(cfg.class_dropout_prob > 0)
-        frames = x.shape[1] if x.ndim == 5 else cfg.num_frames
+        frames = np.shape(x)[1] if np.ndim(x) == 5 else cfg.num_frames
         if not 1 <= frames <= cfg.num_frames:
             raise ValueError(f"x: expected 1 to num_frames={cfg.num_frames} frames in axis 1 of "
-                             f"[B, F, H, W, C], got shape {x.shape}")
+                             f"[B, F, H, W, C], got shape {np.shape(x)}")
         check_inputs(x, t, y, spatial_shape=(frames, cfg.input_size, cfg.input_size),
                      channels=cfg.in_channels, num_label_values=num_label_values,
                      layout="[B, F, H, W, C]")

@@ -38,7 +38,8 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
     labels: ints ``[N]`` in ``[0, null_label]`` (``null_label`` itself draws unconditionally).
     ``sample`` may be called inside a user's ``jit``: ``labels``, ``cfg_scale``, ``seed`` and
     ``sample_offset`` may then be traced; their shapes and dtypes are checked, and the value
-    ranges only when they are concrete.
+    ranges only when they are concrete (a traced seed is cast to uint32 and an offset to int32,
+    so out-of-range values wrap).
     shape: the full batch shape ``(N, ...spatial, C)``.
     cfg_scale: guidance ``uncond + cfg_scale * (cond - uncond)`` on the eps channels; a traced
       value (changing it never recompiles). ``None`` uses ``sampler.cfg_scale``.
@@ -145,6 +146,9 @@ def _check_output(out, shape):
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(
+            value.dtype, np.integer):  # a concrete 0-d integer array, e.g. jnp.uint32(4)
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
         raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {value!r}")
     return int(value)
@@ -158,7 +162,8 @@ def _check_traced_scalar(name: str, value, kind) -> jax.Array | None:
     if value.shape != () or not (jnp.issubdtype(value.dtype, kind)
                                  or (kind is jnp.floating
                                      and jnp.issubdtype(value.dtype, jnp.integer))):
-        raise ValueError(f"{name}: expected a scalar {kind.__name__} value, got a traced "
+        what = "number" if kind is jnp.floating else "integer"
+        raise ValueError(f"{name}: expected a scalar {what}, got a traced "
                          f"{value.dtype}{list(value.shape)}")
     return value
 

@@ -10,8 +10,9 @@ Diffusion models (DiT, video DiT, UNet) train on the epsilon- or v-prediction ob
 ``make_diffusion_loss``; classifiers on cross-entropy (``trdq_jax.eval.classifier``). A classifier
 with a ``moving_digits`` dataset trains on the individual frames, each labelled with its video's
 digit. A video DiT with ``train.image_batch_size > 0`` trains jointly on videos and stills
-(``joint_image_video_loss``). At the end the EMA params (the plain params for classifiers) are exported as a
-``trdq_jax.checkpoint`` directory (``workdir/export`` unless ``export_path`` is given).
+(``joint_image_video_loss``). At the end the EMA params (the plain params for classifiers) are
+exported as a ``trdq_jax.checkpoint`` directory (``workdir/export`` unless ``export_path`` is
+given).
 """
 from __future__ import annotations
 
