@@ -17,9 +17,8 @@ def _need(name):
         pytest.fail(f"bundled model {name!r} is missing from trdq_jax/assets/models")
 
 
-# moving-digits-vdit is not bundled yet: its best CPU run (configs/moving_digits_vdit.py, 2,100
-# steps) reaches 61% per-frame class match, not 90%; see the README.
-SHIPPED = ["digits-classifier", "moving-digits-classifier", "digits-dit", "digits-unet"]
+SHIPPED = ["digits-classifier", "moving-digits-classifier", "digits-dit", "digits-unet",
+           "moving-digits-vdit"]
 
 
 def test_every_shipped_model_is_present_and_restores():
@@ -37,11 +36,14 @@ def test_classifier_heldout_accuracy(name):
     assert result.get("frame_accuracy", result["accuracy"]) >= 0.97
 
 
-@pytest.mark.parametrize("name, per_class", [("digits-dit", 20), ("digits-unet", 20)])
+# Videos are judged frame by frame (the acceptance bar: every frame classified); 60 videos are
+# 300 frames and take ~75 s on 2 cores.
+@pytest.mark.parametrize("name, per_class", [("digits-dit", 20), ("digits-unet", 20),
+                                             ("moving-digits-vdit", 6)])
 def test_conditional_samples_match_their_class(name, per_class):
     from trdq_jax.evaluate import evaluate_generator
     _need(name)
     result = evaluate_generator(name, per_class=per_class, seed=123)
     match = result["class_match"]
-    assert match["accuracy"] >= 0.90, match
+    assert match.get("frame_accuracy", match["accuracy"]) >= 0.90, match
     assert np.isfinite(result["digits_fid"])
