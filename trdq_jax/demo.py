@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from trdq_jax.config import DiTConfig, ExperimentConfig, SamplerConfig
-from trdq_jax.evaluate import classifier_for, judge
-from trdq_jax.generate import class_rows, generate
+from trdq_jax.evaluate import classifier_for, heldout_data, judge
+from trdq_jax.generate import generate, grid_rows
 
 
 def _fallback_model():
@@ -45,7 +45,6 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
     Labels are class-interleaved (0, 1, ..., 9, 0, 1, ...) so that the first
     ``quant_per_class * num_classes`` float samples share their noise with the quantized ones.
     """
-    from trdq_jax.data import load_digits
     from trdq_jax.models import zoo
     from trdq_jax.sampling import Sampler
     from trdq_jax.viz import save_grid
@@ -73,11 +72,11 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
     samples = generate(model, params, cfg, labels, seed=seed, sampler=sampler, progress=True)
     steady = time.perf_counter() - t0
 
-    grid_rows = [r[:10] for r in class_rows(samples, labels, num_classes)]
-    save_grid(out / "grid.png", grid_rows, [f"digit {c}" for c in range(num_classes)],
+    save_grid(out / "grid.png", grid_rows(samples, labels, num_classes),
+              [f"digit {c}" for c in range(num_classes)],
               title=f"{cfg.name}: {cfg.sampler.solver} {cfg.sampler.num_steps} steps, "
                     f"cfg {cfg.sampler.cfg_scale}")
-    test_images, _ = load_digits("test", image_size=cfg.model.input_size)
+    test_images, _ = heldout_data(cfg.model)  # digits test images, or moving-digits test videos
     report = {
         "model": source,
         "config": cfg.name,
@@ -136,7 +135,7 @@ def quantized_comparison(model, params, cfg, labels, float_samples, seed, grid_p
                "settings": {}}
     if reference is not None:
         section["float_same_samples"] = judge(float_samples, labels, reference)
-    grid = {"float": [r[:10] for r in class_rows(float_samples, labels, num_classes)]}
+    grid = {"float": grid_rows(float_samples, labels, num_classes)}
     quantized = {}
     for w_bits, a_bits in ((8, 8), (4, 8)):
         name = f"W{w_bits}A{a_bits}"
@@ -157,7 +156,7 @@ def quantized_comparison(model, params, cfg, labels, float_samples, seed, grid_p
         if reference is not None:
             entry.update(judge(qsamples, labels, reference))
         section["settings"][name] = entry
-        grid[name] = [r[:10] for r in class_rows(qsamples, labels, num_classes)]
+        grid[name] = grid_rows(qsamples, labels, num_classes)
         quantized[name] = qsamples
     arrays = {"labels": labels, "float": float_samples, **{
         name.lower(): q for name, q in quantized.items()}}

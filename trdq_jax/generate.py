@@ -56,6 +56,17 @@ def class_rows(samples: np.ndarray, labels: np.ndarray, num_classes: int) -> lis
     return [samples[labels == c] for c in range(num_classes)]
 
 
+def grid_rows(samples: np.ndarray, labels: np.ndarray, num_classes: int,
+              max_cols: int = 10) -> list[np.ndarray]:
+    """One grid row ``[n, H, W, C]`` per class: its first ``max_cols`` images, or, for videos
+    ``[N, F, H, W, C]``, the ``F`` frames of its first video (a class without samples gives an
+    empty row)."""
+    rows = class_rows(samples, labels, num_classes)
+    if samples.ndim == 5:
+        return [r[0] if len(r) else r.reshape((0,) + r.shape[2:]) for r in rows]
+    return [r[:max_cols] for r in rows]
+
+
 def load_float_model(model_name: str | None = None, checkpoint_dir: str | None = None,
                      overrides=()):
     """``(model, params, cfg, source)`` of a bundled model or a float checkpoint directory.
@@ -113,9 +124,7 @@ def _cmd_sample(args) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", samples=samples, labels=labels)
-    rows = class_rows(samples, labels, cfg.model.num_classes)
-    if samples.ndim == 5:  # videos: one row per class, frames of its first video
-        rows = [r[0] for r in rows]
+    rows = grid_rows(samples, labels, cfg.model.num_classes)
     save_grid(out / "grid.png", rows, [f"class {c}" for c in range(len(rows))],
               title=f"{source} | {cfg.sampler.solver} {cfg.sampler.num_steps} steps")
     print(json.dumps({"out": str(out), "num_samples": int(len(labels)),
