@@ -62,17 +62,18 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
     labels = _check_labels(labels, null_label)
     shape = _check_shape(shape, labels.shape[0])
     cfg_scale = sampler.cfg_scale if cfg_scale is None else cfg_scale
-    cfg_value = _check_traced_scalar("cfg_scale", cfg_scale, jnp.floating)
-    if cfg_value is None:
+    if _is_checked_tracer("cfg_scale", cfg_scale, "number", (jnp.floating, jnp.integer)):
+        cfg_value = cfg_scale
+    else:
         try:
             cfg_value = float(cfg_scale)
         except (TypeError, ValueError):
             raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}") from None
         if not math.isfinite(cfg_value):
             raise ValueError(f"cfg_scale: expected a finite number, got {cfg_value}")
-    if _check_traced_scalar("seed", seed, jnp.integer) is None:
+    if not _is_checked_tracer("seed", seed, "integer", (jnp.integer,)):
         seed = _check_int("seed", seed, 0, 2 ** 32 - 1)
-    if _check_traced_scalar("sample_offset", sample_offset, jnp.integer) is None:
+    if not _is_checked_tracer("sample_offset", sample_offset, "integer", (jnp.integer,)):
         sample_offset = _check_int("sample_offset", sample_offset, 0, _INT32_MAX - shape[0])
     if not isinstance(share_cfg, bool):
         raise ValueError(f"share_cfg: expected a bool, got {share_cfg!r}")
@@ -154,18 +155,16 @@ def _check_int(name: str, value, lo: int, hi: int) -> int:
     return int(value)
 
 
-def _check_traced_scalar(name: str, value, kind) -> jax.Array | None:
-    """``value`` when it is a tracer (``sample`` called inside ``jit``): only its shape and dtype
-    can be checked there. ``None`` for concrete values, which the caller checks fully."""
+def _is_checked_tracer(name: str, value, what: str, kinds: tuple) -> bool:
+    """True when ``value`` is a tracer (``sample`` called inside ``jit``): only its shape and
+    dtype can be checked there, and are (a scalar of one of the dtype ``kinds``). False for
+    concrete values, which the caller checks fully."""
     if not isinstance(value, jax.core.Tracer):
-        return None
-    if value.shape != () or not (jnp.issubdtype(value.dtype, kind)
-                                 or (kind is jnp.floating
-                                     and jnp.issubdtype(value.dtype, jnp.integer))):
-        what = "number" if kind is jnp.floating else "integer"
+        return False
+    if value.shape != () or not any(jnp.issubdtype(value.dtype, k) for k in kinds):
         raise ValueError(f"{name}: expected a scalar {what}, got a traced "
                          f"{value.dtype}{list(value.shape)}")
-    return value
+    return True
 
 
 def _check_labels(labels, null_label: int):
