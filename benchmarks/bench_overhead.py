@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax import quant as Q
-from trdq_jax.generate import null_label
+from trdq_jax.sampling.generate import null_label
 from trdq_jax.models import input_shape, zoo
 from trdq_jax.quant import qlinear
 from trdq_jax.sampling import Sampler

@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 
 from trdq_jax import quant as Q  # noqa: E402
 from trdq_jax.eval import psnr, ssim  # noqa: E402
-from trdq_jax.evaluate import heldout_data, judge  # noqa: E402
-from trdq_jax.generate import null_label  # noqa: E402
+from trdq_jax.eval.judge import heldout_data, judge  # noqa: E402
+from trdq_jax.sampling.generate import null_label  # noqa: E402
 from trdq_jax.models import input_shape, zoo  # noqa: E402
 from trdq_jax.quant import duquant  # noqa: E402
 from trdq_jax.quant.calibrate import derive_calibration  # noqa: E402

@@ -30,7 +30,7 @@ def test_every_shipped_model_is_present_and_restores():
 
 @pytest.mark.parametrize("name", ["digits-classifier", "moving-digits-classifier"])
 def test_classifier_heldout_accuracy(name):
-    from trdq_jax.evaluate import evaluate_classifier
+    from trdq_jax.eval.judge import evaluate_classifier
     _need(name)
     result = evaluate_classifier(name)["heldout"]
     assert result.get("frame_accuracy", result["accuracy"]) >= 0.97
@@ -41,7 +41,7 @@ def test_classifier_heldout_accuracy(name):
 @pytest.mark.parametrize("name, per_class", [("digits-dit", 20), ("digits-unet", 20),
                                              ("moving-digits-vdit", 6)])
 def test_conditional_samples_match_their_class(name, per_class):
-    from trdq_jax.evaluate import evaluate_generator
+    from trdq_jax.eval.judge import evaluate_generator
     _need(name)
     result = evaluate_generator(name, per_class=per_class, seed=123)
     match = result["class_match"]

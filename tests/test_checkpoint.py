@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from trdq_jax import checkpoint
+from trdq_jax import checkpoint, files
 from trdq_jax.config import DiTConfig, ExperimentConfig
-from trdq_jax.models import init_params
+from trdq_jax.models import init_params, load_checkpoint
 
 CFG = DiTConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=24, depth=1, num_heads=2,
                 num_classes=3, learn_sigma=False)
@@ -61,7 +61,7 @@ def test_no_partial_directory_when_save_fails(tmp_path, params):
 
 def test_existing_path_needs_overwrite(tmp_path, params):
     checkpoint.save(tmp_path / "ck", params, CFG)
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(files.OutputError, match="exists .*overwrite"):
         checkpoint.save(tmp_path / "ck", params, CFG)
     doubled = jax.tree.map(lambda p: p * 2, params)
     checkpoint.save(tmp_path / "ck", doubled, CFG, overwrite=True)
@@ -111,7 +111,27 @@ def test_tree_mismatch_against_model(tmp_path, params):
     bad = dict(params)
     bad.pop("final_layer")
     checkpoint.save(tmp_path / "ck", bad, CFG)
+    checkpoint.restore(tmp_path / "ck")  # the checkpoint itself is intact...
     with pytest.raises(checkpoint.CheckpointError, match="missing .*final_layer"):
-        checkpoint.restore(tmp_path / "ck")
+        load_checkpoint(tmp_path / "ck")  # ...but it is not this model's tree
     meta = json.loads((tmp_path / "ck" / "metadata.json").read_text())
     assert meta["config"]["depth"] == 1
+
+
+def test_a_failed_orbax_write_is_raised_at_once(tmp_path):
+    """orbax writes in background threads; a failure must reach the caller, not hang."""
+    import time
+
+    from tests.test_files import _mount_tmpfs
+    import subprocess
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "size=512k")
+    try:
+        big = {"w": np.random.default_rng(0).standard_normal(1 << 18).astype(np.float32)}
+        t0 = time.perf_counter()
+        with pytest.raises(OSError, match="No space left on device"):
+            checkpoint.save(disk / "ck", big, CFG)
+        assert time.perf_counter() - t0 < 10
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

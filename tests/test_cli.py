@@ -90,7 +90,7 @@ def test_demo_writes_grid_and_reports(tmp_path):
 
 
 def test_grid_rows_for_images_and_videos():
-    from trdq_jax.generate import grid_rows
+    from trdq_jax.sampling.generate import grid_rows
     images = np.arange(12.0).reshape(12, 1, 1, 1)
     labels = np.array([0, 1] * 6)
     rows = grid_rows(images, labels, 3, max_cols=4)
@@ -126,3 +126,51 @@ def test_demo_on_a_video_model(tmp_path, monkeypatch):
     assert set(report["quantized"]["settings"]) == {"W8A8", "W4A8"}
     width, height = Image.open(tmp_path / "grid.png").size
     assert width > 2 * 12 * 4 and height > 10 * 12 * 4  # 10 rows of the 2 frames of one video
+
+
+def test_plot_ranges_writes_its_figure(tmp_path, capsys):
+    from trdq_jax import files
+    from tests.test_quant_cli import TINY, tiny_params
+    ck = checkpoint.save(tmp_path / "ck", tiny_params(), TINY)
+    out = tmp_path / "figs" / "ranges.png"
+    argv = ["plot-ranges", "--checkpoint", str(ck), "--per-class", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert files.file_kind(out) == "figure"
+    assert tuple(printed["size"]) == Image.open(out).size
+    assert set(printed["layers"]) == {"blocks_0/attn/qkv", "blocks_0/mlp/fc2"}
+    before = out.read_bytes()
+    assert main(argv) == 2  # an existing figure needs --overwrite
+    assert "exists (a trdq_jax figure); pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(argv + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ranges.png"]
+
+
+def test_debug_shows_the_traceback_and_bugs_say_so(tmp_path, capsys, monkeypatch):
+    argv = ["convert", "--input", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o")]
+    with pytest.raises(FileNotFoundError):
+        main(["--debug"] + argv)
+    with pytest.raises(FileNotFoundError):
+        main(argv + ["--debug"])
+    monkeypatch.setenv("TRDQ_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(argv)
+    monkeypatch.delenv("TRDQ_DEBUG")
+    capsys.readouterr()
+
+    from trdq_jax.cli import models
+
+    def broken(args):
+        raise KeyError("oops")
+    monkeypatch.setattr(models, "_info", broken)
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("trdq info: internal error: KeyError: 'oops' (a bug; rerun with --debug for "
+                   "the traceback)\n")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(models, "_info", interrupted)
+    assert main(["info"]) == 130
+    assert "interrupted" in capsys.readouterr().err

@@ -1,11 +1,14 @@
 """Config validation, overrides and config files."""
 import dataclasses
 
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 import pytest
 
 from trdq_jax.config import (ConfigError, DiTConfig, ExperimentConfig, SamplerConfig, TrainConfig,
-                             UNetConfig, VideoDiTConfig, apply_overrides, experiment_from_dict,
-                             load_config_file, to_dict)
+                             UNetConfig, VideoDiTConfig, apply_overrides, check_cfg_scale,
+                             experiment_from_dict, load_config_file, to_dict)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -99,3 +102,52 @@ def test_image_batch_size_is_checked_and_needs_a_video_model():
     video = VideoDiTConfig(num_frames=2, input_size=8, hidden_size=16, depth=1, num_heads=2)
     cfg = ExperimentConfig(name="x", model=video, train=TrainConfig(image_batch_size=4))
     assert experiment_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("cls", [DiTConfig, VideoDiTConfig])
+def test_mlp_ratio_must_give_a_whole_mlp_width(cls):
+    assert 192 * 0.3 != int(192 * 0.3)  # 57.6: int() would silently build a 57-wide MLP
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}\.mlp_ratio: expected hidden_size "
+                                          r"\* mlp_ratio to be a whole MLP width \(hidden_size="
+                                          r"192 gives 57\.6\), got 0\.3$"):
+        cls(hidden_size=192, num_heads=4, mlp_ratio=0.3)
+    assert cls(hidden_size=192, num_heads=4, mlp_ratio=2.5).mlp_hidden_size == 480
+    assert cls(hidden_size=192, num_heads=4).mlp_hidden_size == 768
+
+
+def test_mlp_width_is_the_exact_integer_not_a_truncation():
+    # 61 / 112 * 112 is 60.99999999999999 in binary floating point; int() would give 60.
+    assert int(112 * (61 / 112)) == 60
+    for cls in (DiTConfig, VideoDiTConfig):
+        assert cls(hidden_size=112, num_heads=4, mlp_ratio=61 / 112).mlp_hidden_size == 61
+
+
+@pytest.mark.parametrize("value, want", [
+    (0, 0.0), (4, 4.0), (7.5, 7.5), (100, 100.0), (np.float32(2.5), 2.5), (np.int64(3), 3.0),
+    (np.array(1.25), 1.25), (jnp.float32(6.0), 6.0), (np.array(1.5, ml_dtypes.bfloat16), 1.5),
+])
+def test_check_cfg_scale_accepts_real_numbers_in_range(value, want):
+    got = check_cfg_scale(value)
+    assert type(got) is float and got == want
+
+
+@pytest.mark.parametrize("value, shown", [
+    (-2, "-2.0"), (-2.0, "-2.0"), (100.5, "100.5"), (float("nan"), "nan"), (float("inf"), "inf"),
+    (-float("inf"), "-inf"), (True, "True"), (np.bool_(False), "np.False_"), ("4", "'4'"),
+    (None, "None"), (np.array([1.0]), r"array\(\[1\.\]\)"), (1 + 0j, r"\(1\+0j\)"),
+    (np.array(-0.5), "-0.5"),
+])
+def test_check_cfg_scale_refuses_everything_else_naming_the_argument(value, shown):
+    with pytest.raises(ConfigError, match=rf"^cfg_scale: expected a number in \[0, 100\], "
+                                          rf"got {shown}$"):
+        check_cfg_scale(value)
+    with pytest.raises(ValueError, match=r"^--cfg-scale: expected a number in \[0, 100\]"):
+        check_cfg_scale(value, "--cfg-scale")
+
+
+def test_sampler_config_uses_the_cfg_scale_policy():
+    for bad in (-2, 101.0, float("nan"), True):
+        with pytest.raises(ConfigError, match=r"^SamplerConfig\.cfg_scale: expected a number in "
+                                              r"\[0, 100\], got "):
+            SamplerConfig(cfg_scale=bad)
+    assert SamplerConfig(cfg_scale=0).cfg_scale == 0 and SamplerConfig(cfg_scale=100.0)

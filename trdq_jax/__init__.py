@@ -8,6 +8,5 @@ Public API tour::
     params = tq.models.init_params(cfg.model, jax.random.key(0))
     tq.checkpoint.save("out/ckpt", params, cfg)
 """
-__version__ = "0.1.0"
-
+from trdq_jax._version import __version__  # noqa: F401
 from trdq_jax import checkpoint, config, models, sampling  # noqa: E402,F401

@@ -1,40 +1,45 @@
-"""Save and restore parameter pytrees with orbax, plus JSON metadata.
+"""Save and restore parameter pytrees with orbax, plus JSON metadata and an integrity manifest.
 
 Layout of a checkpoint directory::
 
-    DIR/metadata.json   {"format", "library_version", "kind", "config", "extra"}
-    DIR/params/         orbax StandardCheckpointer tree
+    DIR/metadata.json   {"format", "library_version", "kind", "config_kind", "config", "extra",
+                         "manifest": {"arrays": {path: shape, dtype, sha256}, "fields": {...}}}
+    DIR/params/         orbax tree (synchronous write: a failure is raised, never left to a thread)
 
-A checkpoint is written into a temporary sibling directory and renamed into place only when
-complete, so a crash never leaves a half-written ``DIR``. ``restore`` checks the stored config
-against the one you expect and turns every unreadable/truncated/mismatched case into one
-``CheckpointError``.
+A checkpoint is written through ``trdq_jax.files.write_dir``: into a temporary sibling, then
+swapped into place, so a crash never leaves a half-written ``DIR`` and an existing checkpoint is
+replaced only with ``overwrite=True`` and only by one of the same kind. ``restore`` checks the
+metadata against its recorded digests, every array against the manifest, and the stored config
+against the one you expect; each failure is one ``CheckpointError`` naming the cause.
+This module knows nothing about models: ``trdq_jax.models.load_checkpoint`` adds the check of
+the tree against a model's abstract params.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
-import shutil
-import uuid
+import re
 from typing import Any
 
 import jax
 import numpy as np
 
-from trdq_jax.config import (ExperimentConfig, MODEL_CONFIGS, dict_diff, experiment_from_dict,
-                             model_config_from_dict, to_dict)
+from trdq_jax import files, manifest
+from trdq_jax._version import __version__
+from trdq_jax.config import (ConfigError, ExperimentConfig, MODEL_CONFIGS, dict_diff,
+                             experiment_from_dict, model_config_from_dict, to_dict)
 
-FORMAT = "trdq_jax.checkpoint/1"
+FORMAT = "trdq_jax.checkpoint/2"
+METADATA_FILE = files.METADATA_FILE
+KINDS = ("float", "quantized")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, truncated or does not match the expected config."""
-
-
-def _library_version() -> str:
-    from trdq_jax import __version__
-    return __version__
+class CheckpointError(manifest.IntegrityError):
+    """A checkpoint is missing, unreadable, truncated, edited or does not match the expected
+    config."""
 
 
 def _config_dict(cfg) -> tuple[str, dict]:
@@ -45,100 +50,153 @@ def _config_dict(cfg) -> tuple[str, dict]:
     raise TypeError(f"cfg: expected an ExperimentConfig or a model config, got {type(cfg).__name__}")
 
 
+def _host_tree(params: Any):
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError("params: the tree holds no arrays")
+    bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not hasattr(v, "shape") or not hasattr(v, "dtype")]
+    if bad:
+        raise ValueError(f"params: expected a pytree of arrays, these leaves are not: {bad[:5]}")
+    return jax.tree.map(np.asarray, jax.device_get(params))
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs every failed write as a multi-page ERROR through absl; the failure is raised
+    to the caller anyway, so silence the duplicate."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _orbax_save(directory: pathlib.Path, tree) -> None:
+    import orbax.checkpoint as ocp
+    with _quiet_orbax():
+        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        try:
+            ckptr.save(directory, args=ocp.args.StandardSave(tree))
+        except Exception as e:  # orbax reports ENOSPC / EROFS as ValueError from tensorstore
+            code = re.search(r"os_error_code='(\d+)'", str(e))
+            if code:
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+            raise OSError(f"orbax could not write the parameter tree: "
+                          f"{' '.join(str(e).split())[:300]}") from None
+        finally:
+            ckptr.close()
+
+
 def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
-         extra: dict | None = None, overwrite: bool = False) -> pathlib.Path:
-    """Write ``params`` and metadata to ``path`` atomically.
+         extra: dict | None = None, overwrite: bool = False, arg: str = "path") -> pathlib.Path:
+    """Write ``params`` and metadata to ``path`` atomically; returns the resolved path.
 
     Args:
-      path: target directory (must not exist unless ``overwrite``).
-      params: any pytree of arrays (float params, or a quantized pytree later).
+      path: target directory: new, empty, or (with ``overwrite``) a checkpoint of this ``kind``.
+      params: any pytree of arrays (nested dicts), e.g. float params or a quantized tree.
       cfg: the ``ExperimentConfig`` or model config the params belong to.
-      kind: free-form tag of what the tree holds (``"float"``, ``"quantized"``...).
-      extra: JSON-serialisable metadata stored alongside.
+      kind: ``"float"`` or ``"quantized"``.
+      extra: JSON-serialisable metadata stored alongside (digested like the rest).
+      arg: the argument name used in error messages (``--out`` for the CLI).
     """
-    path = pathlib.Path(path).expanduser().absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"path: {str(path)!r} exists; pass overwrite=True to replace it")
-    if not jax.tree.leaves(params):
-        raise ValueError("params: the tree holds no arrays")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    tree = _host_tree(params)
     config_kind, config = _config_dict(cfg)
-    meta = {"format": FORMAT, "library_version": _library_version(), "kind": kind,
+    body = {"format": FORMAT, "library_version": __version__, "kind": kind,
             "config_kind": config_kind, "config": config, "extra": extra or {}}
-    json.dumps(meta)  # fail before writing anything if extra is not serialisable
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        import orbax.checkpoint as ocp
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "params", jax.tree.map(np.asarray, params))
-            ckptr.wait_until_finished()
-        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+        json.dumps(body)
+    except TypeError as e:  # fail before writing anything
+        raise TypeError(f"extra: expected JSON-serialisable metadata ({e})") from None
+    meta = {**body, "manifest": manifest.make_manifest(body, manifest.flat_arrays(tree))}
+
+    def write(tmp: pathlib.Path) -> None:
+        _orbax_save(tmp / "params", tree)
+        files.crash_point("arrays-written")
+        files.write_json(tmp / METADATA_FILE, meta)
+
+    return files.write_dir(path, write, kind=kind, overwrite=overwrite, arg=arg)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The metadata dict of a checkpoint (raises ``CheckpointError`` if absent or corrupt)."""
-    path = pathlib.Path(path)
-    meta_file = path / "metadata.json"
+    path = pathlib.Path(path).expanduser()
+    meta_file = path / METADATA_FILE
     if not path.is_dir():
         raise CheckpointError(f"{str(path)!r}: no checkpoint directory there")
     if not meta_file.is_file():
-        raise CheckpointError(f"{str(path)!r}: metadata.json is missing (not a trdq_jax checkpoint, "
-                              "or an interrupted write)")
+        raise CheckpointError(f"{str(path)!r}: {METADATA_FILE} is missing (not a trdq_jax "
+                              "checkpoint directory)")
     try:
         meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{str(meta_file)!r}: corrupt metadata ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r}: unknown format {meta.get('format')!r}, "
-                              f"expected {FORMAT!r}")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{str(meta_file)!r}: corrupt metadata (not a JSON object)")
+    fmt = meta.get("format")
+    if fmt == "trdq_jax.checkpoint/1":
+        raise CheckpointError(f"{str(path)!r}: written by an older trdq_jax (format {fmt!r}, no "
+                              "integrity manifest); re-create it with this version")
+    if fmt != FORMAT:
+        what = f"a trdq_jax {files.KIND_NAMES.get(meta.get('kind'), meta.get('kind'))}" if str(
+            fmt).startswith(files.FORMAT_PREFIX) else f"unknown format {fmt!r}"
+        raise CheckpointError(f"{str(path)!r}: not a checkpoint ({what}); expected format "
+                              f"{FORMAT!r}")
+    if meta.get("kind") not in KINDS:
+        raise CheckpointError(f"{str(meta_file)!r}: kind {meta.get('kind')!r} is not one of "
+                              f"{KINDS}")
     return meta
 
 
 def stored_config(meta: dict):
     """The config object recorded in a checkpoint's metadata."""
-    if meta["config_kind"] == "experiment":
-        return experiment_from_dict(meta["config"])
-    return model_config_from_dict(meta["config"])
+    try:
+        if meta.get("config_kind") == "experiment":
+            return experiment_from_dict(meta["config"])
+        if meta.get("config_kind") == "model":
+            return model_config_from_dict(meta["config"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"metadata config: not a valid config ({e})") from None
+    raise CheckpointError(f"metadata config_kind: expected 'experiment' or 'model', got "
+                          f"{meta.get('config_kind')!r}")
 
 
 def restore(path: str | os.PathLike, cfg=None, *, target: Any = None):
-    """Restore ``(params, stored_cfg)`` from ``path``.
+    """Restore ``(params, stored_cfg)`` from ``path``; arrays come back as numpy.
 
     Args:
       cfg: if given, the stored config must equal it (an ``ExperimentConfig`` is compared by its
         model config when the checkpoint stores only a model config, and vice versa).
-      target: optional abstract tree (e.g. ``jax.eval_shape`` output); when given, restored arrays
-        must match its structure, shapes and dtypes. Float checkpoints of known models are checked
-        against the model's abstract params automatically.
+      target: optional abstract tree (e.g. ``jax.eval_shape`` output); the restored arrays must
+        match its structure, shapes and dtypes.
     """
     path = pathlib.Path(path).expanduser().absolute()  # orbax refuses relative paths
     meta = read_metadata(path)
+    body, record = manifest.split_manifest(meta, str(path / METADATA_FILE), CheckpointError)
+    manifest.check_fields(body, record["fields"], str(path / METADATA_FILE), CheckpointError)
     stored = stored_config(meta)
     if cfg is not None:
         _check_same_config(stored, cfg, path)
-    if target is None and meta["kind"] == "float":
-        from trdq_jax.models import abstract_params
-        target = abstract_params(_model_cfg(stored))
     try:
         import orbax.checkpoint as ocp
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(path / "params")
+        with _quiet_orbax():
+            ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+            try:
+                params = ckptr.restore(path / "params")
+            finally:
+                ckptr.close()
     except Exception as e:  # orbax raises many types for missing/truncated files
         raise CheckpointError(f"{str(path)!r}: cannot read the parameter tree "
-                              f"(missing or truncated files?): {type(e).__name__}: {e}") from None
+                              f"(missing or truncated files?): {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}") from None
+    manifest.check_arrays(record["arrays"], manifest.flat_arrays(params), str(path),
+                          CheckpointError)
     if target is not None:
-        _check_tree_matches(params, target, path)
+        check_tree_matches(params, target, str(path))
     return params, stored
 
 
@@ -151,22 +209,23 @@ def _check_same_config(stored, expected, path) -> None:
     if isinstance(a, ExperimentConfig) != isinstance(b, ExperimentConfig):
         a, b = _model_cfg(a), _model_cfg(b)
     if a != b:
-        da, db = to_dict(a), to_dict(b)
-        diffs = dict_diff(da, db)
+        diffs = dict_diff(to_dict(a), to_dict(b))
         raise CheckpointError(f"{str(path)!r}: stored config differs from the expected one: "
                               + "; ".join(diffs))
 
 
-def _check_tree_matches(params, target, path) -> None:
-    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+def check_tree_matches(params, target, where: str) -> None:
+    """Raise ``CheckpointError`` listing missing / unexpected paths and mismatched leaves of
+    ``params`` against the abstract tree ``target``."""
+    got, want = manifest.flat_arrays(params), manifest.flat_arrays(target)
     problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
     problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
     for k in sorted(set(got) & set(want)):
-        if tuple(got[k].shape) != tuple(want[k].shape) or np.dtype(got[k].dtype) != np.dtype(want[k].dtype):
-            problems.append(f"{k}: stored {got[k].dtype}{list(got[k].shape)}, "
+        if tuple(got[k].shape) != tuple(want[k].shape) or np.dtype(got[k].dtype) != np.dtype(
+                want[k].dtype):
+            problems.append(f"{k}: stored {np.dtype(got[k].dtype)}{list(got[k].shape)}, "
                             f"expected {np.dtype(want[k].dtype)}{list(want[k].shape)}")
     if problems:
-        raise CheckpointError(f"{str(path)!r}: parameter tree does not match the model: "
+        raise CheckpointError(f"{where}: parameter tree does not match the model: "
                               + "; ".join(problems[:20])
                               + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))

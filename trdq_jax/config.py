@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
+import numbers
 import pathlib
 import typing
 from typing import Any, Literal, Union
 
 DTYPES = ("float32", "bfloat16", "float16")
+CFG_SCALE_RANGE = (0.0, 100.0)
 
 
 class ConfigError(ValueError):
@@ -44,6 +47,52 @@ def _check_float_range(cfg: Any, field: str, lo: float, hi: float) -> None:
     value = getattr(cfg, field)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
         _fail(cfg, field, f"a number in [{lo}, {hi}]", value)
+
+
+def _fmt_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def check_cfg_scale(value: Any, where: str = "cfg_scale") -> float:
+    """The one guidance-scale policy: a finite real number in ``CFG_SCALE_RANGE`` = [0, 100].
+
+    Accepts Python ints/floats, numpy scalars and concrete 0-d numeric arrays (numpy or JAX);
+    refuses bools, strings, complex numbers and arrays of any other shape. Returns the value as a
+    Python float. Raises ``ConfigError`` (a ``ValueError``) naming ``where``:
+    ``cfg_scale: expected a number in [0, 100], got -2.0``. (Traced values cannot be checked
+    here; ``trdq_jax.sampling.sample`` checks only their shape and dtype.)
+    """
+    lo, hi = CFG_SCALE_RANGE
+    expected = f"expected a number in [{_fmt_number(lo)}, {_fmt_number(hi)}]"
+    dtype = getattr(value, "dtype", None)
+    real_scalar = (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
+        getattr(value, "shape", None) == ()  # a 0-d numpy/JAX array of a real numeric dtype
+        and (getattr(dtype, "kind", "") in ("i", "u", "f")
+             or getattr(dtype, "name", "") == "bfloat16"))  # ml_dtypes' numpy kind is "V"
+    if not real_scalar:
+        raise ConfigError(f"{where}: {expected}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):  # e.g. a tracer: its value cannot be checked
+        raise ConfigError(f"{where}: {expected}, got {value!r}") from None
+    if not (math.isfinite(number) and lo <= number <= hi):
+        raise ConfigError(f"{where}: {expected}, got {number!r}")
+    return number
+
+
+def exact_width(size: int, ratio: float) -> int | None:
+    """``size * ratio`` as an int when it is a whole number (up to float rounding, so
+    ``112 * (61 / 112)`` is 61, where ``int()`` would give 60), else None."""
+    width = size * ratio
+    nearest = round(width)
+    return int(nearest) if math.isclose(width, nearest, rel_tol=1e-9, abs_tol=0.0) else None
+
+
+def _check_mlp_ratio(cfg: Any) -> None:
+    _check_float_range(cfg, "mlp_ratio", 0.25, 64.0)
+    if exact_width(cfg.hidden_size, cfg.mlp_ratio) is None:
+        _fail(cfg, "mlp_ratio", f"hidden_size * mlp_ratio to be a whole MLP width (hidden_size="
+              f"{cfg.hidden_size} gives {cfg.hidden_size * cfg.mlp_ratio:.6g})", cfg.mlp_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +129,7 @@ class DiTConfig:
         if self.hidden_size % 4:
             _fail(self, "hidden_size", "a multiple of 4 (2-D sin-cos position embedding)",
                   self.hidden_size)
-        _check_float_range(self, "mlp_ratio", 0.25, 64.0)
+        _check_mlp_ratio(self)
         _check_float_range(self, "class_dropout_prob", 0.0, 1.0)
         _check_choice(self, "dtype", DTYPES)
         _check_choice(self, "param_dtype", DTYPES)
@@ -88,6 +137,11 @@ class DiTConfig:
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """Width of each block's MLP: exactly ``hidden_size * mlp_ratio`` (validated whole)."""
+        return exact_width(self.hidden_size, self.mlp_ratio)
 
     @property
     def num_patches(self) -> int:
@@ -132,7 +186,7 @@ class VideoDiTConfig:
             _fail(self, "hidden_size", f"a multiple of num_heads={self.num_heads}", self.hidden_size)
         if self.hidden_size % 4:
             _fail(self, "hidden_size", "a multiple of 4", self.hidden_size)
-        _check_float_range(self, "mlp_ratio", 0.25, 64.0)
+        _check_mlp_ratio(self)
         _check_float_range(self, "class_dropout_prob", 0.0, 1.0)
         _check_choice(self, "dtype", DTYPES)
         _check_choice(self, "param_dtype", DTYPES)
@@ -140,6 +194,11 @@ class VideoDiTConfig:
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """Width of each block's MLP: exactly ``hidden_size * mlp_ratio`` (validated whole)."""
+        return exact_width(self.hidden_size, self.mlp_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +307,7 @@ class SamplerConfig:
         if self.num_segments > self.num_steps:
             _fail(self, "num_segments", f"<= num_steps={self.num_steps}", self.num_segments)
         _check_float_range(self, "eta", 0.0, 1.0)
-        _check_float_range(self, "cfg_scale", 0.0, 100.0)
+        check_cfg_scale(self.cfg_scale, "SamplerConfig.cfg_scale")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,9 +22,13 @@ import time
 import jax
 import numpy as np
 
-from trdq_jax.config import DiTConfig, ExperimentConfig, SamplerConfig
-from trdq_jax.evaluate import classifier_for, heldout_data, judge
-from trdq_jax.generate import generate, grid_rows
+from trdq_jax import files, manifest
+from trdq_jax._version import __version__
+from trdq_jax.config import ClassifierConfig, DiTConfig, ExperimentConfig, SamplerConfig
+from trdq_jax.eval.judge import classifier_for, heldout_data, judge
+from trdq_jax.sampling.generate import generate, grid_rows
+
+FORMAT = "trdq_jax.demo/1"
 
 
 def _fallback_model():
@@ -39,27 +43,34 @@ def _fallback_model():
 
 
 def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class: int = 30,
-             seed: int = 0, quant_per_class: int = 10) -> dict:
-    """Run the demo and return the report dict (also written to ``out``).
+             seed: int = 0, quant_per_class: int = 10, *, overwrite: bool = False,
+             arg: str = "out") -> dict:
+    """Run the demo and return the report dict; ``out`` (a directory of kind ``"demo"``) gets
+    every file at once when all is computed.
 
     Labels are class-interleaved (0, 1, ..., 9, 0, 1, ...) so that the first
     ``quant_per_class * num_classes`` float samples share their noise with the quantized ones.
     """
     from trdq_jax.models import zoo
-    from trdq_jax.sampling import Sampler
-    from trdq_jax.viz import save_grid
+    from trdq_jax.sampling.solvers import Sampler
+    from trdq_jax.viz import save_comparison_grid, save_grid
 
-    if per_class < 1:
-        raise ValueError(f"per_class: expected a positive int, got {per_class}")
-    if quant_per_class < 1:
-        raise ValueError(f"quant_per_class: expected a positive int, got {quant_per_class}")
-    out = pathlib.Path(out)
+    for name, value in (("per_class", per_class), ("quant_per_class", quant_per_class)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    files.resolve_target(out, kind="demo", overwrite=overwrite, is_dir=True, arg=arg)  # fail early
+    if model_name not in zoo.available() and model_name not in zoo.BUNDLED:
+        raise ValueError(f"model: unknown bundled model {model_name!r}; known: "
+                         f"{sorted(zoo.BUNDLED)}")
     if model_name in zoo.available():
         model, params, cfg = zoo.load(model_name)
         source = f"bundled:{model_name}"
     else:
         model, params, cfg = _fallback_model()
         source = f"UNTRAINED fallback ({model_name} is not bundled in this installation)"
+    if isinstance(cfg.model, ClassifierConfig):
+        raise ValueError(f"model: {model_name!r} is a classifier; the demo samples a diffusion "
+                         "model")
     num_classes = cfg.model.num_classes
     labels = np.tile(np.arange(num_classes), per_class)
     sampler = Sampler.from_config(cfg.sampler)
@@ -72,10 +83,6 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
     samples = generate(model, params, cfg, labels, seed=seed, sampler=sampler, progress=True)
     steady = time.perf_counter() - t0
 
-    save_grid(out / "grid.png", grid_rows(samples, labels, num_classes),
-              [f"digit {c}" for c in range(num_classes)],
-              title=f"{cfg.name}: {cfg.sampler.solver} {cfg.sampler.num_steps} steps, "
-                    f"cfg {cfg.sampler.cfg_scale}")
     test_images, _ = heldout_data(cfg.model)  # digits test images, or moving-digits test videos
     report = {
         "model": source,
@@ -95,28 +102,44 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
     else:
         report["note"] = f"{classifier_for(samples)} not bundled: no class match / digits-FID"
     n_q = min(quant_per_class, per_class) * num_classes
-    report["quantized"] = quantized_comparison(
-        model, params, cfg, labels[:n_q], samples[:n_q], seed, out / "grid_quantized.png",
+    report["quantized"], arrays, grid = quantized_comparison(
+        model, params, cfg, labels[:n_q], samples[:n_q], seed,
         test_images if has_classifier else None)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    (out / "report.md").write_text(_markdown(report))
+    row_labels = [f"digit {c}" for c in range(num_classes)]
+    body = {"format": FORMAT, "kind": "demo", "library_version": __version__, "model": source,
+            "config": cfg.name, "seed": seed}
+    meta = {**body, "manifest": manifest.make_manifest(body, arrays)}
+
+    def write(tmp: pathlib.Path) -> None:
+        save_grid(tmp / "grid.png", grid_rows(samples, labels, num_classes), row_labels,
+                  title=f"{cfg.name}: {cfg.sampler.solver} {cfg.sampler.num_steps} steps, "
+                        f"cfg {cfg.sampler.cfg_scale}")
+        save_comparison_grid(tmp / "grid_quantized.png", grid, row_labels,
+                             title=f"{cfg.name}: float vs TR-DQ W8A8 vs W4A8 (same noise, "
+                                   f"seed {seed})")
+        np.savez(tmp / "samples_quantized.npz", **arrays)
+        files.crash_point("arrays-written")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        (tmp / "report.md").write_text(_markdown(report))
+        files.write_json(tmp / files.METADATA_FILE, meta)
+
+    files.write_dir(out, write, kind="demo", overwrite=overwrite, arg=arg)
     return report
 
 
-def quantized_comparison(model, params, cfg, labels, float_samples, seed, grid_path,
-                         reference=None) -> dict:
+def quantized_comparison(model, params, cfg, labels, float_samples, seed, reference=None):
     """Calibrate TR-DQ once, quantize W8A8 and W4A8, sample ``labels`` from ``seed`` (the noise
-    of ``float_samples [N, H, W, C]``), compare and draw ``grid_path``.
+    of ``float_samples [N, H, W, C]``) and compare.
 
     ``reference``: held-out images for class match / digits-FID (None: skipped).
-    Returns the report's ``quantized`` section.
+    Returns ``(section, arrays, grid)``: the report's ``quantized`` section, the
+    ``samples_quantized.npz`` arrays (labels, float, w8a8, w4a8) and the comparison grid rows
+    ``{setting: rows}``.
     """
-    from trdq_jax.eval import psnr, ssim
-    from trdq_jax.plots import save_comparison_grid
+    from trdq_jax.eval.metrics import psnr, ssim
     from trdq_jax.quant import QuantizedDenoiser, get_recipe, quantize
-    from trdq_jax.quant_cli import DEFAULT_CALIB_SEED, quantize_summary, run_calibration
-    from trdq_jax.sampling import Sampler
+    from trdq_jax.quant.pipeline import DEFAULT_CALIB_SEED, quantize_summary, run_calibration
+    from trdq_jax.sampling.solvers import Sampler
 
     calib_per_class = 4
     t0 = time.perf_counter()
@@ -158,19 +181,9 @@ def quantized_comparison(model, params, cfg, labels, float_samples, seed, grid_p
         section["settings"][name] = entry
         grid[name] = grid_rows(qsamples, labels, num_classes)
         quantized[name] = qsamples
-    arrays = {"labels": labels, "float": float_samples, **{
-        name.lower(): q for name, q in quantized.items()}}
-    _save_npz(pathlib.Path(grid_path).with_name("samples_quantized.npz"), arrays)
-    save_comparison_grid(grid_path, grid, [f"digit {c}" for c in range(num_classes)],
-                         title=f"{cfg.name}: float vs TR-DQ W8A8 vs W4A8 (same noise, seed {seed})")
-    return section
-
-
-def _save_npz(path: pathlib.Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    arrays = {"labels": np.asarray(labels), "float": np.asarray(float_samples), **{
+        name.lower(): np.asarray(q) for name, q in quantized.items()}}
+    return section, arrays, grid
 
 
 def _quantized_markdown(section: dict) -> list[str]:
@@ -216,14 +229,3 @@ def _markdown(report: dict) -> str:
     if "quantized" in report:
         lines += _quantized_markdown(report["quantized"])
     return "\n".join(lines)
-
-
-def run_demo_command(args) -> int:
-    report = run_demo(args.out, args.model, args.per_class, args.seed, args.quant_per_class)
-    print(json.dumps({k: report[k] for k in ("model", "num_samples", "timings_s")}, default=float))
-    for name, e in report["quantized"]["settings"].items():
-        print(json.dumps({"setting": name, "psnr_db_vs_float": round(e["psnr_db_vs_float"], 2),
-                          "ssim_vs_float": round(e["ssim_vs_float"], 4),
-                          "ratio_to_bf16": e["ratio_to_bf16"]}))
-    print(f"wrote {pathlib.Path(args.out) / 'grid.png'}, grid_quantized.png and report.json / .md")
-    return 0

@@ -7,7 +7,9 @@ import pytest
 from trdq_jax.config import DiTConfig
 from trdq_jax.models import (abstract_params, build_model, dit_config, init_params, param_count,
                              pos_embed_size)
+from trdq_jax.models import factory
 from trdq_jax.models.convert import convert_dit_state_dict
+from trdq_jax.models.factory import check_params
 from tests.models import official_dit
 
 SMALL = DiTConfig(input_size=8, in_channels=3, patch_size=2, hidden_size=48, depth=2, num_heads=4,
@@ -17,7 +19,7 @@ SMALL = DiTConfig(input_size=8, in_channels=3, patch_size=2, hidden_size=48, dep
 def _official_dims(cfg):
     return dict(depth=cfg.depth, hidden=cfg.hidden_size, in_ch=cfg.in_channels,
                 patch=cfg.patch_size, num_classes=cfg.num_classes,
-                mlp_hidden=int(cfg.hidden_size * cfg.mlp_ratio), out_ch=cfg.out_channels,
+                mlp_hidden=cfg.mlp_hidden_size, out_ch=cfg.out_channels,
                 n_tokens=cfg.num_patches)
 
 
@@ -79,6 +81,13 @@ def test_jit_deterministic_and_bf16_close_to_f32():
     (dict(y=np.array([0.0, 1.0])), "y", "integer"),
     (dict(y=np.array([0, 1, 2])), "y", "shape"),
     (dict(t=np.zeros((3,))), "t", "shape"),
+    (dict(x=np.zeros((0, 8, 8, 3), np.float32), t=np.zeros((0,)), y=np.zeros((0,), np.int32)),
+     "x", r"non-empty batch \(B >= 1\) in \[B, H, W, C\], got shape \(0, 8, 8, 3\)"),
+    (dict(x=np.where(np.arange(384).reshape(2, 8, 8, 3) % 7, 0, np.nan).astype(np.float32)), "x",
+     r"finite values, got 55 NaN and 0 infinite of 384"),
+    (dict(x=jnp.zeros((2, 8, 8, 3)).at[1, 2, 3, 0].set(-jnp.inf)), "x", "0 NaN and 1 infinite"),
+    (dict(t=np.array([5.0, np.inf])), "t", "finite values, got 0 NaN and 1 infinite of 2"),
+    (dict(t=jnp.array([np.nan, 5.0])), "t", "finite values, got 1 NaN"),
 ])
 def test_bad_inputs_name_the_argument(bad, arg, pattern):
     params = init_params(SMALL, jax.random.key(0))
@@ -131,3 +140,67 @@ def test_concrete_labels_captured_inside_jit():
     y = jnp.array([0, 1])
     f = jax.jit(lambda p, x: build_model(SMALL).apply({"params": p}, x, jnp.zeros((2,)), y))
     assert f(params, jnp.zeros((2, 8, 8, 3))).shape == (2, 8, 8, 6)
+
+
+def test_value_checks_cost_nothing_inside_jit_but_catch_captured_constants():
+    params = abstract_params(SMALL)
+    model = build_model(SMALL)
+    t, y = jnp.zeros((2,)), jnp.array([0, 1])
+    nan_x = jnp.full((2, 8, 8, 3), jnp.nan)
+    # traced x: values unknown, nothing is checked (and nothing computed) on the jitted path
+    out = jax.eval_shape(jax.jit(lambda p, x: model.apply({"params": p}, x, t, y)), params, nan_x)
+    assert out.shape == (2, 8, 8, 6)
+    with pytest.raises(ValueError, match="^x: expected finite values"):
+        jax.eval_shape(jax.jit(lambda p: model.apply({"params": p}, nan_x, t, y)), params)
+
+
+def test_check_params_accepts_the_config_params_as_arrays_structs_or_tracers():
+    params = init_params(SMALL, jax.random.key(0))
+    check_params(SMALL, params)
+    check_params(SMALL, abstract_params(SMALL))
+    check_params(SMALL, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))  # any float
+    jax.jit(lambda p: check_params(SMALL, p))(params)
+
+
+def test_check_params_lists_every_difference():
+    other = DiTConfig(**{**SMALL.__dict__, "depth": 3, "num_classes": 7})
+    with pytest.raises(ValueError) as e:
+        check_params(SMALL, abstract_params(other))
+    msg = str(e.value)
+    assert msg.startswith(f"params: expected the parameters of {SMALL}, got a tree that differs:")
+    assert "unexpected (10): blocks_2/adaLN_modulation_1/bias, " in msg
+    assert ("mis-shaped (1): y_embedder/embedding_table/embedding: expected (6, 48), got (8, 48)"
+            in msg)
+    assert "missing" not in msg
+
+    tree = abstract_params(SMALL)
+    del tree["blocks_1"]["mlp"]["fc2"]["bias"]
+    tree["blocks_0"]["attn"]["qkv"]["kernel"] = jax.ShapeDtypeStruct((48, 144), jnp.int8)
+    tree["extra"] = {"scale": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    with pytest.raises(ValueError) as e:
+        check_params(SMALL, tree, name="ema_params")
+    msg = str(e.value)
+    assert msg.startswith("ema_params: expected the parameters of DiTConfig(")
+    assert "  missing (1): blocks_1/mlp/fc2/bias\n" in msg
+    assert "  unexpected (1): extra/scale\n" in msg
+    assert msg.endswith("  not floating point (1): blocks_0/attn/qkv/kernel: int8")
+
+
+def test_check_params_explains_a_variables_dict_and_caps_long_lists():
+    with pytest.raises(ValueError, match=r"^params: got a variables dict \{'params': \.\.\.\}; "
+                                         r"pass its \['params'\] entry"):
+        check_params(SMALL, {"params": abstract_params(SMALL)})
+    with pytest.raises(ValueError, match=r"missing \(.+\): .*, \.\.\. \(\d+ more\)"):
+        check_params(SMALL, {"w": jnp.zeros(3)})
+
+
+def test_check_params_traces_each_config_once(monkeypatch):
+    cfg = DiTConfig(**{**SMALL.__dict__, "num_classes": 9})  # not cached by any other test
+    calls = []
+    real = factory.init_params
+    monkeypatch.setattr(factory, "init_params", lambda *a: calls.append(1) or real(*a))
+    params = abstract_params(cfg)
+    for _ in range(3):
+        check_params(cfg, params)
+        abstract_params(cfg)
+    assert len(calls) == 1

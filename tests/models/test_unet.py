@@ -328,6 +328,10 @@ def test_batch_elements_are_independent_without_sharing(params):
     (dict(y=np.array([0.0, 1.0])), "y", "integer"),
     (dict(y=np.array([0, 1, 2])), "y", "shape"),
     (dict(t=np.zeros((2, 1))), "t", "shape"),
+    (dict(x=np.zeros((0, 8, 8, 2), np.float32), t=np.zeros((0,)), y=np.zeros((0,), np.int32)),
+     "x", r"non-empty batch \(B >= 1\)"),
+    (dict(x=np.full((2, 8, 8, 2), np.nan, np.float32)), "x", "finite values, got 256 NaN"),
+    (dict(t=np.array([np.inf, 3.0])), "t", "finite values, got 0 NaN and 1 infinite"),
 ])
 def test_bad_inputs_name_the_argument(params, bad, arg, pattern):
     inputs = dict(x=np.zeros((2, S, S, C), np.float32), t=np.zeros((2,)), y=np.array([0, 3]))

@@ -369,6 +369,10 @@ def test_label_dropout_in_training_uses_the_null_label(params):
     (dict(y=np.array([0.0, 1.0])), "y", "integer"),
     (dict(y=np.array([[0], [1]])), "y", "shape"),
     (dict(t=np.zeros((3,))), "t", "shape"),
+    (dict(x=np.zeros((0, 3, 8, 8, 2), np.float32), t=np.zeros((0,)), y=np.zeros((0,), np.int32)),
+     "x", r"non-empty batch \(B >= 1\) in \[B, F, H, W, C\]"),
+    (dict(x=np.full((2, 3, 8, 8, 2), np.inf, np.float32)), "x", "0 NaN and 768 infinite"),
+    (dict(t=np.array([1.0, np.nan])), "t", "finite values, got 1 NaN"),
 ])
 def test_bad_inputs_name_the_argument(params, bad, arg, pattern):
     inputs = dict(x=np.zeros((2, F, S, S, C), np.float32), t=np.zeros((2,)), y=np.array([0, 4]))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from tests.sampling import _reference as ref
-from trdq_jax.config import SamplerConfig
-from trdq_jax.sampling import Sampler, sample
+from trdq_jax.config import DiTConfig, ExperimentConfig, SamplerConfig
+from trdq_jax.sampling import Sampler, initial_noise, sample
 from trdq_jax.sampling import scan_sampler
 
 ABAR = ref.alphas_cumprod(ref.betas("linear", 1000))
@@ -174,6 +174,20 @@ def test_progress_reporting_only_when_asked():
     (dict(cfg_scale=float("nan")), "cfg_scale"),
     (dict(cfg_scale=float("inf")), "cfg_scale"),
     (dict(cfg_scale="big"), "cfg_scale"),
+    (dict(cfg_scale=-2), r"^cfg_scale: expected a number in \[0, 100\], got -2\.0$"),
+    (dict(cfg_scale=100.5), r"^cfg_scale: expected a number in \[0, 100\], got 100\.5$"),
+    (dict(cfg_scale=True), r"^cfg_scale: expected a number in \[0, 100\], got True$"),
+    (dict(cfg_scale=np.array([1.0, 2.0])), r"^cfg_scale: expected a number"),
+    (dict(cfg_scale=None, sampler=Sampler.from_config(SamplerConfig(num_steps=2)).replace(
+        cfg_scale=jnp.float32(-1.0))), r"^sampler\.cfg_scale: expected a number in \[0, 100\]"),
+    (dict(x_T=np.zeros((3, 3), np.float32)), r"^x_T: expected an array of shape \(2, 3\) "
+                                             r"\(= shape\), got shape \(3, 3\)$"),
+    (dict(x_T=np.zeros((2, 3, 1), np.float32)), r"^x_T: expected an array of shape \(2, 3\)"),
+    (dict(x_T=np.zeros((2, 3), np.int32)), r"^x_T: expected a floating dtype, got int32$"),
+    (dict(x_T=np.array([[0.0, np.nan, 1.0], [np.inf, 0, 0]])),
+     r"^x_T: expected finite values, got 1 NaN and 1 infinite of 6$"),
+    (dict(x_T=jnp.zeros((2, 3)).at[0, 0].set(jnp.nan)), r"^x_T: expected finite values, got 1 NaN"),
+    (dict(x_T="noise"), r"^x_T: expected an array of shape \(2, 3\)"),
     (dict(params={}), "params"),
     (dict(seed=-1), "seed"),
     (dict(seed=1.5), "seed"),
@@ -231,3 +245,114 @@ def test_sample_inside_a_user_jit_equals_the_eager_call():
         args.update(bad)
         with pytest.raises(ValueError, match=match):
             research_code(**args)
+
+
+# ----------------------------------------------------------------------------- initial noise x_T
+
+
+def test_initial_noise_is_the_documented_derivation():
+    got = initial_noise(7, (6, 3), sample_offset=5)
+    assert got.shape == (6, 3) and got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got, np.float64), _noise(7, 5 + np.arange(6)))
+    for bad, match in [(dict(seed=-1), "^seed"), (dict(shape=(0, 3)), "^shape"),
+                       (dict(shape=(3,)), "^shape"), (dict(sample_offset=-1), "^sample_offset")]:
+        args = dict(seed=0, shape=(2, 3), sample_offset=0)
+        args.update(bad)
+        with pytest.raises(ValueError, match=match):
+            initial_noise(**args)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+def test_default_noise_passed_as_x_T_gives_bit_identical_samples(solver):
+    sampler = Sampler.from_config(SamplerConfig(solver=solver, num_steps=6))
+    apply_fn = _class_model(learned_sigma=solver == "ddpm")
+    kw = dict(seed=9, cfg_scale=2.0, null_label=NULL, shape=(len(LABELS), 3), sample_offset=4)
+    default = np.asarray(sample(apply_fn, PARAMS, sampler, LABELS, **kw))
+    x_T = initial_noise(9, (len(LABELS), 3), sample_offset=4)
+    explicit = np.asarray(sample(apply_fn, PARAMS, sampler, LABELS, x_T=x_T, **kw))
+    np.testing.assert_array_equal(explicit, default)
+    other = np.asarray(sample(apply_fn, PARAMS, sampler, LABELS, x_T=x_T.at[2].add(3.0), **kw))
+    assert np.abs(other[2] - default[2]).max() > 1e-3
+    np.testing.assert_array_equal(np.delete(other, 2, 0), np.delete(default, 2, 0))  # per sample
+
+
+def test_x_T_is_the_start_of_the_trajectory_and_of_a_reference_ddim_loop():
+    n, w = 5, 1.5
+    sampler = Sampler.from_config(SamplerConfig(solver="ddim", num_steps=n))
+    x_T = np.random.default_rng(0).standard_normal((len(LABELS), 3)).astype(np.float32) * 2.0
+    x, xs = sample(_class_model(), PARAMS, sampler, LABELS, seed=0, cfg_scale=w, null_label=NULL,
+                   shape=(len(LABELS), 3), x_T=x_T, return_trajectory=True)
+    assert xs.shape == (n, len(LABELS), 3)
+    np.testing.assert_array_equal(np.asarray(xs[0]), x_T)
+    zs = [np.zeros((len(LABELS), 3))] * n
+    want = ref.ddim_loop("linear", n, 0.0, x_T.astype(np.float64), _guided(_eps_np, w, LABELS), zs)
+    np.testing.assert_allclose(np.asarray(x), want[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_x_T_may_be_traced_inside_a_user_jit():
+    sampler = Sampler.from_config(SamplerConfig(solver="ddpm", num_steps=3))
+    apply_fn = _class_model(learned_sigma=True)
+    x_T = initial_noise(1, (4, 3)) * 0.5
+    kw = dict(seed=1, cfg_scale=2.0, null_label=NULL, shape=(4, 3))
+    eager = np.asarray(sample(apply_fn, PARAMS, sampler, LABELS[:4], x_T=x_T, **kw))
+    traced = jax.jit(lambda x: sample(apply_fn, PARAMS, sampler, LABELS[:4], x_T=x, **kw))(x_T)
+    np.testing.assert_allclose(np.asarray(traced), eager, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^x_T: expected an array of shape \(4, 3\) \(= shape\), "
+                                         r"got traced shape \(4, 2\)"):
+        jax.jit(lambda x: sample(apply_fn, PARAMS, sampler, LABELS[:4], x_T=x, **kw))(x_T[:, :2])
+
+
+# ----------------------------------------------------------------------------- params of a model
+
+TINY_DIT = DiTConfig(input_size=2, in_channels=1, patch_size=1, hidden_size=8, depth=1,
+                     num_heads=2, num_classes=3, learn_sigma=False)
+
+
+def test_denoiser_params_of_another_config_fail_before_tracing():
+    from trdq_jax.models import abstract_params, build_model
+    from trdq_jax.sampling import denoise_fn_for
+    apply_fn = denoise_fn_for(build_model(TINY_DIT))
+    wrong = abstract_params(DiTConfig(**{**TINY_DIT.__dict__, "hidden_size": 16}))
+    sampler = Sampler.from_config(SamplerConfig(num_steps=2))
+    kw = dict(seed=0, cfg_scale=1.0, null_label=3, shape=(2, 2, 2, 1))
+    before = scan_sampler._sample_scan._cache_size()
+    with pytest.raises(ValueError, match=r"^params: expected the parameters of DiTConfig\(.*\n"
+                                         r"  mis-shaped \(\d+\): blocks_0/adaLN_modulation_1/bias: "
+                                         r"expected \(48,\), got \(96,\)"):
+        sample(apply_fn, wrong, sampler, np.array([0, 1]), **kw)
+    with pytest.raises(ValueError, match="^params: expected the parameters"):  # tracers too
+        jax.jit(lambda p: sample(apply_fn, p, sampler, np.array([0, 1]), **kw))(
+            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), wrong))
+    assert scan_sampler._sample_scan._cache_size() == before
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _image_eps(params, x, t, y, segment, share_cfg):
+    """Per-class Gaussian eps over [2N, 2, 2, 1] images (the same per pixel)."""
+    abar = jnp.asarray(ABAR, jnp.float32)[t.astype(jnp.int32)][:, None, None, None]
+    mu, var = params["mu"][y][:, :1, None, None], params["std"][0] ** 2
+    return jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * mu) / (abar * var + 1 - abar)
+
+
+def test_generate_with_x_T_is_independent_of_batching():
+    from trdq_jax.sampling.generate import generate
+    cfg = ExperimentConfig(name="tiny", model=TINY_DIT,
+                           sampler=SamplerConfig(solver="ddpm", num_steps=4, cfg_scale=2.0))
+    labels = np.array([0, 2, 1, 3])
+    default_noise = np.asarray(initial_noise(3, (4, 2, 2, 1)))
+    x_T = default_noise + 0.25
+
+    def run(**kw):
+        return generate(None, PARAMS, cfg, labels, seed=3, apply_fn=_image_eps, **kw)
+
+    whole = run(batch_size=4, x_T=x_T)
+    # batches of 2 and of 4 are different programs: equal up to float32 rounding
+    np.testing.assert_allclose(run(batch_size=2, x_T=x_T), whole, rtol=0, atol=1e-6)
+    # the default noise, sliced per batch, is what generate draws itself
+    np.testing.assert_array_equal(run(batch_size=2, x_T=default_noise), run(batch_size=2))
+    assert np.abs(whole - run(batch_size=4)).min() > 1e-4
+    with pytest.raises(ValueError, match=r"^x_T: expected shape \(4, 2, 2, 1\) \(len\(labels\) = 4 "
+                                         r"samples of the model's input\), got \(2, 2, 2, 1\)"):
+        run(batch_size=2, x_T=x_T[:2])

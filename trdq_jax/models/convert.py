@@ -4,22 +4,26 @@ The conversion is a table: each Flax path maps to one PyTorch key by turning ``n
 elements back into ``name.N`` (``nn.Sequential`` indices) and the leaf names ``kernel`` /
 ``embedding`` into ``weight``. Linear weights are transposed (``[out, in]`` -> ``[in, out]``),
 conv weights go from ``[out, in, kh, kw]`` to ``[kh, kw, in, out]``. The frozen sin-cos
-``pos_embed`` is checked against the constant the Flax model computes and then dropped.
+``pos_embed`` is checked against the constant the Flax model computes (within the rounding of
+the dtype it is stored in, so float16/bfloat16 checkpoints convert) and then dropped.
 
-Every key of the state dict must be consumed: unknown, missing and mis-shaped keys are reported
-together in one ``ConversionError``.
+Every key of the state dict must be consumed: unknown, missing, mis-shaped and non-finite
+(NaN/Inf) keys are reported together in one ``ConversionError``.
 """
 from __future__ import annotations
 
 import pathlib
 import re
+import zipfile
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax.config import DiTConfig
 from trdq_jax.models.dit import DIT_SIZES
+from trdq_jax.models.factory import abstract_params
 from trdq_jax.models.layers import sincos_2d
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
@@ -33,35 +37,116 @@ class ConversionError(ValueError):
 
 
 def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """Read a PyTorch-layout state dict from ``.safetensors``, ``.npz`` or ``.pt``/``.pth``.
+    """Read a PyTorch-layout state dict: ``.safetensors``, ``.npz`` or ``.pt``/``.pth``/``.bin``.
 
-    ``.pt`` needs torch (``torch.load(weights_only=True)``). Training checkpoints of the official
-    repo (``{"model": ..., "ema": ...}``) yield their ``ema`` weights.
+    ``.pt`` needs torch (``pip install 'trdq_jax[torch]'``; ``torch.load(weights_only=True)``).
+    Training checkpoints of the official repo (``{"model": ..., "ema": ...}``) yield their
+    ``ema`` weights. ``.safetensors`` keeps float16/bfloat16 as stored (bfloat16 as
+    ``ml_dtypes.bfloat16``).
+
+    Raises ``FileNotFoundError`` for a missing file, ``ConversionError`` naming the path for an
+    empty, truncated or corrupt file or one holding non-numeric (e.g. pickled object) arrays, and
+    ``ImportError`` for ``.pt`` files without torch.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no checkpoint file at {str(path)!r}")
     suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".npz", ".pt", ".pth", ".bin"):
+        raise ValueError(f"path: expected a .safetensors, .npz, .pt, .pth or .bin file, "
+                         f"got {path.name!r}")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"path: {str(path)!r} is empty (0 bytes); expected a {suffix} "
+                              "checkpoint (an interrupted download or copy?)")
     if suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        return dict(load_file(str(path)))
+        return _load_safetensors(path)
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    if suffix in (".pt", ".pth", ".bin"):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(f"path: reading {suffix} files needs torch; install it or convert the "
-                              "checkpoint to .safetensors/.npz first") from None
+        return _load_npz(path)
+    return _load_torch(path, suffix)
+
+
+def _corrupt(path: pathlib.Path, kind: str, reason: str) -> ConversionError:
+    return ConversionError(f"path: {str(path)!r} is not a readable {kind} file ({reason}); it "
+                           "may be truncated or corrupt: download or save it again")
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        out = dict(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise _corrupt(path, ".safetensors", str(e)) from None
+    _check_numeric(path, out)
+    return out
+
+
+def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e):  # numpy falls back to "pickled data" for any non-zip, non-.npy file
+            raise _corrupt(path, ".npz", "neither a zip archive nor a .npy array") from None
+        raise _corrupt(path, ".npz", str(e)) from None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise _corrupt(path, ".npz", f"{type(e).__name__}: {e}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ConversionError(f"path: {str(path)!r} holds a single .npy array, not a .npz archive "
+                              "of named arrays (np.savez(path, **state_dict))")
+    out = {}
+    with data:
+        for key in data.files:
+            try:
+                out[key] = data[key]
+            except ValueError as e:
+                if "allow_pickle" in str(e):
+                    raise ConversionError(
+                        f"path: {str(path)!r}: array {key!r} is an object array (pickled Python "
+                        "objects), which is never unpickled; expected numeric arrays") from None
+                raise _corrupt(path, ".npz", f"array {key!r}: {e}") from None
+            except (zipfile.BadZipFile, EOFError, OSError) as e:
+                raise _corrupt(path, ".npz", f"array {key!r}: {type(e).__name__}: {e}") from None
+    _check_numeric(path, out)
+    return out
+
+
+def _check_numeric(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
+    bad = [f"{k} ({v.dtype})" for k, v in arrays.items()
+           if not (v.dtype.kind in "biuf" or v.dtype == jnp.bfloat16)]
+    if bad:
+        hint = (" (.npz stores bfloat16 as raw 2-byte voids: save float32, or use .safetensors)"
+                if any(v.dtype == np.dtype("V2") for v in arrays.values()) else "")
+        raise ConversionError(f"path: {str(path)!r}: expected numeric arrays, got "
+                              f"{', '.join(sorted(bad))}{hint}")
+
+
+def _load_torch(path: pathlib.Path, suffix: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"path: reading {suffix} checkpoints needs PyTorch: pip install "
+                          "'trdq_jax[torch]'; or convert the file to .safetensors where torch is "
+                          "installed (safetensors.torch.save_file(torch.load(path), "
+                          "'model.safetensors')) and load that") from None
+    try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
-            obj = obj["ema"]
-        elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-            obj = obj["model"]
-        return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-                for k, v in obj.items()}
-    raise ValueError(f"path: expected a .safetensors, .npz, .pt or .pth file, got {path.name!r}")
+    except Exception as e:  # noqa: BLE001 (torch raises RuntimeError, UnpicklingError, EOFError...)
+        raise ConversionError(f"path: torch.load(weights_only=True) cannot read {str(path)!r} "
+                              f"(truncated, corrupt, or holding more than tensors): "
+                              f"{type(e).__name__}: {e}") from None
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise ConversionError(f"path: {str(path)!r} holds a {type(obj).__name__}, expected a "
+                              "state dict (a dict of tensors)")
+    not_tensors = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ConversionError(f"path: {str(path)!r}: expected tensors, got other values at "
+                              f"{', '.join(map(str, not_tensors))}")
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+            for k, v in obj.items()}
 
 
 # ----------------------------------------------------------------------------- key table
@@ -112,44 +197,87 @@ def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
 # ----------------------------------------------------------------------------- conversion
 
 
+POS_EMBED_ULPS = 4
+
+
+def pos_embed_tolerance(dtype, reference: np.ndarray, atol: float = 1e-4) -> np.ndarray:
+    """Per-entry tolerance for a stored sin-cos ``pos_embed`` of ``dtype`` against the float64
+    ``reference``: ``atol + POS_EMBED_ULPS * eps(dtype) * |reference|``.
+
+    Storing rounds each value by at most half an ulp, ``eps/2 * |v|``; the relative term allows a
+    few ulps, so float16 (``eps`` ~ 1e-3) and bfloat16 (``eps`` ~ 8e-3) checkpoints pass while a
+    learned table does not. For float32 (``eps`` ~ 1.2e-7) the bound stays ``atol``, as strict as
+    before; an integer dtype gets ``atol`` alone.
+    """
+    dtype = np.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return np.full(np.shape(reference), float(atol))
+    eps = float(jnp.finfo(dtype).eps)
+    return atol + POS_EMBED_ULPS * eps * np.abs(reference)
+
+
+def _nonfinite(value: np.ndarray) -> str | None:
+    """``"3 NaN, 1 Inf"`` when a floating array has non-finite entries, else None."""
+    if not jnp.issubdtype(value.dtype, jnp.inexact) or np.isfinite(value).all():
+        return None
+    return f"{int(np.isnan(value).sum())} NaN, {int(np.isinf(value).sum())} Inf"
+
+
 def convert_dit_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
                            pos_embed_atol: float = 1e-4) -> dict:
     """Official DiT state dict -> Flax ``params`` for ``DiT(cfg)`` (numpy arrays, ``param_dtype``).
 
-    Raises ``ConversionError`` listing every unknown, missing and mis-shaped key.
-    """
-    from trdq_jax.models import abstract_params
+    Any float dtype converts (float16/bfloat16 checkpoints too): weights are cast to
+    ``cfg.param_dtype``, and the fixed ``pos_embed`` is compared within the stored dtype's
+    rounding (``pos_embed_tolerance``; ``pos_embed_atol`` is its absolute floor).
 
+    Raises ``ConversionError`` listing every unknown, missing, mis-shaped and non-finite (NaN/Inf,
+    also after the cast to ``param_dtype``) key.
+    """
     expected = _flat_paths(abstract_params(cfg))
     table = {torch_key(path): path for path in expected}
     unknown = sorted(set(state_dict) - set(table) - {"pos_embed"})
     missing = sorted(set(table) - set(state_dict))
     if "pos_embed" not in state_dict:
         missing.append("pos_embed")
-    misshaped, flat = [], {}
+    param_dtype = (np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16"
+                   else np.dtype(jnp.bfloat16))
+    misshaped, nonfinite, flat = [], [], {}
     for key, path in table.items():
         if key not in state_dict:
             continue
-        value = np.asarray(_to_flax(np.asarray(state_dict[key]), path[-1]))
+        stored = np.asarray(state_dict[key])
+        value = np.asarray(_to_flax(stored, path[-1]))
         if value.shape != tuple(expected[path].shape):
             torch_shape = _to_torch(np.empty(expected[path].shape), path[-1]).shape
-            misshaped.append(f"{key}: expected {torch_shape}, got {tuple(state_dict[key].shape)}")
+            misshaped.append(f"{key}: expected {torch_shape}, got {tuple(stored.shape)}")
             continue
-        flat[path] = value.astype(np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16"
-                                  else jax.numpy.bfloat16)
+        with np.errstate(over="ignore"):  # an overflow is reported below as non-finite
+            flat[path] = value.astype(param_dtype)
+        bad = _nonfinite(flat[path])
+        if bad:
+            nonfinite.append(f"{key} ({bad})" if _nonfinite(stored) else
+                             f"{key} ({bad} after the cast to param_dtype={cfg.param_dtype}: "
+                             f"stored values overflow it)")
     if "pos_embed" in state_dict:
-        pos = np.asarray(state_dict["pos_embed"], np.float64)
+        stored = np.asarray(state_dict["pos_embed"])
+        pos = stored.astype(np.float64)
         want = (1, cfg.num_patches, cfg.hidden_size)
+        ref = sincos_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)
         if pos.shape != want:
             misshaped.append(f"pos_embed: expected {want}, got {pos.shape}")
-        elif not np.allclose(pos[0], sincos_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size),
-                             atol=pos_embed_atol):
-            misshaped.append("pos_embed: values differ from the fixed 2-D sin-cos embedding "
-                             "(a learned pos_embed is not supported)")
-    if unknown or missing or misshaped:
+        elif _nonfinite(stored):
+            nonfinite.append(f"pos_embed ({_nonfinite(stored)})")
+        else:
+            diff = np.abs(pos[0] - ref)
+            if (diff > pos_embed_tolerance(stored.dtype, ref, pos_embed_atol)).any():
+                misshaped.append(f"pos_embed: values differ from the fixed 2-D sin-cos embedding "
+                                 f"by up to {diff.max():.3g}, beyond {stored.dtype} rounding (a "
+                                 "learned pos_embed is not supported)")
+    if unknown or missing or misshaped or nonfinite:
         lines = [f"state dict does not match {cfg}:"]
         for title, keys in (("unknown keys", unknown), ("missing keys", missing),
-                            ("mis-shaped keys", misshaped)):
+                            ("mis-shaped keys", misshaped), ("non-finite keys", nonfinite)):
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
         raise ConversionError("\n".join(lines))
@@ -180,8 +308,16 @@ def infer_dit_config(state_dict: Mapping[str, np.ndarray], **overrides) -> DiTCo
         mlp = np.shape(state_dict["blocks.0.mlp.fc1.weight"])[0]
     except KeyError as e:
         raise ConversionError(f"state_dict: cannot infer a DiT config, key {e} is missing") from None
+    grid = int(round(n_tokens ** 0.5))
+    if grid * grid != n_tokens:
+        raise ConversionError(f"state_dict: pos_embed has {n_tokens} tokens, expected a square "
+                              "patch grid (grid**2 tokens)")
+    if np.shape(state_dict["final_layer.linear.weight"])[0] % patch ** 2:
+        raise ConversionError(f"state_dict: final_layer.linear.weight has "
+                              f"{np.shape(state_dict['final_layer.linear.weight'])[0]} outputs, "
+                              f"expected a multiple of patch_size**2 = {patch ** 2}")
     heads = {(d, h): n for d, h, n in DIT_SIZES.values()}.get((depth, hidden))
-    fields = dict(input_size=int(round(n_tokens ** 0.5)) * patch, in_channels=in_ch,
+    fields = dict(input_size=grid * patch, in_channels=in_ch,
                   patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads,
                   mlp_ratio=mlp / hidden, learn_sigma=out_ch == 2 * in_ch)
     fields.update(overrides)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from trdq_jax.config import DiTConfig
+from trdq_jax.config import DiTConfig, exact_width
 from trdq_jax.models.layers import (Attention, LabelEmbedder, Mlp, TimestepEmbedder,
                                     broadcast_t, check_inputs, modulate, sincos_2d)
 
@@ -39,7 +39,12 @@ class DiTBlock(nn.Module):
         x = x + gate_msa[:, None] * Attention(self.hidden_size, self.num_heads, name="attn",
                                               **kw)(h, share_cfg=share_cfg)
         h = modulate(norm("norm2")(x), shift_mlp, scale_mlp)
-        mlp = Mlp(int(self.hidden_size * self.mlp_ratio), self.hidden_size, name="mlp", **kw)
+        width = exact_width(self.hidden_size, self.mlp_ratio)  # not int(): 112 * (61/112) -> 60
+        if width is None:
+            raise ValueError(f"mlp_ratio: expected hidden_size * mlp_ratio to be a whole MLP "
+                             f"width, got {self.hidden_size} * {self.mlp_ratio} = "
+                             f"{self.hidden_size * self.mlp_ratio}")
+        mlp = Mlp(width, self.hidden_size, name="mlp", **kw)
         return x + gate_mlp[:, None] * mlp(h)
 
 

@@ -184,13 +184,14 @@ def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array, *, spatial_shape: tup
                  channels: int, num_label_values: int, layout: str) -> None:
     """Raise ``ValueError`` naming the argument when model inputs are malformed.
 
-    Shapes and dtypes are always checked. Label values are checked when they are concrete
-    (outside ``jit``); inside ``jit`` they cannot be inspected, so the sampler and the CLI
-    validate labels on the host before tracing.
+    Shapes and dtypes are always checked, and the batch must be non-empty. Values (labels in
+    range, finite ``x`` and ``t``) are checked when they are concrete (outside ``jit``); inside
+    ``jit`` they cannot be inspected and the check costs nothing, so the sampler and the CLI
+    validate on the host before tracing.
 
     Args:
-      x: ``[B, *spatial_shape, channels]`` floating.
-      t: ``[B]`` (or scalar) time steps.
+      x: ``[B, *spatial_shape, channels]`` floating, ``B >= 1``, finite.
+      t: ``[B]`` (or scalar) time steps, finite.
       y: ``[B]`` integer labels in ``[0, num_label_values)``.
       layout: human-readable layout for messages, e.g. ``"[B, H, W, C]"``.
     """
@@ -200,17 +201,26 @@ def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array, *, spatial_shape: tup
     if x.ndim != len(expected):
         raise ValueError(f"x: expected {len(expected)}-D input {layout} = {expected}, "
                          f"got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x: expected a non-empty batch (B >= 1) in {layout}, got shape "
+                         f"{tuple(x.shape)}")
     if tuple(x.shape[1:-1]) != tuple(spatial_shape):
         raise ValueError(f"x: expected spatial size {tuple(spatial_shape)} ({layout}), "
                          f"got {tuple(x.shape[1:-1])}")
     if x.shape[-1] != channels:
         raise ValueError(f"x: expected {channels} channels in the last axis ({layout}), "
                          f"got {x.shape[-1]}")
-    t = jnp.asarray(t)
+    if not isinstance(t, (jax.Array, np.ndarray)):
+        t = np.asarray(t)  # Python scalars/lists; numpy keeps a captured constant concrete
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
         raise ValueError(f"t: expected shape [B]=[{x.shape[0]}] or a scalar, got {t.shape}")
     if not (jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)):
         raise ValueError(f"t: expected a numeric dtype, got {t.dtype}")
+    for name, value in (("x", x), ("t", t)):
+        bad = count_nonfinite(value)
+        if bad:
+            raise ValueError(f"{name}: expected finite values, got {bad[0]} NaN and {bad[1]} "
+                             f"infinite of {int(np.size(value))} (shape {tuple(np.shape(value))})")
     if not isinstance(y, jax.core.Tracer):
         y = np.asarray(y)
     if y.shape != (x.shape[0],):
@@ -224,6 +234,26 @@ def check_inputs(x: jax.Array, t: jax.Array, y: jax.Array, *, spatial_shape: tup
             raise ValueError(f"y: labels must lie in [0, {num_label_values - 1}] "
                              f"(the last index is the null/CFG label when dropout is on), "
                              f"got range [{lo}, {hi}]")
+
+
+def count_nonfinite(value) -> tuple[int, int] | None:
+    """``(num_nan, num_inf)`` of a concrete floating array with any non-finite entry, else None.
+
+    None, at no cost, for tracers (inside ``jit`` values are unknown) and integer arrays. A
+    concrete ``jax.Array`` is reduced where it lives (one bool comes back to the host), also when
+    it is a constant captured inside someone's ``jit``.
+    """
+    if isinstance(value, jax.core.Tracer) or not jnp.issubdtype(value.dtype, jnp.inexact):
+        return None
+    if isinstance(value, jax.Array):
+        with jax.ensure_compile_time_eval():
+            if bool(jnp.isfinite(value).all()):
+                return None
+            return int(jnp.isnan(value).sum()), int(jnp.isinf(value).sum())
+    value = np.asarray(value)
+    if np.isfinite(value).all():
+        return None
+    return int(np.isnan(value).sum()), int(np.isinf(value).sum())
 
 
 def broadcast_t(t: jax.Array, batch: int) -> jax.Array:

@@ -1,11 +1,19 @@
-"""Bundled trained models, shipped inside the package under ``trdq_jax/assets/models/NAME``.
+"""Loading float models: the bundled ones shipped in ``trdq_jax/assets/models/NAME`` and any
+``trdq_jax.checkpoint`` directory holding float params.
 
-Each entry is a ``trdq_jax.checkpoint`` directory holding EMA params and the full
-``ExperimentConfig`` that trained it (``configs/NAME.py``; the README lists the commands).
+Each bundled entry is a checkpoint directory holding EMA params and the full ``ExperimentConfig``
+that trained it (``configs/NAME.py``; the README lists the commands). Every load checks the
+stored tree against the model's abstract params, so params of another model are refused with
+the differing paths and shapes named.
 """
 from __future__ import annotations
 
+import os
 import pathlib
+
+from trdq_jax import checkpoint
+from trdq_jax.config import ClassifierConfig, ExperimentConfig, apply_overrides
+from trdq_jax.models.factory import abstract_params, build_model
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "models"
 
@@ -20,25 +28,72 @@ BUNDLED = {
 
 def available() -> list[str]:
     """Names of bundled models whose checkpoint is present in this installation."""
-    return [n for n in BUNDLED if (ASSETS / n / "metadata.json").is_file()]
+    return [n for n in BUNDLED if (ASSETS / n / checkpoint.METADATA_FILE).is_file()]
 
 
 def path_of(name: str) -> pathlib.Path:
     if name not in BUNDLED:
-        raise ValueError(f"name: unknown bundled model {name!r}; known: {sorted(BUNDLED)}")
+        raise ValueError(f"model: unknown bundled model {name!r}; known: {sorted(BUNDLED)}")
     path = ASSETS / name
-    if not (path / "metadata.json").is_file():
+    if not (path / checkpoint.METADATA_FILE).is_file():
         raise FileNotFoundError(
-            f"name: bundled model {name!r} is not present in this installation ({path}); "
+            f"model: bundled model {name!r} is not present in this installation ({path}); "
             f"train it with `trdq train --config configs/{name.replace('-', '_')}.py "
             f"--export {path}` (present: {available()})")
     return path
 
 
+def load_checkpoint(path: str | os.PathLike, cfg=None):
+    """``(model, params, stored_cfg)`` of a float checkpoint directory.
+
+    The params must match the stored model config's tree (paths, shapes, dtypes); ``cfg``, when
+    given, must equal the stored config. A quantized checkpoint is refused with a pointer to
+    ``trdq_jax.quant.load_quantized_model``.
+    """
+    meta = checkpoint.read_metadata(path)
+    if meta["kind"] != "float":
+        raise checkpoint.CheckpointError(
+            f"{str(path)!r}: holds a {meta['kind']!r} checkpoint, expected a float one "
+            "(quantized checkpoints load with trdq_jax.quant.load_quantized_model / "
+            "`trdq sample --quantized`)")
+    stored = checkpoint.stored_config(meta)
+    target = abstract_params(stored.model if isinstance(stored, ExperimentConfig) else stored)
+    params, stored = checkpoint.restore(path, cfg, target=target)
+    model_cfg = stored.model if isinstance(stored, ExperimentConfig) else stored
+    return build_model(model_cfg), params, stored
+
+
 def load(name: str):
     """``(model, params, cfg)`` of a bundled model: Flax module, float params, ExperimentConfig."""
-    from trdq_jax import checkpoint
-    from trdq_jax.models import build_model
+    return load_checkpoint(path_of(name))
 
-    params, cfg = checkpoint.restore(path_of(name))
-    return build_model(cfg.model), params, cfg
+
+def load_float_model(model_name: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
+                     overrides=()):
+    """``(model, params, cfg, source)`` of a bundled diffusion model (default ``digits-dit``) or
+    of a float checkpoint directory.
+
+    ``overrides``: ``section.field=value`` strings for ``sampler.*`` / ``generation.*``
+    (``model.*`` is fixed by the checkpoint). ``cfg`` is always an ``ExperimentConfig`` (a
+    checkpoint holding only a model config gets default sampler settings); ``source`` says where
+    the params came from. Classifiers are refused: they do not sample.
+    """
+    if model_name is not None and checkpoint_dir is not None:
+        raise ValueError("model_name, checkpoint_dir: give one, not both")
+    if checkpoint_dir is not None:
+        model, params, cfg = load_checkpoint(checkpoint_dir)
+        if not isinstance(cfg, ExperimentConfig):
+            cfg = ExperimentConfig(name=pathlib.Path(checkpoint_dir).name, model=cfg)
+        source = str(checkpoint_dir)
+    else:
+        model_name = model_name or "digits-dit"
+        model, params, cfg = load(model_name)
+        source = f"bundled:{model_name}"
+    if isinstance(cfg.model, ClassifierConfig):
+        raise ValueError(f"model: {source} is a classifier, not a diffusion model; sampling "
+                         f"needs one of {[n for n in BUNDLED if 'classifier' not in n]} or a "
+                         "diffusion checkpoint")
+    overrides = list(overrides)
+    if any(s.strip().startswith("model.") for s in overrides):
+        raise ValueError("--set: model.* fields are fixed by the checkpoint")
+    return model, params, apply_overrides(cfg, overrides), source

@@ -1,5 +1,5 @@
 """DuQuant-style activation transform as released with TR-DQ: block rotation R1, zigzag
-permutation P, block rotation R2 (TRDQ_METHOD.md section 1.4).
+permutation P, block rotation R2 (DuQuant, Lin et al. 2024, as the TR-DQ release uses it).
 
 For activations x [..., K] and a Flax kernel W [K, N]:
     x_tilde = x @ M,   M = blockdiag(R1) @ P @ blockdiag(R2)   (one B x B block repeated K/B times)

@@ -1,22 +1,27 @@
-"""Saving and restoring quantized pytrees (no float weights needed to restore).
+"""Saving and restoring quantized models (no float weights needed to restore).
 
-The arrays go through ``trdq_jax.checkpoint`` (orbax, int8 exact); the static fields of every
-``QLinear`` (bits, modes, rotation kind), the recipe and the step -> segment table go into the
-JSON metadata, so restoring rebuilds the exact pytree.
+The arrays go through ``trdq_jax.checkpoint`` (orbax, int8 exact, kind ``"quantized"``); the
+static fields of every ``QLinear`` (bits, modes, rotation kind), the recipe and the step ->
+segment table go into the JSON metadata, digested by the checkpoint's manifest. Restoring
+rebuilds the exact pytree and checks it (``trdq_jax.quant.verify``): metadata against arrays,
+segment table against the sampler, layers against the model config.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax import checkpoint
-from trdq_jax.quant.qlinear import QLinear
+from trdq_jax.config import ConfigError, ExperimentConfig, apply_overrides
+from trdq_jax.quant.qlinear import BACKENDS, QLinear
 from trdq_jax.quant.recipe import Recipe
-from trdq_jax.quant.transform import quantized_layer_paths
+from trdq_jax.quant.transform import QuantizedDenoiser, quantized_layer_paths
+from trdq_jax.quant.verify import QuantizedModelError, check_quantized
 
 _STATIC = ("in_features", "w_bits", "a_bits", "a_mode", "a_symmetric", "rotation", "rotation_block")
 _ARRAYS = tuple(f.name for f in dataclasses.fields(QLinear) if f.name not in _STATIC)
@@ -29,9 +34,25 @@ def _layer(qparams, path):
     return node
 
 
+def recipe_from_dict(d: dict) -> Recipe:
+    """Inverse of ``dataclasses.asdict(recipe)`` (lists back to tuples); ConfigError if bad."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"recipe: expected a dict of Recipe fields, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"recipe: unknown field(s) {unknown}")
+    try:
+        return Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except TypeError as e:
+        raise ConfigError(f"recipe: {e}") from None
+
+
 def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segment_of_step,
-                   *, overwrite: bool = False):
-    """Write a quantized model: arrays via orbax, static layer fields/recipe/segments as JSON."""
+                   *, overwrite: bool = False, arg: str = "path") -> pathlib.Path:
+    """Write a quantized model: arrays via orbax, static layer fields/recipe/segments as JSON.
+    The model is checked first (``check_quantized``), so an inconsistent one is never written."""
+    check_quantized(qparams, recipe, segment_of_step, cfg, "qparams")
     layers = {p: {f: getattr(_layer(qparams, p), f) for f in _STATIC}
               for p in quantized_layer_paths(qparams)}
     tree = {"float": qparams["float"], "layers": {}}
@@ -43,28 +64,67 @@ def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segmen
         node[p.split("/")[-1]] = {f: getattr(q, f) for f in _ARRAYS if getattr(q, f) is not None}
     extra = {"recipe": dataclasses.asdict(recipe), "layers": layers,
              "segment_of_step": [int(v) for v in np.asarray(segment_of_step)]}
-    return checkpoint.save(path, tree, cfg, kind="quantized", extra=extra, overwrite=overwrite)
+    return checkpoint.save(path, tree, cfg, kind="quantized", extra=extra, overwrite=overwrite,
+                           arg=arg)
 
 
 def load_quantized(path: str | os.PathLike, cfg=None):
-    """``(qparams, stored_cfg, recipe, segment_of_step)`` from a ``save_quantized`` directory."""
+    """``(qparams, stored_cfg, recipe, segment_of_step)`` from a ``save_quantized`` directory.
+
+    Raises ``CheckpointError`` for a missing, corrupt, edited or inconsistent directory (the
+    message names the field) and for a float checkpoint.
+    """
     meta = checkpoint.read_metadata(path)
     if meta["kind"] != "quantized":
-        raise checkpoint.CheckpointError(f"{str(path)!r}: holds a {meta['kind']!r} checkpoint, "
-                                         "expected a quantized one")
+        raise checkpoint.CheckpointError(
+            f"{str(path)!r}: holds a {meta['kind']!r} checkpoint, expected a quantized one "
+            "(`trdq quantize --out DIR` writes one; float checkpoints load with "
+            "trdq_jax.models.load_checkpoint / --checkpoint)")
     tree, stored = checkpoint.restore(path, cfg)
-    extra = meta["extra"]
-    layers: dict = {}
-    for p, static in extra["layers"].items():
-        node = tree["layers"]
-        for name in p.split("/"):
-            node = node[name]
-        arrays = {f: jnp.asarray(v) for f, v in node.items()}
-        q = QLinear(**arrays, **static)
-        target = layers
-        for name in p.split("/")[:-1]:
-            target = target.setdefault(name, {})
-        target[p.split("/")[-1]] = q
-    recipe_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in extra["recipe"].items()}
-    qparams = {"float": jax.tree.map(jnp.asarray, tree.get("float", {})), "layers": layers}
-    return qparams, stored, Recipe(**recipe_fields), np.asarray(extra["segment_of_step"], np.int32)
+    try:
+        extra = meta["extra"]
+        layers: dict = {}
+        for p, static in extra["layers"].items():
+            node = tree["layers"]
+            for name in p.split("/"):
+                node = node[name]
+            arrays = {f: jnp.asarray(v) for f, v in node.items()}
+            target = layers
+            for name in p.split("/")[:-1]:
+                target = target.setdefault(name, {})
+            target[p.split("/")[-1]] = QLinear(**arrays, **static)
+        recipe = recipe_from_dict(extra["recipe"])
+        qparams = {"float": jax.tree.map(jnp.asarray, tree.get("float", {})), "layers": layers}
+        table = check_quantized(qparams, recipe, extra["segment_of_step"], stored,
+                                str(path))
+    except (KeyError, TypeError, ConfigError, QuantizedModelError) as e:
+        message = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise checkpoint.CheckpointError(f"{str(path)!r}: inconsistent quantized checkpoint: "
+                                         f"{message}") from None
+    return qparams, stored, recipe, table
+
+
+def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", overrides=()):
+    """``(model, qparams, cfg, source, sampler, apply_fn)`` of a ``save_quantized`` directory.
+
+    Restored without the float weights; the sampler uses the stored step -> segment table.
+    ``overrides`` may change ``sampler.cfg_scale`` / ``generation.*`` but not the step count.
+    """
+    from trdq_jax.models.factory import build_model
+    from trdq_jax.sampling.solvers import Sampler
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    qparams, cfg, recipe, table = load_quantized(qdir)
+    if not isinstance(cfg, ExperimentConfig):
+        cfg = ExperimentConfig(name=pathlib.Path(qdir).name, model=cfg)
+    overrides = list(overrides)
+    if any(s.strip().startswith("model.") for s in overrides):
+        raise ValueError("--set: model.* fields are fixed by the checkpoint")
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.sampler.num_steps != len(table):
+        raise ValueError(f"--set: the quantized checkpoint's segment table covers "
+                         f"{len(table)} steps; sampler.num_steps must stay {len(table)}")
+    sampler = Sampler.from_config(cfg.sampler).with_segments(table, recipe.num_segments)
+    model = build_model(cfg.model)
+    source = f"{qdir} ({recipe.name} W{recipe.w_bits}A{recipe.a_bits}, {backend})"
+    return model, qparams, cfg, source, sampler, QuantizedDenoiser(model, backend)

@@ -7,14 +7,14 @@
   ``[2N, ...spatial, 2C]`` (eps then IDDPM variance values ``v``).
 
 Randomness: sample ``i`` uses ``k_i = fold_in(key(seed), sample_offset + i)``; its initial noise is
-``normal(k_i)`` and the noise of step ``s`` is ``normal(fold_in(k_i, s))``. A sample is therefore
-the same whatever batch it lands in.
+``normal(k_i)`` (``initial_noise(seed, shape, sample_offset)``, or the caller's ``x_T``) and the
+noise of step ``s`` is ``normal(fold_in(k_i, s))``. A sample is therefore the same whatever batch
+it lands in.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 from typing import Any, Callable
 
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trdq_jax.config import check_cfg_scale
 from trdq_jax.sampling.solvers import Sampler
 
 ApplyFn = Callable[..., jax.Array]
@@ -32,7 +33,8 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
            cfg_scale: float | None, null_label: int, shape: tuple[int, ...],
            share_cfg: bool = False, sample_offset: int = 0,
            progress: bool | Callable[[int, int], None] = False,
-           return_trajectory: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+           return_trajectory: bool = False,
+           x_T=None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Draw ``N = len(labels)`` samples; returns the final x, float32 ``shape``.
 
     labels: ints ``[N]`` in ``[0, null_label]`` (``null_label`` itself draws unconditionally).
@@ -41,8 +43,9 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
     ranges only when they are concrete (a traced seed is cast to uint32 and an offset to int32,
     so out-of-range values wrap).
     shape: the full batch shape ``(N, ...spatial, C)``.
-    cfg_scale: guidance ``uncond + cfg_scale * (cond - uncond)`` on the eps channels; a traced
-      value (changing it never recompiles). ``None`` uses ``sampler.cfg_scale``.
+    cfg_scale: guidance ``uncond + cfg_scale * (cond - uncond)`` on the eps channels, a number in
+      [0, 100] (``trdq_jax.config.check_cfg_scale``); a traced value (changing it never
+      recompiles). ``None`` uses ``sampler.cfg_scale``.
     seed, sample_offset: sample i's randomness derives from ``(seed, sample_offset + i)``.
     progress: ``True`` prints ``step i/n`` to stderr via ``jax.debug.callback``; a callable
       ``f(step, num_steps)`` is called instead (it is part of the compile key: pass the same
@@ -50,7 +53,13 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
     return_trajectory: also return ``xs``, float32 ``[num_steps, *shape]``: the model input x of
       every step in sampling order (``xs[0]`` is the initial noise), as ``(x_final, xs)``. It
       costs no extra model call; it is a separate compiled program from the default one.
+    x_T: the initial noise, an array of exactly ``shape`` with a float dtype (cast to float32),
+      finite when concrete (it may be traced); ``None`` draws ``initial_noise(seed, shape,
+      sample_offset)``, which passed explicitly gives the same samples bit for bit. The
+      per-step noise of stochastic solvers still derives from ``(seed, sample_offset + i)``.
     apply_fn must be hashable (a function, or ``denoise_fn_for(model)``): it keys the compile cache.
+    When it has a ``check_params(params)`` method (``denoise_fn_for(model)`` does), that is called
+    first, so params of another model config fail with a list of the differing paths.
     """
     if not callable(apply_fn):
         raise ValueError(f"apply_fn: expected a callable, got {type(apply_fn).__name__}")
@@ -58,19 +67,17 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
         raise ValueError(f"sampler: expected a Sampler, got {type(sampler).__name__}")
     if not jax.tree.leaves(params):
         raise ValueError("params: expected a non-empty pytree of arrays")
+    if callable(getattr(apply_fn, "check_params", None)):
+        apply_fn.check_params(params)
     null_label = _check_int("null_label", null_label, 0, _INT32_MAX)
     labels = _check_labels(labels, null_label)
     shape = _check_shape(shape, labels.shape[0])
+    cfg_name = "sampler.cfg_scale" if cfg_scale is None else "cfg_scale"
     cfg_scale = sampler.cfg_scale if cfg_scale is None else cfg_scale
-    if _is_checked_tracer("cfg_scale", cfg_scale, "number", (jnp.floating, jnp.integer)):
+    if _is_checked_tracer(cfg_name, cfg_scale, "number", (jnp.floating, jnp.integer)):
         cfg_value = cfg_scale
     else:
-        try:
-            cfg_value = float(cfg_scale)
-        except (TypeError, ValueError):
-            raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}") from None
-        if not math.isfinite(cfg_value):
-            raise ValueError(f"cfg_scale: expected a finite number, got {cfg_value}")
+        cfg_value = check_cfg_scale(cfg_scale, cfg_name)
     if not _is_checked_tracer("seed", seed, "integer", (jnp.integer,)):
         seed = _check_int("seed", seed, 0, 2 ** 32 - 1)
     if not _is_checked_tracer("sample_offset", sample_offset, "integer", (jnp.integer,)):
@@ -81,23 +88,61 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
         raise ValueError(f"progress: expected a bool or a callable, got {progress!r}")
     if not isinstance(return_trajectory, bool):
         raise ValueError(f"return_trajectory: expected a bool, got {return_trajectory!r}")
+    x_T = _check_x_T(x_T, shape)
     report = (_print_progress if progress is True else progress) or None
     return _sample_scan(apply_fn, params, sampler, jnp.asarray(labels, jnp.int32),
                         jnp.asarray(seed, jnp.uint32), jnp.asarray(cfg_value, jnp.float32),
                         jnp.asarray(null_label, jnp.int32), jnp.asarray(sample_offset, jnp.int32),
-                        shape=shape, share_cfg=share_cfg, report=report,
+                        x_T, shape=shape, share_cfg=share_cfg, report=report,
                         return_trajectory=return_trajectory)
+
+
+def initial_noise(seed: int, shape: tuple[int, ...], sample_offset: int = 0) -> jax.Array:
+    """The initial noise ``x_T`` that ``sample(..., seed=seed, shape=shape,
+    sample_offset=sample_offset)`` draws: float32 ``shape``, row ``i`` is
+    ``normal(fold_in(key(seed), sample_offset + i))``.
+
+    Passing it back as ``sample(..., x_T=initial_noise(...))`` gives bit-identical samples; edit
+    it (e.g. interpolate two noises) to steer sampling. ``seed`` and ``sample_offset`` are checked
+    as in ``sample`` (they may be traced).
+    """
+    if not isinstance(shape, (tuple, list)) or not shape:
+        raise ValueError("shape: expected a tuple (N, ...spatial, C) of positive ints, "
+                         f"got {shape!r}")
+    shape = _check_shape(shape, shape[0])
+    if not _is_checked_tracer("seed", seed, "integer", (jnp.integer,)):
+        seed = _check_int("seed", seed, 0, 2 ** 32 - 1)
+    if not _is_checked_tracer("sample_offset", sample_offset, "integer", (jnp.integer,)):
+        sample_offset = _check_int("sample_offset", sample_offset, 0, _INT32_MAX - shape[0])
+    return _initial_noise_jit(jnp.asarray(seed, jnp.uint32), jnp.asarray(sample_offset, jnp.int32),
+                              shape=shape)
+
+
+def _sample_keys(seed, sample_offset, n: int):
+    """``[n]`` keys ``k_i = fold_in(key(seed), sample_offset + i)``."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, sample_offset + i))(
+        jnp.arange(n, dtype=jnp.int32))
+
+
+def _noise_from_keys(sample_keys, shape: tuple[int, ...]):
+    """The initial noise of the samples whose keys are ``sample_keys``: ``normal(k_i)``."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(sample_keys)
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _initial_noise_jit(seed, sample_offset, *, shape):
+    return _noise_from_keys(_sample_keys(seed, sample_offset, shape[0]), shape)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "shape", "share_cfg", "report",
                                              "return_trajectory"))
 def _sample_scan(apply_fn, params, sampler, labels, seed, cfg_scale, null_label, sample_offset,
-                 *, shape, share_cfg, report, return_trajectory=False):
+                 x_T=None, *, shape, share_cfg, report, return_trajectory=False):
     n, channels = shape[0], shape[-1]
-    base = jax.random.key(seed)
-    sample_keys = jax.vmap(lambda i: jax.random.fold_in(base, sample_offset + i))(
-        jnp.arange(n, dtype=jnp.int32))
-    x = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(sample_keys)
+    sample_keys = _sample_keys(seed, sample_offset, n)
+    # x_T None or an array is part of the jit signature: two programs, never a retrace per value
+    x = _noise_from_keys(sample_keys, shape) if x_T is None else x_T.astype(jnp.float32)
     y_both = jnp.concatenate([labels, jnp.full((n,), null_label, jnp.int32)])
     num_steps = sampler.num_steps
 
@@ -186,6 +231,43 @@ def _check_labels(labels, null_label: int):
     return array
 
 
+def _check_x_T(x_T, shape: tuple[int, ...]):
+    """None, or ``x_T`` as a float32 array (a tracer stays a tracer) after checking it."""
+    if x_T is None:
+        return None
+    if not isinstance(x_T, (jax.Array, np.ndarray)):
+        try:
+            x_T = np.asarray(x_T)
+        except (TypeError, ValueError):
+            raise ValueError(f"x_T: expected an array of shape {shape}, got "
+                             f"{type(x_T).__name__}") from None
+    traced = " traced" if isinstance(x_T, jax.core.Tracer) else ""
+    if tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T: expected an array of shape {shape} (= shape), got{traced} "
+                         f"shape {tuple(x_T.shape)}")
+    if not jnp.issubdtype(x_T.dtype, jnp.floating):
+        raise ValueError(f"x_T: expected a floating dtype, got{traced} {x_T.dtype}")
+    if not traced:
+        bad = _count_nonfinite(x_T)
+        if bad:
+            raise ValueError(f"x_T: expected finite values, got {bad[0]} NaN and {bad[1]} "
+                             f"infinite of {x_T.size}")
+    return jnp.asarray(x_T, jnp.float32)
+
+
+def _count_nonfinite(value) -> tuple[int, int] | None:
+    """``(num_nan, num_inf)`` of a concrete floating array with non-finite entries, else None;
+    a ``jax.Array`` is reduced where it lives (also when captured inside someone's ``jit``)."""
+    if isinstance(value, jax.Array):
+        with jax.ensure_compile_time_eval():
+            if bool(jnp.isfinite(value).all()):
+                return None
+            return int(jnp.isnan(value).sum()), int(jnp.isinf(value).sum())
+    if np.isfinite(value).all():
+        return None
+    return int(np.isnan(value).sum()), int(np.isinf(value).sum())
+
+
 def _check_shape(shape, batch: int) -> tuple[int, ...]:
     if not isinstance(shape, (tuple, list)) or len(shape) < 2 or not all(
             isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape):
@@ -206,6 +288,15 @@ class _FloatModelDenoiser:
     def __call__(self, params, x, t, y, segment, share_cfg):
         del segment  # a float model is the same in every time segment
         return self.model.apply({"params": params}, x, t, y, share_cfg=share_cfg)
+
+    def check_params(self, params) -> None:
+        """``trdq_jax.models.factory.check_params`` for the model's config (shapes and dtypes
+        only: tracers are fine); a model without a ``config`` field is not checked."""
+        from trdq_jax.config import MODEL_CONFIGS
+        cfg = getattr(self.model, "config", None)
+        if isinstance(cfg, tuple(MODEL_CONFIGS.values())):
+            from trdq_jax.models.factory import check_params
+            check_params(cfg, params)
 
 
 def denoise_fn_for(model) -> ApplyFn:

@@ -151,17 +151,22 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = T
       workdir: checkpoints, ``config.json`` and ``metrics.jsonl`` (see ``fit``); resumable.
       resume: continue a killed run in ``workdir`` (False refuses a workdir with checkpoints).
       progress: tqdm progress bar on a terminal.
-      export_path: where to write the final checkpoint (default ``workdir/export``); replaced if
-        present. Diffusion models export their EMA params cast to bfloat16 (the stored config
+      export_path: where to write the final checkpoint (default ``workdir/export``); an existing
+        float checkpoint there is replaced, anything else is refused before training starts
+        (``trdq_jax.files``). Diffusion models export their EMA params cast to bfloat16 (the stored config
         says ``param_dtype='bfloat16'``), classifiers their plain float32 params.
     Returns:
       the ``TrainResult`` of ``fit``.
     """
     if not isinstance(cfg, ExperimentConfig):
         raise ValueError(f"cfg: expected an ExperimentConfig, got {type(cfg).__name__}")
-    from trdq_jax import checkpoint
-    from trdq_jax.models import build_model, init_params
+    from trdq_jax import checkpoint, files
+    from trdq_jax.models.factory import build_model, init_params
 
+    if pathlib.Path(workdir).exists() and not pathlib.Path(workdir).is_dir():
+        raise ValueError(f"workdir: {str(workdir)!r} exists and is not a directory")
+    path = pathlib.Path(workdir) / "export" if export_path is None else pathlib.Path(export_path)
+    files.resolve_target(path, kind="float", overwrite=True, is_dir=True, arg="export_path")
     arrays = load_training_arrays(cfg)
     train_cfg = cfg.train
     if train_cfg.batch_size > len(arrays[0]):
@@ -182,7 +187,6 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = T
         final = jax.tree.map(lambda p: np.asarray(p).astype(jax.numpy.bfloat16), final)
         export_cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, param_dtype="bfloat16"))
-    path = pathlib.Path(workdir) / "export" if export_path is None else pathlib.Path(export_path)
-    checkpoint.save(path, final, export_cfg, overwrite=True,
+    checkpoint.save(path, final, export_cfg, overwrite=True, arg="export_path",
                     extra={"train_step": result.step, "ema": not is_classifier})
     return result

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trdq_jax import files
 from trdq_jax.config import TrainConfig, dict_diff, to_dict
 
 GRAD_CLIP_NORM = 1.0
@@ -268,7 +269,11 @@ def _open_workdir(workdir: pathlib.Path, run_config: dict, resume: bool):
         raise ValueError(f"workdir: {str(workdir)!r} already holds checkpoints; pass resume=True "
                          "to continue that run or choose an empty directory")
     if config_file.is_file():
-        stored = json.loads(config_file.read_text())
+        try:
+            stored = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"workdir: {str(config_file)!r} is unreadable ({e}); not a trdq_jax "
+                             "training directory") from None
         if stored != json.loads(config_json):
             diffs = "; ".join(dict_diff(stored, json.loads(config_json), "given")) or "(unknown)"
             raise ValueError(f"workdir: {str(workdir)!r} holds a run with a different config: "
@@ -277,10 +282,11 @@ def _open_workdir(workdir: pathlib.Path, run_config: dict, resume: bool):
         raise ValueError(f"workdir: {str(workdir)!r} holds checkpoints but no {_CONFIG_FILE}; "
                          "not a trdq_jax training directory")
     else:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / f".{_CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps(run_config, indent=2, sort_keys=True))
-        os.replace(tmp, config_file)
+        if workdir.is_dir() and any(workdir.iterdir()):
+            raise ValueError(f"workdir: {str(workdir)!r} is not empty and holds no trdq_jax run "
+                             f"({_CONFIG_FILE}); choose a new or empty directory")
+        text = json.dumps(run_config, indent=2, sort_keys=True)
+        files.replace_file(config_file, lambda tmp: tmp.write_text(text), arg="workdir")
     options = ocp.CheckpointManagerOptions(max_to_keep=_MAX_TO_KEEP, create=True,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(ckpt_dir.absolute(), options=options)
@@ -321,7 +327,6 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> list[dict]:
             continue
         if isinstance(entry, dict) and entry.get("step", math.inf) <= step:
             kept.append(entry)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(e) + "\n" for e in kept)
+    files.replace_file(path, lambda tmp: tmp.write_text(text), arg="workdir")
     return kept

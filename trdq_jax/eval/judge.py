@@ -1,17 +1,16 @@
-"""Judging samples with the bundled classifiers: class match and digits-FID; ``trdq eval``.
+"""Judging samples with the bundled classifiers: class match and digits-FID (what ``trdq eval``
+and ``trdq demo`` report).
 
 digits-FID is the Fréchet distance between penultimate-layer features of our own digits
 classifier (not Inception): comparable across runs of this project only.
 """
 from __future__ import annotations
 
-import json
-import pathlib
 import time
 
 import numpy as np
 
-from trdq_jax.config import ClassifierConfig, VideoDiTConfig
+from trdq_jax.config import VideoDiTConfig
 
 
 def heldout_data(model_cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +32,7 @@ def judge(samples: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dic
     Returns ``{"classifier", "class_match": {...}, "digits_fid"}``; samples are clipped to
     [-1, 1] first (the data range).
     """
-    from trdq_jax.eval import class_match_accuracy, digits_fid
+    from trdq_jax.eval.metrics import class_match_accuracy, digits_fid
     from trdq_jax.eval.classifier import make_classify_fn, make_feature_fn
     from trdq_jax.models import zoo
     name = classifier_for(samples)
@@ -47,7 +46,7 @@ def judge(samples: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dic
 def evaluate_classifier(name: str) -> dict:
     """Held-out accuracy of a bundled classifier (videos: every frame of the test videos)."""
     from trdq_jax.data import classifier_frames, load_digits, load_moving_digits
-    from trdq_jax.eval import class_match_accuracy
+    from trdq_jax.eval.metrics import class_match_accuracy
     from trdq_jax.eval.classifier import make_classify_fn
     from trdq_jax.models import zoo
     clf, params, cfg = zoo.load(name)
@@ -62,7 +61,7 @@ def evaluate_classifier(name: str) -> dict:
 def evaluate_generator(name: str, per_class: int = 30, seed: int = 0,
                        cfg_scale: float | None = None) -> dict:
     """Sample a bundled diffusion model at its default CFG and judge the samples."""
-    from trdq_jax.generate import generate
+    from trdq_jax.sampling.generate import generate
     from trdq_jax.models import zoo
     model, params, cfg = zoo.load(name)
     labels = np.repeat(np.arange(cfg.model.num_classes), per_class)
@@ -74,31 +73,3 @@ def evaluate_generator(name: str, per_class: int = 30, seed: int = 0,
             "cfg_scale": cfg.sampler.cfg_scale if cfg_scale is None else cfg_scale,
             "sampler": f"{cfg.sampler.solver} {cfg.sampler.num_steps} steps",
             "sampling_seconds": round(seconds, 2), **judge(samples, labels, reference)}
-
-
-def _cmd_eval(args) -> int:
-    from trdq_jax.models import zoo
-    names = args.model or [n for n in zoo.available()]
-    results = []
-    for name in names:
-        _, _, cfg = zoo.load(name)
-        if isinstance(cfg.model, ClassifierConfig):
-            results.append(evaluate_classifier(name))
-        else:
-            results.append(evaluate_generator(name, args.per_class, args.seed, args.cfg_scale))
-        print(json.dumps(results[-1], default=float))
-    if args.out:
-        path = pathlib.Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2, default=float))
-    return 0
-
-
-def add_command(sub) -> None:
-    p = sub.add_parser("eval", help="class match / digits-FID of bundled models, classifier accuracy")
-    p.add_argument("--model", action="append", help="bundled model (repeatable; default: all present)")
-    p.add_argument("--per-class", type=int, default=30, help="samples per class")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=None, help="default: the model's config")
-    p.add_argument("--out", help="write all results as JSON here")
-    p.set_defaults(func=_cmd_eval)

@@ -1,0 +1,71 @@
+"""The ``trdq`` command: ``trdq {info,train,convert,sample,demo,eval,calibrate,quantize,
+plot-ranges} --help``.
+
+This package only parses arguments, calls library functions, prints and maps failures to exit
+codes; nothing outside it imports it. Expected failures (bad arguments or files, refused
+outputs, OSError, a missing optional dependency) print one line ``trdq CMD: error: <cause>``
+and exit with status 2; anything else is a bug and says so (exit 1). ``--debug`` (or
+``TRDQ_DEBUG=1``) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from trdq_jax.cli import evaluation, models, quantization, sampling
+from trdq_jax.cli._common import Parser
+
+# Failures a user can cause and fix; ValueError covers ConfigError, OutputError, the integrity
+# errors (CheckpointError, CalibrationError, ...) and the converter's ConversionError.
+EXPECTED = (ValueError, OSError, ImportError, NotImplementedError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="trdq", description="TR-DQ diffusion quantization toolkit for JAX/Flax.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for family in (models, sampling, evaluation, quantization):
+        family.register(sub)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    message = " ".join(str(e).split())  # one line, whatever the message holds
+    if isinstance(e, ImportError):
+        missing = getattr(e, "name", None)
+        if missing and missing not in message:
+            message = f"{message} (missing module {missing!r})"
+    return message or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (usage errors and ``--help`` included)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage error or the help
+        return e.code if isinstance(e.code, int) else 2
+    debug = args.debug or os.environ.get("TRDQ_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"trdq {args.command}: interrupted (outputs are written whole or not at all)",
+              file=sys.stderr)
+        return 130
+    except EXPECTED as e:
+        if debug:
+            raise
+        print(f"trdq {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, the traceback is one flag away
+        if debug:
+            raise
+        print(f"trdq {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(a bug; rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""``trdq info | train | convert``: the installation, training and official-checkpoint import."""
+from __future__ import annotations
+
+from trdq_jax.cli._common import (add_config_args, add_debug, add_overwrite, load_config,
+                                  positive_int, print_json)
+
+
+def _info(args) -> int:
+    import jax
+
+    from trdq_jax._version import __version__
+    from trdq_jax.models import zoo
+    print(f"trdq_jax {__version__} | jax {jax.__version__} | backend {jax.default_backend()} "
+          f"| devices {jax.devices()}")
+    present = set(zoo.available())
+    for name, what in zoo.BUNDLED.items():
+        print(f"  {'*' if name in present else ' '} {name:26s} {what}")
+    print("(* = bundled checkpoint present)")
+    return 0
+
+
+def _train(args) -> int:
+    from trdq_jax.training import train
+    cfg = load_config(args)
+    result = train(cfg, args.workdir, resume=not args.no_resume, progress=not args.quiet,
+                   export_path=args.export)
+    print_json({"step": int(result.step), "export": str(args.export or "")})
+    return 0
+
+
+def _convert(args) -> int:
+    from trdq_jax import checkpoint
+    from trdq_jax.config import to_dict
+    from trdq_jax.models.convert import convert_dit_state_dict, infer_dit_config, load_state_dict
+    from trdq_jax.files import resolve_target
+    resolve_target(args.out, kind="float", overwrite=args.overwrite, is_dir=True, arg="--out")
+    state_dict = load_state_dict(args.input)
+    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+    cfg = infer_dit_config(state_dict, **overrides)
+    params = convert_dit_state_dict(state_dict, cfg)
+    out = checkpoint.save(args.out, params, cfg, extra={"converted_from": str(args.input)},
+                          overwrite=args.overwrite, arg="--out")
+    print_json({"out": str(out), "config": to_dict(cfg)})
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="versions, backend and bundled models")
+    add_debug(p)
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("train", help="train a model from a config (resumable)")
+    add_config_args(p, required=True)
+    p.add_argument("--workdir", required=True,
+                   help="checkpoints, config.json and metrics.jsonl go here (new or empty, or a "
+                        "run of the same config to resume)")
+    p.add_argument("--export", help="write the final (EMA) params as a trdq checkpoint here "
+                                    "(replaces a float checkpoint already there)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("convert", help="convert an official DiT checkpoint to a trdq checkpoint")
+    p.add_argument("--input", required=True,
+                   help=".safetensors, .npz, or .pt/.pth (needs the [torch] extra)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--num-heads", type=positive_int,
+                   help="attention heads (inferred for official sizes S/B/L/XL)")
+    add_overwrite(p, "float checkpoint")
+    add_debug(p)
+    p.set_defaults(func=_convert)

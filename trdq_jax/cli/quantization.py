@@ -1,0 +1,201 @@
+"""``trdq calibrate | quantize | plot-ranges``: statistics, quantized checkpoints, range figure."""
+from __future__ import annotations
+
+import re
+import time
+
+from trdq_jax.cli._common import (add_debug, add_overwrite, add_source, bits, blame,
+                                  float_model, positive_int, print_json, seed_int, source_of)
+
+DEFAULT_CALIB_SEED = 1000  # trdq_jax.quant.pipeline.DEFAULT_CALIB_SEED (a test keeps them equal)
+RECIPE_NAMES = ("minmax", "quarot", "smoothquant", "trdq", "trdq_release", "viditq")
+
+
+def _recipe(name: str, w_bits: int, a_bits: int, segments: int | None = None):
+    from trdq_jax.quant.pipeline import named_recipe
+    try:
+        return named_recipe(name, w_bits, a_bits, segments)
+    except ValueError as e:  # name the flag, not the library argument
+        message = str(e)
+        for arg, flag in (("recipe:", "--recipe:"), ("w_bits:", "--w-bits:"),
+                          ("a_bits:", "--a-bits:"), ("segments:", "--segments:")):
+            if message.startswith(arg):
+                message = flag + message[len(arg):]
+        raise ValueError(message) from None
+
+
+def _calibrate_from_args(args, recipe):
+    """(model, params, cfg, calib, seconds) for --model/--checkpoint and the calibration flags."""
+    from trdq_jax.quant.pipeline import run_calibration
+    model, params, cfg, _ = float_model(args)
+    if recipe.num_segments > cfg.sampler.num_steps:
+        raise ValueError(f"--segments: {recipe.num_segments} segments but the sampler has only "
+                         f"{cfg.sampler.num_steps} steps")
+    t0 = time.perf_counter()
+    calib = run_calibration(model, params, cfg, recipe, per_class=args.per_class, seed=args.seed,
+                            rows_per_step=args.rows_per_step, progress=True)
+    return model, params, cfg, calib, time.perf_counter() - t0
+
+
+def _calibrate(args) -> int:
+    from trdq_jax.files import resolve_target
+    from trdq_jax.quant.calib_io import save_calibration
+    from trdq_jax.quant.pipeline import params_fingerprint
+    resolve_target(args.out, kind="calibration", overwrite=args.overwrite, is_dir=True,
+                   arg="--out")
+    recipe = _recipe(args.recipe, args.w_bits, args.a_bits, args.segments)
+    _, params, cfg, calib, seconds = _calibrate_from_args(args, recipe)
+    out = save_calibration(args.out, calib, recipe, cfg, source=source_of(args),
+                           params_sha256=params_fingerprint(params), per_class=args.per_class,
+                           seed=args.seed, rows_per_step=args.rows_per_step, seconds=seconds,
+                           overwrite=args.overwrite, arg="--out")
+    print_json({"out": str(out), "layers": len(calib.stats),
+                "segment_of_step": calib.segment_of_step.tolist(), "seconds": round(seconds, 2)})
+    return 0
+
+
+def _quantize_recipe(args, stored):
+    """The recipe for ``trdq quantize --calib``: the stored one unless flags change it."""
+    if args.recipe is None and args.w_bits is None and args.a_bits is None:
+        return stored
+    name = args.recipe or stored.name
+    w_bits = stored.w_bits if args.w_bits is None else args.w_bits
+    a_bits = stored.a_bits if args.a_bits is None else args.a_bits
+    if name == stored.name:
+        _recipe(name, w_bits, a_bits)  # named errors
+        return stored.with_bits(w_bits, a_bits)
+    return _recipe(name, w_bits, a_bits, stored.num_segments)
+
+
+def _from_calibration(args):
+    """(params, cfg, calib, recipe, calibration seconds) of ``--calib DIR``, checked against the
+    float model it names."""
+    from trdq_jax.models.zoo import load_float_model
+    from trdq_jax.quant.calib_io import check_calibration_model, load_calibration
+    from trdq_jax.quant.pipeline import params_fingerprint
+    if args.segments is not None:
+        raise ValueError("--segments: fixed by the calibration given with --calib")
+    if args.set:
+        raise ValueError("--set: with --calib the config is the calibration's")
+    with blame("--calib"):
+        calib, stored, cfg, meta = load_calibration(args.calib)
+    recipe = _quantize_recipe(args, stored)  # keeps the calibration's segment count
+    with blame("--calib"):
+        source = meta["source"]
+        _, params, source_cfg, _ = load_float_model(source.get("model"),
+                                                    source.get("checkpoint"))
+        check_calibration_model(calib, source_cfg, meta, params, params_fingerprint(params),
+                                str(args.calib))
+    return params, cfg, calib, recipe, meta.get("seconds", 0.0)
+
+
+def _quantize(args) -> int:
+    from trdq_jax.files import resolve_target
+    from trdq_jax.quant import quantize, save_quantized
+    from trdq_jax.quant.pipeline import quantize_summary
+    if bool(args.calib) == bool(args.model or args.checkpoint):
+        raise ValueError("--calib: give either --calib DIR or --model NAME / --checkpoint DIR "
+                         "(to calibrate on the fly)")
+    resolve_target(args.out, kind="quantized", overwrite=args.overwrite, is_dir=True,
+                   arg="--out")
+    if args.calib:
+        params, cfg, calib, recipe, calib_seconds = _from_calibration(args)
+    else:
+        recipe = _recipe(args.recipe or "trdq", 8 if args.w_bits is None else args.w_bits,
+                         8 if args.a_bits is None else args.a_bits, args.segments)
+        _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe)
+    t0 = time.perf_counter()
+    qparams = quantize(params, calib, recipe, progress=True)
+    summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
+    out = save_quantized(args.out, qparams, cfg, recipe, calib.segment_of_step,
+                         overwrite=args.overwrite, arg="--out")
+    print_json({"out": str(out), **summary, "calibration_seconds": calib_seconds})
+    return 0
+
+
+def _plot_ranges(args) -> int:
+    from trdq_jax import plots
+    from trdq_jax.files import resolve_target
+    from trdq_jax.quant import quantize_layer, select_layers
+    from trdq_jax.quant.ranges import layer_ranges, plot_layers
+    if not str(args.out).lower().endswith(".png"):
+        raise ValueError(f"--out: expected a .png file name, got {args.out!r}")
+    resolve_target(args.out, kind="figure", overwrite=args.overwrite, is_dir=False, arg="--out")
+    if args.layers:
+        try:
+            re.compile(args.layers)
+        except re.error as e:  # before the calibration, not after it
+            raise ValueError(f"--layers: invalid regex {args.layers!r}: {e}") from None
+    recipe = _recipe(args.recipe, args.w_bits, args.a_bits, args.segments)
+    model, params, cfg, calib, _ = _calibrate_from_args(args, recipe)
+    quantized, _ = select_layers(list(calib.stats), recipe)
+    try:
+        layers = plot_layers(quantized, args.layers)
+    except ValueError as e:
+        raise ValueError(f"--layers: {str(e).removeprefix('pattern: ')}") from None
+    ranges = {}
+    for path in layers:
+        dense = params
+        for name in path.split("/"):
+            dense = dense[name]
+        q = quantize_layer(dense["kernel"], dense.get("bias"), calib.stats[path],
+                           calib.segment_of_step, calib.num_segments, recipe, path)
+        ranges[path] = layer_ranges(calib.stats[path], q, calib.segment_of_step)
+    title = (f"{cfg.name}: activation range per sampling step, before / after {recipe.name} "
+             f"smoothing+rotation ({cfg.sampler.solver} {cfg.sampler.num_steps} steps)")
+    size = plots.save_range_figure(args.out, ranges, calib.segment_of_step, title=title,
+                                   overwrite=args.overwrite)
+    print_json({"out": str(args.out), "size": list(size), "layers": {
+        p: {"before_absmax": round(before.absmax, 4), "after_absmax": round(after.absmax, 4)}
+        for p, (before, after) in ranges.items()}})
+    return 0
+
+
+def _add_calibration_flags(p, recipe_default: str | None) -> None:
+    default = "%(default)s" if recipe_default else "the calibration's, else 8"
+    p.add_argument("--recipe", default=recipe_default, choices=RECIPE_NAMES,
+                   help=f"quantization method (default "
+                        f"{recipe_default or 'the calibration recipe, else trdq'})")
+    p.add_argument("--w-bits", type=bits, default=8 if recipe_default else None,
+                   help=f"weight bits 2..8, 16 = float (default {default})")
+    p.add_argument("--a-bits", type=bits, default=8 if recipe_default else None,
+                   help=f"activation bits 2..8, 16 = float (default {default})")
+    p.add_argument("--segments", type=positive_int, help="time segments (default: the recipe's)")
+    p.add_argument("--per-class", type=positive_int, default=4,
+                   help="calibration samples per class")
+    p.add_argument("--seed", type=seed_int, default=DEFAULT_CALIB_SEED,
+                   help=f"calibration seed (default {DEFAULT_CALIB_SEED}, not an evaluation seed)")
+    p.add_argument("--rows-per-step", type=positive_int, default=64,
+                   help="activation rows kept per step and layer")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="collect activation statistics + time segments")
+    add_source(p)
+    _add_calibration_flags(p, "trdq")
+    p.add_argument("--out", required=True, help="calibration directory to write")
+    add_overwrite(p, "calibration directory")
+    add_debug(p)
+    p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("quantize", help="quantize a float model from a calibration directory "
+                                        "(or calibrate on the fly with --model/--checkpoint)")
+    p.add_argument("--calib", metavar="DIR", help="a `trdq calibrate` directory")
+    add_source(p)
+    _add_calibration_flags(p, None)
+    p.add_argument("--out", required=True, help="quantized checkpoint directory to write")
+    add_overwrite(p, "quantized checkpoint")
+    add_debug(p)
+    p.set_defaults(func=_quantize)
+
+    p = sub.add_parser("plot-ranges", help="activation ranges per sampling step before/after "
+                                           "the recipe's smoothing+rotation (PNG)")
+    add_source(p)
+    _add_calibration_flags(p, "trdq")
+    p.set_defaults(per_class=2, w_bits=4)
+    p.add_argument("--layers", metavar="REGEX",
+                   help="layers to plot (default: qkv and fc2 of the first and last block)")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="output PNG file")
+    add_overwrite(p, "figure")
+    add_debug(p)
+    p.set_defaults(func=_plot_ranges)

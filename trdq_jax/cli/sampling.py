@@ -1,0 +1,99 @@
+"""``trdq sample | demo``: sample grids of a float or quantized model, and the main job."""
+from __future__ import annotations
+
+import pathlib
+import time
+
+import numpy as np
+
+from trdq_jax.cli._common import (add_debug, add_overwrite, blame, cfg_scale, float_model,
+                                  positive_int, print_json, seed_int)
+
+BACKENDS = ("xla", "fake", "pallas", "auto")  # trdq_jax.quant.BACKENDS, without importing quant
+
+
+def _sample(args) -> int:
+    from trdq_jax.files import resolve_target
+    from trdq_jax.sampling.generate import generate, grid_rows
+    from trdq_jax.sampling.sample_dir import save_sample_dir
+    resolve_target(args.out, kind="samples", overwrite=args.overwrite, is_dir=True, arg="--out")
+    sampler = apply_fn = None
+    if args.quantized:
+        from trdq_jax.quant.io import load_quantized_model
+        with blame("--quantized"):
+            model, params, cfg, source, sampler, apply_fn = load_quantized_model(
+                args.quantized, args.backend, args.set)
+    else:
+        if args.backend != "xla":
+            raise ValueError("--backend: only applies to --quantized checkpoints")
+        model, params, cfg, source = float_model(args)
+    labels = np.repeat(np.arange(cfg.model.num_classes), args.per_class)
+    t0 = time.perf_counter()
+    samples = generate(model, params, cfg, labels, seed=args.seed, cfg_scale=args.cfg_scale,
+                       share_cfg=args.share_cfg, progress=True, sampler=sampler,
+                       apply_fn=apply_fn)
+    seconds = time.perf_counter() - t0
+    rows = grid_rows(samples, labels, cfg.model.num_classes)
+    out = save_sample_dir(
+        args.out, samples, labels, cfg=cfg, source=source, grid_rows=rows,
+        row_labels=[f"class {c}" for c in range(len(rows))],
+        title=f"{source} | {cfg.sampler.solver} {cfg.sampler.num_steps} steps",
+        info={"seed": args.seed, "share_cfg": args.share_cfg,
+              "cfg_scale": cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale},
+        overwrite=args.overwrite, arg="--out")
+    print_json({"out": str(out), "num_samples": int(len(labels)), "seconds": round(seconds, 2)})
+    return 0
+
+
+def _demo(args) -> int:
+    from trdq_jax.demo import run_demo
+    report = run_demo(args.out, args.model, args.per_class, args.seed, args.quant_per_class,
+                      overwrite=args.overwrite, arg="--out")
+    print_json({k: report[k] for k in ("model", "num_samples", "timings_s")})
+    for name, e in report["quantized"]["settings"].items():
+        print_json({"setting": name, "psnr_db_vs_float": round(e["psnr_db_vs_float"], 2),
+                    "ssim_vs_float": round(e["ssim_vs_float"], 4),
+                    "ratio_to_bf16": e["ratio_to_bf16"]})
+    out = pathlib.Path(args.out)
+    print(f"wrote {out / 'grid.png'}, grid_quantized.png and report.json / .md")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample a bundled model or a checkpoint into a grid")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="bundled diffusion model name (default digits-dit)")
+    src.add_argument("--checkpoint", help="a float trdq checkpoint directory")
+    src.add_argument("--quantized", metavar="QDIR",
+                     help="a quantized checkpoint (trdq quantize --out QDIR); restored without the "
+                          "float weights, sampled with its stored time-segment table")
+    p.add_argument("--backend", default="xla", choices=BACKENDS,
+                   help="quantized execution: xla (int8 dot, default), fake (simulated in float), "
+                        "pallas (Pallas kernels; interpreted on CPU), auto (pallas on TPU/GPU "
+                        "where a layer fits, else xla)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override sampler.*/generation.* fields, e.g. sampler.num_steps=100")
+    p.add_argument("--out", required=True,
+                   help="output directory (samples.npz, grid.png, metadata.json), written whole")
+    add_overwrite(p, "sample directory")
+    p.add_argument("--per-class", type=positive_int, default=8, help="samples per class")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--cfg-scale", type=cfg_scale, default=None,
+                   help="guidance scale in [0, 100] (default: the config's)")
+    p.add_argument("--share-cfg", action="store_true", help="CFG attention sharing")
+    add_debug(p)
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("demo", help="the main job: sample the bundled image DiT and report")
+    p.add_argument("--out", required=True,
+                   help="output directory (grid.png, grid_quantized.png, report.json/.md)")
+    add_overwrite(p, "demo directory")
+    p.add_argument("--model", default="digits-dit", help="bundled model to demonstrate")
+    p.add_argument("--per-class", type=positive_int, default=30,
+                   help="samples per class for the metrics")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--quant-per-class", type=positive_int, default=10,
+                   help="samples per class of the float vs W8A8 vs W4A8 comparison "
+                        "(at most --per-class)")
+    add_debug(p)
+    p.set_defaults(func=_demo)

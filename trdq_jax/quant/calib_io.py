@@ -1,0 +1,161 @@
+"""Calibration directories: statistics and the segment table, saved once, quantized many times.
+
+Layout (written through ``trdq_jax.files.write_dir``: a temporary sibling, then one swap)::
+
+    DIR/metadata.json  format, kind "calibration", recipe, num_segments, segment_of_step,
+                       keep_float, layers (paths in model order), source, config, per_class, seed,
+                       rows_per_step, params_sha256 (of the float weights calibrated), seconds,
+                       manifest (every array of stats.npz + digests of these fields)
+    DIR/stats.npz      "<i>.<field>": float32 ``LayerStats`` arrays of ``layers[i]``
+
+``load_calibration`` checks the manifest, the shapes of every layer's statistics against each
+other and against the segment table, and the table against the stored sampler config;
+``check_calibration_model`` checks a calibration against the float model it names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import zipfile
+
+import numpy as np
+
+from trdq_jax import files, manifest
+from trdq_jax._version import __version__
+from trdq_jax.config import ConfigError, ExperimentConfig, experiment_from_dict, to_dict
+from trdq_jax.quant.calibrate import Calibration
+from trdq_jax.quant.capture import LayerStats
+from trdq_jax.quant.io import recipe_from_dict
+from trdq_jax.quant.verify import QuantizedModelError, check_segment_table
+
+CALIB_FORMAT = "trdq_jax.calibration/2"
+STATS_FILE = "stats.npz"
+_STAT_FIELDS = ("absmax", "tensor_min", "tensor_max", "rows", "weight_absmax")
+
+
+class CalibrationError(manifest.IntegrityError):
+    """A calibration directory is missing, corrupt, edited or does not fit its model."""
+
+
+def save_calibration(path, calib: Calibration, recipe, cfg: ExperimentConfig, *, source: dict,
+                     params_sha256: str, per_class: int, seed: int, rows_per_step: int,
+                     seconds: float = 0.0, overwrite: bool = False,
+                     arg: str = "path") -> pathlib.Path:
+    """Write ``calib`` (statistics + segment table) and how it was made to ``path``.
+
+    ``source``: ``{"model": NAME}`` or ``{"checkpoint": DIR}``, where the float weights live.
+    """
+    layers = list(calib.stats)
+    body = {"format": CALIB_FORMAT, "kind": "calibration", "library_version": __version__,
+            "recipe": dataclasses.asdict(recipe), "num_segments": int(calib.num_segments),
+            "segment_of_step": [int(v) for v in calib.segment_of_step],
+            "keep_float": {k: list(v) for k, v in calib.keep_float.items()}, "layers": layers,
+            "source": source, "config": to_dict(cfg), "params_sha256": params_sha256,
+            "per_class": per_class, "seed": seed, "rows_per_step": rows_per_step,
+            "seconds": round(seconds, 3)}
+    arrays = {f"{i}.{f}": np.asarray(getattr(calib.stats[p], f), np.float32)
+              for i, p in enumerate(layers) for f in _STAT_FIELDS}
+    meta = {**body, "manifest": manifest.make_manifest(body, arrays)}
+
+    def write(tmp: pathlib.Path):
+        np.savez(tmp / STATS_FILE, **arrays)
+        files.crash_point("arrays-written")
+        files.write_json(tmp / files.METADATA_FILE, meta)
+    return files.write_dir(path, write, kind="calibration", overwrite=overwrite, arg=arg)
+
+
+def _read_meta(path: pathlib.Path) -> dict:
+    if not path.is_dir():
+        raise CalibrationError(f"{str(path)!r}: no calibration directory there (expected "
+                               f"{files.METADATA_FILE} and {STATS_FILE} from `trdq calibrate`)")
+    kind = files.dir_kind(path)
+    if kind != "calibration":
+        what = "not written by trdq_jax" if kind is None else \
+            f"a trdq_jax {files.KIND_NAMES.get(kind, kind)}"
+        raise CalibrationError(f"{str(path)!r}: not a calibration directory ({what}); "
+                               "`trdq calibrate --out DIR` writes one")
+    import json
+    meta = json.loads((path / files.METADATA_FILE).read_text())
+    if meta.get("format") != CALIB_FORMAT:
+        raise CalibrationError(f"{str(path)!r}: format {meta.get('format')!r}, expected "
+                               f"{CALIB_FORMAT!r}; run trdq calibrate again")
+    return meta
+
+
+def _read_stats(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path / STATS_FILE, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CalibrationError(f"{str(path / STATS_FILE)!r}: unreadable or truncated "
+                               f"({type(e).__name__}: {e})") from None
+
+
+def _check_layer(p: str, s: LayerStats, num_steps: int, where: str) -> None:
+    k = s.absmax.shape[-1] if s.absmax.ndim == 2 else -1
+    want = {"absmax": (num_steps, k), "tensor_min": (num_steps,), "tensor_max": (num_steps,),
+            "weight_absmax": (k,)}
+    for field, shape in want.items():
+        if k < 1 or getattr(s, field).shape != shape:
+            raise CalibrationError(f"{where}: layer {p!r} {field} has shape "
+                                   f"{getattr(s, field).shape}, expected {shape} ({num_steps} "
+                                   "steps of the segment table)")
+    if s.rows.ndim != 3 or s.rows.shape[0] != num_steps or s.rows.shape[2] != k:
+        raise CalibrationError(f"{where}: layer {p!r} rows has shape {s.rows.shape}, expected "
+                               f"[{num_steps}, R, {k}]")
+
+
+def load_calibration(path: str | os.PathLike):
+    """``(Calibration, recipe, cfg, meta)`` from a ``save_calibration`` directory.
+
+    Raises ``CalibrationError`` naming the field for a missing, corrupt, edited or inconsistent
+    directory.
+    """
+    path = pathlib.Path(path).expanduser()
+    meta = _read_meta(path)
+    where = str(path / files.METADATA_FILE)
+    body, record = manifest.split_manifest(meta, where, CalibrationError)
+    manifest.check_fields(body, record["fields"], where, CalibrationError)
+    arrays = _read_stats(path)
+    manifest.check_arrays(record["arrays"], arrays, str(path / STATS_FILE), CalibrationError)
+    try:
+        cfg = experiment_from_dict(body["config"])
+        recipe = recipe_from_dict(body["recipe"])
+        num_segments = int(body["num_segments"])
+        if num_segments != recipe.num_segments:
+            raise CalibrationError(f"{where}: num_segments {num_segments} differs from the "
+                                   f"recipe's {recipe.num_segments}")
+        table = check_segment_table(body["segment_of_step"], num_segments,
+                                    cfg.sampler.num_steps, where)
+        stats = {p: LayerStats(**{f: arrays[f"{i}.{f}"] for f in _STAT_FIELDS})
+                 for i, p in enumerate(body["layers"])}
+        for p, s in stats.items():
+            _check_layer(p, s, len(table), where)
+        calib = Calibration(stats=stats, segment_of_step=table, num_segments=num_segments,
+                            keep_float={k: list(v) for k, v in body["keep_float"].items()})
+    except (KeyError, TypeError, AttributeError, ConfigError, QuantizedModelError) as e:
+        message = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise CalibrationError(f"{where}: inconsistent calibration: {message}") from None
+    return calib, recipe, cfg, meta
+
+
+def check_calibration_model(calib: Calibration, cfg: ExperimentConfig, meta: dict, params,
+                            params_sha256: str, where: str) -> None:
+    """Refuse a calibration whose float model changed: another config, other layers or widths,
+    or other weights (``params_sha256`` of the params now at ``meta['source']``)."""
+    stored = experiment_from_dict(meta["config"])
+    if stored.model != cfg.model:
+        raise CalibrationError(f"{where}: calibrated for model {stored.model}, the source now "
+                               f"holds {cfg.model}")
+    for p, s in calib.stats.items():
+        node = params
+        for name in p.split("/"):
+            node = node.get(name) if isinstance(node, dict) else None
+        kernel = None if node is None else node.get("kernel")
+        if kernel is None or np.shape(kernel)[-2] != s.channels:
+            raise CalibrationError(f"{where}: layer {p!r} ({s.channels} input channels) is not "
+                                   "in the float model at the calibration's source")
+    if params_sha256 != meta["params_sha256"]:
+        raise CalibrationError(f"{where}: the float weights at {meta['source']} changed since "
+                               "this calibration was made; run trdq calibrate again")

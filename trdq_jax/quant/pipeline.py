@@ -1,0 +1,87 @@
+"""End-to-end helpers around ``calibrate`` / ``quantize`` for a model with its ``ExperimentConfig``:
+the calibration labels and seed, a fingerprint of the float weights, the quantized-size summary.
+
+Calibration labels are ``per_class`` samples of every class drawn from ``DEFAULT_CALIB_SEED``,
+a seed the evaluation commands (seed 0 by default) do not use.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import numpy as np
+
+from trdq_jax.config import ExperimentConfig
+from trdq_jax.models.factory import input_shape
+from trdq_jax.quant.calibrate import calibrate
+from trdq_jax.quant.recipe import RECIPES, Recipe, get_recipe
+from trdq_jax.quant.transform import float_bytes_of, quantized_layer_paths, weight_bytes
+from trdq_jax.sampling.generate import null_label
+from trdq_jax.sampling.solvers import Sampler
+
+DEFAULT_CALIB_SEED = 1000
+
+
+def named_recipe(name: str, w_bits: int = 8, a_bits: int = 8,
+                 segments: int | None = None) -> Recipe:
+    """``get_recipe(name, w_bits, a_bits)`` with ``num_segments = segments`` when given (one
+    segment also means one shared weight copy). Errors name ``name`` / ``w_bits`` /
+    ``a_bits`` / ``segments``."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe: unknown {name!r}; expected one of {sorted(RECIPES)}")
+    for arg, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
+        if isinstance(bits, bool) or not isinstance(bits, int) or not (
+                2 <= bits <= 8 or bits == 16):
+            raise ValueError(f"{arg}: expected bits in 2..8 (or 16 = float), got {bits!r}")
+    if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int)
+                                 or segments < 1):
+        raise ValueError(f"segments: expected a positive int, got {segments!r}")
+    overrides = {} if segments is None else {"num_segments": segments}
+    if segments == 1 and RECIPES[name].per_segment_weights:
+        overrides["per_segment_weights"] = False  # one segment: one weight copy
+    return get_recipe(name, w_bits, a_bits, **overrides)
+
+
+def calibration_labels(num_classes: int, per_class: int) -> np.ndarray:
+    """int32 ``[num_classes * per_class]``: ``per_class`` of every class, class-major."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class: expected a positive int, got {per_class!r}")
+    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
+def params_fingerprint(params) -> str:
+    """sha256 over the bytes, shapes and dtypes of every leaf (tree order)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        arr = np.asarray(leaf)
+        digest.update(f"{arr.dtype}{arr.shape}".encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def run_calibration(model, params, cfg: ExperimentConfig, recipe: Recipe, *, per_class: int = 4,
+                    seed: int = DEFAULT_CALIB_SEED, rows_per_step: int = 64,
+                    progress: bool = False):
+    """``trdq_jax.quant.calibrate`` on ``per_class`` labels of every class with ``cfg``'s
+    sampler and guidance. Returns the ``Calibration``."""
+    if recipe.num_segments > cfg.sampler.num_steps:
+        raise ValueError(f"recipe: {recipe.num_segments} segments but the sampler has only "
+                         f"{cfg.sampler.num_steps} steps")
+    if isinstance(rows_per_step, bool) or not isinstance(rows_per_step, int) or rows_per_step < 1:
+        raise ValueError(f"rows_per_step: expected a positive int, got {rows_per_step!r}")
+    labels = calibration_labels(cfg.model.num_classes, per_class)
+    return calibrate(model, params, recipe, Sampler.from_config(cfg.sampler), labels=labels,
+                     null_label=null_label(cfg.model), shape=input_shape(cfg.model, len(labels)),
+                     seed=seed, rows_per_step=rows_per_step, progress=progress)
+
+
+def quantize_summary(params, qparams, recipe: Recipe, seconds: float) -> dict:
+    """Bytes held by the quantized layers vs their bf16 size, and timing."""
+    paths = quantized_layer_paths(qparams)
+    held = weight_bytes(qparams)
+    bf16 = float_bytes_of(params, paths)
+    return {"recipe": recipe.name, "w_bits": recipe.w_bits, "a_bits": recipe.a_bits,
+            "num_segments": recipe.num_segments, "quantized_layers": len(paths),
+            "weight_bytes": held["quantized_layers"], "bf16_bytes": bf16,
+            "ratio_to_bf16": round(held["quantized_layers"] / bf16, 4),
+            "float_param_bytes": held["float_params"], "seconds": round(seconds, 3)}

@@ -1,0 +1,197 @@
+"""Consistency checks of a quantized model: static layer fields against the arrays, the segment
+table against the sampler and the recipe, the layers against the model config.
+
+These run when a quantized checkpoint is restored (``trdq_jax.quant.io.load_quantized``), so a
+directory whose metadata and arrays disagree is refused naming the field instead of sampling
+garbage. Each check raises ``QuantizedModelError`` (a ``ValueError``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from trdq_jax.config import ExperimentConfig
+from trdq_jax.quant import quantizers
+from trdq_jax.quant.qlinear import QLinear
+
+ROTATIONS = ("none", "hadamard", "block_hadamard", "duquant")
+_ROTATION_ARRAYS = {"none": (), "hadamard": ("signs",), "block_hadamard": ("signs",),
+                    "duquant": ("r1", "perm", "r2")}
+
+
+class QuantizedModelError(ValueError):
+    """A quantized layer or model whose fields contradict its arrays."""
+
+
+def _fail(where: str, field: str, message: str) -> None:
+    raise QuantizedModelError(f"{where}.{field}: {message}")
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def weight_codes(q: QLinear) -> np.ndarray:
+    """The integer weight codes ``[Sw, K, N]`` of a layer (int4 unpacked), as int8 numpy."""
+    w = np.asarray(q.w_q)
+    return np.asarray(quantizers.unpack_int4(w, q.in_features)) if w.dtype == np.uint8 else w
+
+
+def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> None:
+    """Check one layer's static fields (bits, modes, rotation) against its arrays."""
+    w = np.asarray(q.w_q)
+    if w.ndim != 3:
+        _fail(where, "w_q", f"expected [copies, K, N] codes, got shape {w.shape}")
+    copies, n = w.shape[0], w.shape[2]
+    k = q.in_features
+    if not isinstance(k, int) or k < 1:
+        _fail(where, "in_features", f"expected a positive int, got {k!r}")
+    for field in ("w_bits", "a_bits"):
+        bits = getattr(q, field)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 16):
+            _fail(where, field, f"expected bits in 2..8 or 16, got {bits!r}")
+    if q.w_bits == 16:
+        if w.dtype != np.float32 or w.shape[1] != k:
+            _fail(where, "w_bits", f"16 (float weights) needs float32 [copies, {k}, N] weights, "
+                  f"the arrays hold {w.dtype}{list(w.shape)}")
+    else:
+        packed = q.w_bits <= 4
+        want = (np.uint8, (k + 1) // 2) if packed else (np.int8, k)
+        if w.dtype != want[0] or w.shape[1] != want[1]:
+            _fail(where, "w_bits", f"{q.w_bits}-bit codes are stored as {np.dtype(want[0])} "
+                  f"[copies, {want[1]}, N] (in_features={k}), the arrays hold "
+                  f"{w.dtype}{list(w.shape)}")
+        codes = weight_codes(q)
+        qmax = 2 ** (q.w_bits - 1) - 1
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < -qmax or hi > qmax:
+            _fail(where, "w_bits", f"{q.w_bits}-bit symmetric codes lie in [{-qmax}, {qmax}], "
+                  f"the stored codes span [{lo}, {hi}]")
+        colsum = codes.astype(np.int64).sum(axis=1)
+        if _shape(q.w_colsum) != (copies, n) or not np.array_equal(np.asarray(q.w_colsum), colsum):
+            _fail(where, "w_colsum", "does not equal the column sums of the stored codes")
+    if _shape(q.w_scale) != (copies, n):
+        _fail(where, "w_scale", f"expected shape {(copies, n)}, got {_shape(q.w_scale)}")
+    if q.bias is not None and _shape(q.bias) != (n,):
+        _fail(where, "bias", f"expected shape ({n},), got {_shape(q.bias)}")
+    if q.rotation not in ROTATIONS:
+        _fail(where, "rotation", f"expected one of {ROTATIONS}, got {q.rotation!r}")
+    for name in ("signs", "r1", "perm", "r2"):
+        present = getattr(q, name) is not None
+        if present != (name in _ROTATION_ARRAYS[q.rotation]):
+            _fail(where, "rotation", f"{q.rotation!r} {'needs' if not present else 'has no'} "
+                  f"{name!r} array, but the layer {'lacks' if not present else 'stores'} one")
+    block = q.rotation_block
+    if q.rotation == "hadamard" and _shape(q.signs) != (k,):
+        _fail(where, "rotation", f"a full Hadamard needs signs of shape ({k},), got "
+              f"{_shape(q.signs)}")
+    if q.rotation == "block_hadamard" and (_shape(q.signs) != (block,) or not block or k % block):
+        _fail(where, "rotation_block", f"block {block} must divide in_features={k} and match "
+              f"the signs' shape {_shape(q.signs)}")
+    if q.rotation == "duquant":
+        s = _shape(q.perm)[0] if q.perm is not None else 0
+        if (_shape(q.r1) != (s, block, block) or _shape(q.r2) != (s, block, block)
+                or _shape(q.perm) != (s, k)):
+            _fail(where, "rotation_block", f"DuQuant block {block}: expected r1/r2 [S, {block}, "
+                  f"{block}] and perm [S, {k}], got {_shape(q.r1)}, {_shape(q.r2)}, "
+                  f"{_shape(q.perm)}")
+    if q.a_mode not in ("static", "dynamic"):
+        _fail(where, "a_mode", f"expected 'static' or 'dynamic', got {q.a_mode!r}")
+    static = q.a_mode == "static" and q.a_bits != 16
+    if static != (q.a_scale is not None):
+        _fail(where, "a_mode", f"{q.a_mode!r} activations {'need' if static else 'have no'} "
+              "stored scales a_scale, but the layer " + ("lacks them" if static else "has them"))
+    if static and (q.a_zero is None) != bool(q.a_symmetric):
+        _fail(where, "a_symmetric", f"{q.a_symmetric} contradicts the stored zero points "
+              f"({'none' if q.a_zero is None else 'present'})")
+    if static and q.a_zero is not None:
+        qmax = 2 ** (q.a_bits - 1) - 1
+        zero = np.asarray(q.a_zero)
+        if zero.min() < -qmax - 1 or zero.max() > qmax:
+            _fail(where, "a_bits", f"{q.a_bits}-bit zero points lie in [{-qmax - 1}, {qmax}], "
+                  f"stored ones span [{zero.min()}, {zero.max()}]")
+    if q.smooth is not None and _shape(q.smooth)[1:] != (k,):
+        _fail(where, "smooth", f"expected [S, {k}], got {_shape(q.smooth)}")
+    if num_segments is not None:
+        if copies not in (1, num_segments):
+            _fail(where, "w_q", f"{copies} weight copies for {num_segments} segments")
+        for name in ("smooth", "r1", "perm", "r2", "a_scale", "a_zero", "a_clip"):
+            value = getattr(q, name)
+            if value is not None and _shape(value)[0] not in (1, num_segments):
+                _fail(where, name, f"leading axis {_shape(value)[0]} is not 1 or the "
+                      f"{num_segments} segments")
+
+
+def check_segment_table(table, num_segments: int, num_steps: int, where: str) -> np.ndarray:
+    """The step -> segment table as int32 ``[num_steps]`` with values in ``[0, num_segments)``."""
+    arr = np.asarray(table)
+    if arr.shape != (num_steps,) or not np.issubdtype(arr.dtype, np.integer):
+        raise QuantizedModelError(f"{where}.segment_of_step: expected {num_steps} integer "
+                                  f"entries (one per sampling step), got shape {arr.shape} "
+                                  f"{arr.dtype}")
+    if arr.min() < 0 or arr.max() >= num_segments:
+        raise QuantizedModelError(f"{where}.segment_of_step: expected values in "
+                                  f"[0, {num_segments}), got [{arr.min()}, {arr.max()}]")
+    empty = sorted(set(range(num_segments)) - set(arr.tolist()))
+    if empty:
+        raise QuantizedModelError(f"{where}.segment_of_step: segments {empty} are visited by "
+                                  f"no step (num_segments={num_segments})")
+    return arr.astype(np.int32)
+
+
+def check_against_model(qparams, model_cfg, where: str) -> None:
+    """Every quantized layer is a Dense of ``model_cfg`` with the same widths; the float part
+    holds exactly the model's other params (shapes compared)."""
+    from trdq_jax.manifest import flat_arrays
+    from trdq_jax.models.factory import abstract_params
+    from trdq_jax.quant.transform import quantized_layer_paths
+    want = {k: v.shape for k, v in flat_arrays(abstract_params(model_cfg)).items()}
+    layers = {}
+    for path in quantized_layer_paths(qparams):
+        node = qparams["layers"]
+        for name in path.split("/"):
+            node = node[name]
+        layers[path] = node
+    keys = {p: "".join(f"['{n}']" for n in p.split("/")) for p in layers}
+    for path, q in layers.items():
+        kernel = want.get(keys[path] + "['kernel']")
+        n = _shape(q.w_scale)[-1]
+        if kernel is None or len(kernel) != 2:
+            raise QuantizedModelError(f"{where}: quantized layer {path!r} is not a Dense of the "
+                                      f"model {model_cfg}")
+        if tuple(kernel) != (q.in_features, n):
+            raise QuantizedModelError(f"{where}: layer {path!r} is {q.in_features}x{n}, the "
+                                      f"model config wants {kernel[0]}x{kernel[1]}")
+    quantized_leaves = {keys[p] + f"['{leaf}']" for p in layers for leaf in ("kernel", "bias")}
+    expected_float = {k: v for k, v in want.items() if k not in quantized_leaves}
+    got_float = {k: _shape(v) for k, v in flat_arrays(qparams["float"]).items()}
+    problems = [f"missing {k}" for k in sorted(set(expected_float) - set(got_float))]
+    problems += [f"unexpected {k}" for k in sorted(set(got_float) - set(expected_float))]
+    problems += [f"{k}: {got_float[k]} vs {tuple(expected_float[k])}"
+                 for k in sorted(set(got_float) & set(expected_float))
+                 if got_float[k] != tuple(expected_float[k])]
+    if problems:
+        raise QuantizedModelError(f"{where}: float params do not match the model config: "
+                                  + "; ".join(problems[:10]))
+
+
+def check_quantized(qparams, recipe, segment_of_step, cfg, where: str) -> np.ndarray:
+    """All checks of a restored quantized model; returns the validated segment table."""
+    from trdq_jax.quant.transform import quantized_layer_paths
+    num_steps = cfg.sampler.num_steps if isinstance(cfg, ExperimentConfig) else len(
+        np.asarray(segment_of_step))
+    table = check_segment_table(segment_of_step, recipe.num_segments, num_steps, where)
+    for path in quantized_layer_paths(qparams):
+        node = qparams["layers"]
+        for name in path.split("/"):
+            node = node[name]
+        check_qlinear(node, f"{where}: layer {path}", recipe.num_segments)
+        for field in ("w_bits", "a_bits", "a_mode", "rotation"):
+            if field in ("w_bits", "a_bits") and getattr(node, field) == 16:
+                continue
+            if getattr(node, field) != getattr(recipe, field):
+                raise QuantizedModelError(f"{where}: layer {path}.{field} is "
+                                          f"{getattr(node, field)!r}, the recipe says "
+                                          f"{getattr(recipe, field)!r}")
+    model_cfg = cfg.model if isinstance(cfg, ExperimentConfig) else cfg
+    check_against_model(qparams, model_cfg, where)
+    return table

@@ -1,0 +1,69 @@
+"""Sample directories: what ``trdq sample`` writes, as one unit.
+
+Layout (written through ``trdq_jax.files.write_dir``: all files appear together or not at all)::
+
+    DIR/samples.npz     "samples" float32 [N, ...spatial, C], "labels" int [N]
+    DIR/grid.png        one labelled row per class (``grid_rows``)
+    DIR/metadata.json   format, kind "samples", source, config, seed, cfg_scale, share_cfg,
+                        manifest (the npz arrays and digests of these fields)
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import zipfile
+
+import numpy as np
+
+from trdq_jax import files, manifest
+from trdq_jax._version import __version__
+from trdq_jax.config import to_dict
+
+FORMAT = "trdq_jax.samples/1"
+SAMPLES_FILE, GRID_FILE = "samples.npz", "grid.png"
+
+
+def save_sample_dir(path: str | os.PathLike, samples: np.ndarray, labels: np.ndarray, *, cfg,
+                    source: str, grid_rows: list, row_labels: list[str], title: str,
+                    info: dict | None = None, overwrite: bool = False,
+                    arg: str = "path") -> pathlib.Path:
+    """Write ``samples`` float ``[N, ...]`` with their ``labels`` int ``[N]``, the grid of
+    ``grid_rows`` and the metadata (``info``: extra JSON fields such as seed and cfg_scale)."""
+    from trdq_jax.viz import save_grid
+    samples, labels = np.asarray(samples, np.float32), np.asarray(labels)
+    if labels.shape != samples.shape[:1]:
+        raise ValueError(f"labels: expected shape ({samples.shape[0]},), got {labels.shape}")
+    arrays = {"samples": samples, "labels": labels}
+    body = {"format": FORMAT, "kind": "samples", "library_version": __version__,
+            "source": source, "config": to_dict(cfg), "num_samples": int(len(labels)),
+            **(info or {})}
+    meta = {**body, "manifest": manifest.make_manifest(body, arrays)}
+
+    def write(tmp: pathlib.Path) -> None:
+        np.savez(tmp / SAMPLES_FILE, **arrays)
+        files.crash_point("arrays-written")
+        save_grid(tmp / GRID_FILE, grid_rows, row_labels, title=title)
+        files.write_json(tmp / files.METADATA_FILE, meta)
+
+    return files.write_dir(path, write, kind="samples", overwrite=overwrite, arg=arg)
+
+
+def load_sample_dir(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(samples, labels, metadata)`` of a ``save_sample_dir`` directory, checked against its
+    manifest (``IntegrityError`` naming the cause otherwise)."""
+    path = pathlib.Path(path).expanduser()
+    if files.dir_kind(path) != "samples":
+        raise manifest.IntegrityError(f"{str(path)!r}: not a trdq_jax sample directory")
+    meta = json.loads((path / files.METADATA_FILE).read_text())
+    where = str(path / files.METADATA_FILE)
+    body, record = manifest.split_manifest(meta, where)
+    manifest.check_fields(body, record["fields"], where)
+    try:
+        with np.load(path / SAMPLES_FILE, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise manifest.IntegrityError(f"{str(path / SAMPLES_FILE)!r}: unreadable or truncated "
+                                      f"({type(e).__name__}: {e})") from None
+    manifest.check_arrays(record["arrays"], arrays, str(path / SAMPLES_FILE))
+    return arrays["samples"], arrays["labels"], meta
