@@ -38,7 +38,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trdq_jax import quant as Q  # noqa: E402
+from trdq_jax import files, quant as Q  # noqa: E402
 from trdq_jax.eval import psnr, ssim  # noqa: E402
 from trdq_jax.eval.judge import heldout_data, judge  # noqa: E402
 from trdq_jax.sampling.generate import null_label  # noqa: E402
@@ -272,7 +272,7 @@ def write_section(path: pathlib.Path, section: str, begin: str = BEGIN, end: str
         text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    files.replace_file(path, lambda tmp: tmp.write_text(text))  # a kill never truncates it
 
 
 def main(argv=None) -> None:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 def tiny():
     params = tiny_params()
     model = build_model(TINY.model)
-    recipe = Q.get_recipe("trdq", 4, 8, num_segments=2)
+    recipe = Q.get_recipe("quarot", 4, 8, num_segments=2)  # Hadamard rotation, no searches: fast
     calib = run_calibration(model, params, TINY, recipe, per_class=1, rows_per_step=16)
     return {"params": params, "model": model, "recipe": recipe, "calib": calib,
             "w4": Q.quantize(params, calib, recipe),
