@@ -178,10 +178,10 @@ def test_int4_codes_are_checked_after_unpacking(tiny):
 
 def test_segment_table_and_model_checks(tiny):
     assert verify.check_segment_table([0, 0, 1, 1], 2, 4, "t").dtype == np.int32
-    for table, steps, message in (([0, 0, 1], 4, "expected 4 integer entries"),
+    for table, steps, message in (([0, 0, 1], 4, "expected 4 entries"),
                                   ([0, 0, 2, 1], 4, r"values in \[0, 2\)"),
                                   ([0, 0, 0, 0], 4, r"segments \[1\] are visited by no step"),
-                                  ([0.0, 1.0, 1.0, 1.0], 4, "integer entries")):
+                                  ([0.0, 1.0, 1.0, 1.0], 4, "expected a non-empty 1-D int")):
         with pytest.raises(verify.QuantizedModelError, match=message):
             verify.check_segment_table(table, 2, steps, "t")
     verify.check_against_model(tiny["w8"], TINY.model, "q")

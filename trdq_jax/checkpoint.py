@@ -122,8 +122,13 @@ def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
     return files.write_dir(path, write, kind=kind, overwrite=overwrite, arg=arg)
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata dict of a checkpoint (raises ``CheckpointError`` if absent or corrupt)."""
+_LOADERS = {"float": "trdq_jax.models.load_checkpoint / --checkpoint",
+            "quantized": "trdq_jax.quant.load_quantized / --quantized"}
+
+
+def read_metadata(path: str | os.PathLike, kind: str | None = None) -> dict:
+    """The metadata dict of a checkpoint (raises ``CheckpointError`` if absent or corrupt, or
+    when ``kind`` is given and the checkpoint holds another kind)."""
     path = pathlib.Path(path).expanduser()
     meta_file = path / METADATA_FILE
     if not path.is_dir():
@@ -149,6 +154,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if meta.get("kind") not in KINDS:
         raise CheckpointError(f"{str(meta_file)!r}: kind {meta.get('kind')!r} is not one of "
                               f"{KINDS}")
+    if kind is not None and meta["kind"] != kind:
+        raise CheckpointError(f"{str(path)!r}: holds a {meta['kind']!r} checkpoint, expected a "
+                              f"{kind} one (load it with {_LOADERS[meta['kind']]})")
     return meta
 
 

@@ -21,6 +21,7 @@ The contract:
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -311,6 +312,24 @@ def _remove_empty(dirs: list[pathlib.Path]) -> None:
             break
 
 
+@contextlib.contextmanager
+def _staging(target: pathlib.Path, tmp: pathlib.Path, arg: str):
+    """Around writing ``tmp`` and moving it to ``target``: creates missing parents, restates an
+    OSError for the target, and on the way out removes ``tmp`` (and, unless the caller set
+    ``state["done"]``, the parents it created)."""
+    created, state = [], {"done": False}
+    try:
+        created = _make_parents(target)
+        yield state
+    except OSError as e:
+        raise _write_error(arg, target, e) from None
+    finally:
+        if os.path.lexists(tmp):
+            _remove(tmp)
+        if not state["done"]:
+            _remove_empty(created)
+
+
 def write_dir(path: str | os.PathLike, write: Callable[[pathlib.Path], None], *, kind: str,
               overwrite: bool = False, arg: str = "path") -> pathlib.Path:
     """Write a directory of ``kind`` atomically: ``write(tmp)`` fills a fresh temporary
@@ -318,9 +337,8 @@ def write_dir(path: str | os.PathLike, write: Callable[[pathlib.Path], None], *,
     this ``kind``; it is then flushed and moved to ``path``. Returns the resolved path.
     """
     target = resolve_target(path, kind=kind, overwrite=overwrite, is_dir=True, arg=arg)
-    tmp, created, done = _temp_sibling(target, _TMP), [], False
-    try:
-        created = _make_parents(target)
+    tmp = _temp_sibling(target, _TMP)
+    with _staging(target, tmp, arg) as state:
         tmp.mkdir()
         crash_point("tmp-created")
         write(tmp)
@@ -329,15 +347,8 @@ def write_dir(path: str | os.PathLike, write: Callable[[pathlib.Path], None], *,
         _fsync_tree(tmp)
         crash_point("written")
         _move_into_place(tmp, target)
-        done = True
-        _fsync_quietly(target.parent)
-    except OSError as e:
-        raise _write_error(arg, target, e) from None
-    finally:
-        if os.path.lexists(tmp):
-            _remove(tmp)
-        if not done:
-            _remove_empty(created)
+        state["done"] = True
+    _fsync_quietly(target.parent)
     return target
 
 
@@ -358,25 +369,17 @@ def replace_file(path: str | os.PathLike, write: Callable[[pathlib.Path], None],
     suffix as ``path``), which is flushed and renamed over ``path``."""
     target = pathlib.Path(path).expanduser().absolute()
     recover(target)
-    tmp, created, done = _temp_sibling(target, _TMP), [], False
+    tmp = _temp_sibling(target, _TMP)
     tmp = tmp.with_name(tmp.name + target.suffix)  # writers pick the format by suffix
-    try:
-        created = _make_parents(target)
+    with _staging(target, tmp, arg) as state:
         write(tmp)
         if not tmp.is_file():
-            raise RuntimeError(f"write_file: the writer did not create {tmp}")
+            raise RuntimeError(f"replace_file: the writer did not create {tmp}")
         _fsync(tmp)
         crash_point("written")
         os.replace(tmp, target)
-        done = True
-        _fsync_quietly(target.parent)
-    except OSError as e:
-        raise _write_error(arg, target, e) from None
-    finally:
-        if os.path.lexists(tmp):
-            _remove(tmp)
-        if not done:
-            _remove_empty(created)
+        state["done"] = True
+    _fsync_quietly(target.parent)
     return target
 
 

@@ -50,12 +50,7 @@ def load_checkpoint(path: str | os.PathLike, cfg=None):
     given, must equal the stored config. A quantized checkpoint is refused with a pointer to
     ``trdq_jax.quant.load_quantized_model``.
     """
-    meta = checkpoint.read_metadata(path)
-    if meta["kind"] != "float":
-        raise checkpoint.CheckpointError(
-            f"{str(path)!r}: holds a {meta['kind']!r} checkpoint, expected a float one "
-            "(quantized checkpoints load with trdq_jax.quant.load_quantized_model / "
-            "`trdq sample --quantized`)")
+    meta = checkpoint.read_metadata(path, kind="float")
     stored = checkpoint.stored_config(meta)
     target = abstract_params(stored.model if isinstance(stored, ExperimentConfig) else stored)
     params, stored = checkpoint.restore(path, cfg, target=target)

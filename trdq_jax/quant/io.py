@@ -74,12 +74,7 @@ def load_quantized(path: str | os.PathLike, cfg=None):
     Raises ``CheckpointError`` for a missing, corrupt, edited or inconsistent directory (the
     message names the field) and for a float checkpoint.
     """
-    meta = checkpoint.read_metadata(path)
-    if meta["kind"] != "quantized":
-        raise checkpoint.CheckpointError(
-            f"{str(path)!r}: holds a {meta['kind']!r} checkpoint, expected a quantized one "
-            "(`trdq quantize --out DIR` writes one; float checkpoints load with "
-            "trdq_jax.models.load_checkpoint / --checkpoint)")
+    meta = checkpoint.read_metadata(path, kind="quantized")
     tree, stored = checkpoint.restore(path, cfg)
     try:
         extra = meta["extra"]

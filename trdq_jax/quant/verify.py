@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from trdq_jax.config import ExperimentConfig
-from trdq_jax.quant import quantizers
+from trdq_jax.quant import quantizers, segments
 from trdq_jax.quant.qlinear import QLinear
 
 ROTATIONS = ("none", "hadamard", "block_hadamard", "duquant")
@@ -122,20 +122,17 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
 
 
 def check_segment_table(table, num_segments: int, num_steps: int, where: str) -> np.ndarray:
-    """The step -> segment table as int32 ``[num_steps]`` with values in ``[0, num_segments)``."""
+    """The step -> segment table as int32 ``[num_steps]``: integers in ``[0, num_segments)``
+    with every segment visited (``segments.check_segments``)."""
     arr = np.asarray(table)
-    if arr.shape != (num_steps,) or not np.issubdtype(arr.dtype, np.integer):
-        raise QuantizedModelError(f"{where}.segment_of_step: expected {num_steps} integer "
-                                  f"entries (one per sampling step), got shape {arr.shape} "
-                                  f"{arr.dtype}")
-    if arr.min() < 0 or arr.max() >= num_segments:
-        raise QuantizedModelError(f"{where}.segment_of_step: expected values in "
-                                  f"[0, {num_segments}), got [{arr.min()}, {arr.max()}]")
-    empty = sorted(set(range(num_segments)) - set(arr.tolist()))
-    if empty:
-        raise QuantizedModelError(f"{where}.segment_of_step: segments {empty} are visited by "
-                                  f"no step (num_segments={num_segments})")
-    return arr.astype(np.int32)
+    if arr.shape != (num_steps,):
+        raise QuantizedModelError(f"{where}.segment_of_step: expected {num_steps} entries (one "
+                                  f"per sampling step), got shape {arr.shape}")
+    try:
+        return segments.check_segments(arr, num_segments)
+    except ValueError as e:
+        raise QuantizedModelError(f"{where}.segment_of_step: "
+                                  f"{str(e).removeprefix('table: ')}") from None
 
 
 def check_against_model(qparams, model_cfg, where: str) -> None:
