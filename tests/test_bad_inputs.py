@@ -60,6 +60,10 @@ def ws(tmp_path_factory):
     (root / "garbage.npz").write_bytes(os.urandom(256))
     (root / "dit.pt").write_bytes(b"not a torch file")
     (root / "dit.txt").write_text("weights?")
+    flat = dict(sd)
+    flat["x_embedder.proj.weight"] = flat["x_embedder.proj.weight"].reshape(32, -1)
+    np.savez(root / "flat.npz", **flat)
+    os.symlink(root / "loop", root / "loop")
     # a checkpoint whose metadata was edited, and one that is not a checkpoint's json
     checkpoint.save(root / "edited", tiny_params(), TINY)
     meta = json.loads((root / "edited" / "metadata.json").read_text())
@@ -136,9 +140,9 @@ CLI_CASES = [
     ("sample-float-as-quantized", "sample --quantized {ws}/ck --out {ws}/new",
      "holds a 'float' checkpoint, expected a quantized one"),
     ("sample-calib-as-quantized", "sample --quantized {ws}/calib --out {ws}/new",
-     "not a checkpoint (a trdq_jax calibration directory)"),
+     "not a checkpoint directory (a trdq_jax calibration directory)"),
     ("sample-foreign-checkpoint", "sample --checkpoint {ws}/mine --out {ws}/new",
-     "metadata.json is missing"),
+     "not a checkpoint directory (not written by trdq_jax: no metadata.json)"),
     ("sample-corrupt-metadata", "sample --checkpoint {ws}/badjson --out {ws}/new",
      "corrupt metadata"),
     ("sample-edited-checkpoint", "sample --checkpoint {ws}/edited --out {ws}/new",
@@ -160,7 +164,19 @@ CLI_CASES = [
     ("sample-set-model", "sample --checkpoint {ws}/ck --set model.depth=3 --out {ws}/new",
      "model.* fields are fixed by the checkpoint"),
     ("sample-set-steps-quantized", "sample --quantized {ws}/q --set sampler.num_steps=7 "
-     "--out {ws}/new", "segment table covers 6 steps"),
+     "--out {ws}/new", "--set sampler.num_steps: fixed by the quantized checkpoint"),
+    ("sample-set-solver-quantized", "sample --quantized {ws}/q --set sampler.solver=ddpm "
+     "--out {ws}/new", "--set sampler.solver: fixed by the quantized checkpoint"),
+    ("sample-set-bad-value", "sample --checkpoint {ws}/ck --set sampler.num_steps=abc "
+     "--out {ws}/new", "--set sampler.num_steps: cannot parse 'abc' as int"),
+    ("sample-out-symlink-loop", "sample --checkpoint {ws}/ck --out {ws}/loop",
+     "cannot resolve"),
+    ("sample-out-inside-output", "sample --checkpoint {ws}/ck --out {ws}/samples/more",
+     "is inside '{ws}/samples', a trdq_jax sample directory; outputs do not nest"),
+    ("train-export-cwd", "train --config {ws}/cfg.py --workdir {ws}/new --export .",
+     "--export: refusing to write over"),
+    ("convert-2d-proj", "convert --input {ws}/flat.npz --num-heads 2 --out {ws}/new",
+     "--input: state_dict: cannot infer a DiT config: expected x_embedder.proj.weight"),
     ("sample-set-malformed", "sample --checkpoint {ws}/ck --set nope --out {ws}/new",
      "expected section.field=value"),
     ("sample-set-unknown", "sample --checkpoint {ws}/ck --set sampler.nope=1 --out {ws}/new",
@@ -195,7 +211,7 @@ CLI_CASES = [
     ("quantize-missing-calib", "quantize --calib {ws}/none --out {ws}/new",
      "--calib: '{ws}/none': no calibration directory there"),
     ("quantize-foreign-calib", "quantize --calib {ws}/mine --out {ws}/new",
-     "not a calibration directory (not written by trdq_jax)"),
+     "not a calibration directory (not written by trdq_jax: no metadata.json)"),
     ("quantize-checkpoint-as-calib", "quantize --calib {ws}/ck --out {ws}/new",
      "not a calibration directory (a trdq_jax float checkpoint)"),
     ("quantize-edited-calib", "quantize --calib {ws}/calib_edited --out {ws}/new",

@@ -102,7 +102,7 @@ def test_missing_and_truncated_checkpoints(tmp_path, params):
     with pytest.raises(checkpoint.CheckpointError, match="corrupt metadata"):
         checkpoint.restore(path)
     os.remove(path / "metadata.json")
-    with pytest.raises(checkpoint.CheckpointError, match="metadata.json is missing"):
+    with pytest.raises(checkpoint.CheckpointError, match="not written by trdq_jax: no metadata.json"):
         checkpoint.restore(path)
 
 

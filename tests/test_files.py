@@ -18,14 +18,16 @@ FILES_PY = pathlib.Path(files.__file__)
 
 
 def tree_hash(root: pathlib.Path) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file (and ``<dir>`` for directories) under root."""
+    """``{relative path: sha256}`` of every file (``<dir>`` for directories, ``-> target`` for
+    symbolic links) under root."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             out[os.path.relpath(os.path.join(dirpath, d), root)] = "<dir>"
         for f in filenames:
             p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+            out[os.path.relpath(p, root)] = (f"-> {os.readlink(p)}" if os.path.islink(p) else
+                                             hashlib.sha256(open(p, "rb").read()).hexdigest())
     return out
 
 
@@ -264,3 +266,108 @@ def test_file_size_limit_as_a_full_disk(tmp_path):
     assert proc.returncode == 1 and "File too large (nothing was changed)" in proc.stderr
     assert (target / "part0.txt").read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# ----------------------------------------------------------------------------- races and nesting
+
+
+def test_a_target_that_appears_while_writing_is_left_alone(tmp_path):
+    target = tmp_path / "out"
+
+    def racing(tmp):  # someone else creates the target while we write
+        target.mkdir()
+        (target / "precious.txt").write_text("theirs")
+        writer("samples", "ours")(tmp)
+    with pytest.raises(files.OutputError, match="appeared or changed while the output was being"):
+        files.write_dir(target, racing, kind="samples")
+    assert os.listdir(target) == ["precious.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+    report = tmp_path / "r.json"
+
+    def racing_file(tmp):
+        report.write_text('{"theirs": 1}')
+        files.write_json(tmp, {"format": "trdq_jax.eval/1", "kind": "report"})
+    with pytest.raises(files.OutputError, match="appeared or changed"):
+        files.write_file(report, racing_file, kind="report")
+    assert report.read_text() == '{"theirs": 1}'
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_replaced_target_that_changed_while_writing_is_put_back(tmp_path, monkeypatch,
+                                                                  exchange):
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    target = files.write_dir(tmp_path / "out", writer("samples", "old"), kind="samples")
+
+    def racing(tmp):  # the old output is replaced by a user's directory meanwhile
+        import shutil
+        shutil.rmtree(target)
+        target.mkdir()
+        (target / "precious.txt").write_text("theirs")
+        writer("samples", "new")(tmp)
+    with pytest.raises(files.OutputError, match="appeared or changed"):
+        files.write_dir(target, racing, kind="samples", overwrite=True)
+    assert os.listdir(target) == ["precious.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_outputs_do_not_nest(tmp_path):
+    outer = files.write_dir(tmp_path / "s", writer("samples", "a"), kind="samples")
+    before = tree_hash(tmp_path)
+    with pytest.raises(files.OutputError, match="is inside .*a trdq_jax sample directory"):
+        files.write_dir(outer / "calib", writer("calibration", "b"), kind="calibration")
+    with pytest.raises(files.OutputError, match="is inside"):
+        files.write_file(outer / "deep" / "r.json", lambda t: t.write_text("{}"), kind="report")
+    assert tree_hash(tmp_path) == before
+    # one moved in by hand is not deleted by an overwrite of the outer one
+    files.write_dir(tmp_path / "c", writer("calibration", "b"), kind="calibration")
+    os.rename(tmp_path / "c", outer / "sub")
+    before = tree_hash(tmp_path)
+    with pytest.raises(files.OutputError, match="holds another output, .*sub.*calibration"):
+        files.write_dir(outer, writer("samples", "new"), kind="samples", overwrite=True)
+    assert tree_hash(tmp_path) == before
+
+
+def test_fallback_puts_the_old_output_back_when_the_second_rename_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    target = files.write_dir(tmp_path / "out", writer("samples", "old"), kind="samples")
+    real_rename, calls = os.rename, []
+
+    def flaky(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # the new output onto the target
+            raise OSError(28, "No space left on device")
+        return real_rename(a, b)
+    monkeypatch.setattr(files.os, "rename", flaky)
+    with pytest.raises(OSError, match="No space left on device"):
+        files.write_dir(target, writer("samples", "new"), kind="samples", overwrite=True)
+    monkeypatch.setattr(files.os, "rename", real_rename)
+    assert (target / "part0.txt").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_stale_means_unlocked_not_a_dead_pid(tmp_path):
+    target = tmp_path / "out"
+    stale = tmp_path / ".out.trdq-tmp.1.deadbeef"  # pid 1 is alive; its lock is not held
+    stale.mkdir()
+    live = tmp_path / ".out.trdq-tmp.999999.cafe0000"  # no such pid, but a writer holds it
+    live.mkdir()
+    fd = files._lock(live)
+    try:
+        files.recover(target)
+        assert sorted(os.listdir(tmp_path)) == [live.name]
+    finally:
+        os.close(fd)
+    files.recover(target)
+    assert os.listdir(tmp_path) == []
+
+
+def test_parents_made_by_another_writer_meanwhile_are_fine(tmp_path, monkeypatch):
+    real_mkdir = pathlib.Path.mkdir
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self.name == "runs" and not self.exists():
+            real_mkdir(self)  # the other writer wins the race
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(pathlib.Path, "mkdir", racing_mkdir)
+    files.write_dir(tmp_path / "runs" / "a", writer("samples", "x"), kind="samples")
+    assert files.dir_kind(tmp_path / "runs" / "a") == "samples"

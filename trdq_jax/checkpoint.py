@@ -84,8 +84,7 @@ def _orbax_save(directory: pathlib.Path, tree) -> None:
             code = re.search(r"os_error_code='(\d+)'", str(e))
             if code:
                 raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
-            raise OSError(f"orbax could not write the parameter tree: "
-                          f"{' '.join(str(e).split())[:300]}") from None
+            raise
         finally:
             ckptr.close()
 
@@ -127,33 +126,10 @@ _LOADERS = {"float": "trdq_jax.models.load_checkpoint / --checkpoint",
 
 
 def read_metadata(path: str | os.PathLike, kind: str | None = None) -> dict:
-    """The metadata dict of a checkpoint (raises ``CheckpointError`` if absent or corrupt, or
-    when ``kind`` is given and the checkpoint holds another kind)."""
-    path = pathlib.Path(path).expanduser()
-    meta_file = path / METADATA_FILE
-    if not path.is_dir():
-        raise CheckpointError(f"{str(path)!r}: no checkpoint directory there")
-    if not meta_file.is_file():
-        raise CheckpointError(f"{str(path)!r}: {METADATA_FILE} is missing (not a trdq_jax "
-                              "checkpoint directory)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{str(meta_file)!r}: corrupt metadata ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{str(meta_file)!r}: corrupt metadata (not a JSON object)")
-    fmt = meta.get("format")
-    if fmt == "trdq_jax.checkpoint/1":
-        raise CheckpointError(f"{str(path)!r}: written by an older trdq_jax (format {fmt!r}, no "
-                              "integrity manifest); re-create it with this version")
-    if fmt != FORMAT:
-        what = f"a trdq_jax {files.KIND_NAMES.get(meta.get('kind'), meta.get('kind'))}" if str(
-            fmt).startswith(files.FORMAT_PREFIX) else f"unknown format {fmt!r}"
-        raise CheckpointError(f"{str(path)!r}: not a checkpoint ({what}); expected format "
-                              f"{FORMAT!r}")
-    if meta.get("kind") not in KINDS:
-        raise CheckpointError(f"{str(meta_file)!r}: kind {meta.get('kind')!r} is not one of "
-                              f"{KINDS}")
+    """The metadata dict of a checkpoint, its field digests checked (``CheckpointError`` if
+    absent, corrupt, edited, or, when ``kind`` is given, of another kind)."""
+    meta, _, _ = manifest.read_record(path, formats={k: FORMAT for k in KINDS},
+                                      noun="checkpoint directory", error=CheckpointError)
     if kind is not None and meta["kind"] != kind:
         raise CheckpointError(f"{str(path)!r}: holds a {meta['kind']!r} checkpoint, expected a "
                               f"{kind} one (load it with {_LOADERS[meta['kind']]})")
@@ -167,7 +143,7 @@ def stored_config(meta: dict):
             return experiment_from_dict(meta["config"])
         if meta.get("config_kind") == "model":
             return model_config_from_dict(meta["config"])
-    except (ConfigError, KeyError, TypeError) as e:
+    except (ConfigError, KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"metadata config: not a valid config ({e})") from None
     raise CheckpointError(f"metadata config_kind: expected 'experiment' or 'model', got "
                           f"{meta.get('config_kind')!r}")
@@ -184,8 +160,7 @@ def restore(path: str | os.PathLike, cfg=None, *, target: Any = None):
     """
     path = pathlib.Path(path).expanduser().absolute()  # orbax refuses relative paths
     meta = read_metadata(path)
-    body, record = manifest.split_manifest(meta, str(path / METADATA_FILE), CheckpointError)
-    manifest.check_fields(body, record["fields"], str(path / METADATA_FILE), CheckpointError)
+    record = meta["manifest"]
     stored = stored_config(meta)
     if cfg is not None:
         _check_same_config(stored, cfg, path)

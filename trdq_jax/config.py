@@ -139,11 +139,6 @@ class DiTConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
-    def mlp_hidden_size(self) -> int:
-        """Width of each block's MLP: exactly ``hidden_size * mlp_ratio`` (validated whole)."""
-        return exact_width(self.hidden_size, self.mlp_ratio)
-
-    @property
     def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
 
@@ -194,11 +189,6 @@ class VideoDiTConfig:
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def mlp_hidden_size(self) -> int:
-        """Width of each block's MLP: exactly ``hidden_size * mlp_ratio`` (validated whole)."""
-        return exact_width(self.hidden_size, self.mlp_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,7 +472,7 @@ def _replace_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
         hint = typing.get_type_hints(type(obj))[head]
         if dataclasses.is_dataclass(getattr(obj, head)):
             raise ConfigError(f"--set {key}: {head!r} is a section; name one of its fields")
-        return dataclasses.replace(obj, **{head: _coerce(hint, raw, key)})
+        return dataclasses.replace(obj, **{head: _coerce(hint, raw, f"--set {key}")})
     child = getattr(obj, head)
     if not dataclasses.is_dataclass(child):
         raise ConfigError(f"--set {key}: {head!r} is not a section")

@@ -1,22 +1,29 @@
-"""Every file and directory the project writes goes through ``write_file`` / ``write_dir``.
+"""Every output the project writes goes through ``write_file`` / ``write_dir`` (and files inside
+a directory it owns through ``replace_file``).
 
 The contract:
 
-- The new output is written into a temporary sibling (``.NAME.trdq-tmp.PID.RAND``), flushed to
-  disk, and only then moved into place: a file with one ``os.replace``, a directory by atomically
-  exchanging it with the old one (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames
-  and a recovery step, see below). Until that moment the previous output is untouched, and a
-  crash at any point leaves either the complete old output or the complete new one.
+- The new output is written into a temporary sibling (``.NAME.trdq-tmp.PID.RAND``) that its
+  writer holds an ``flock`` on, flushed to disk, and only then moved into place: with
+  ``renameat2(RENAME_NOREPLACE)`` where nothing was there, else by atomically exchanging it with
+  the old output (``RENAME_EXCHANGE``; elsewhere two renames, see below). Until that moment the
+  previous output is untouched, and a crash or kill at any point leaves either the complete old
+  output or the complete new one.
 - An existing target is replaced only with ``overwrite=True`` and only when this project wrote
   it: a directory whose ``metadata.json`` carries ``"format": "trdq_jax...."`` and the same
-  ``kind``, a file whose embedded marker (``file_kind``) names the same kind, or an empty
-  directory. Everything else is refused naming the path: a foreign non-empty directory, a file
-  where a directory is expected (and vice versa), the current directory, any of its parents, the
-  home directory and ``/``.
-- Stale temporaries (their writer's process is gone) are removed by the next write to the same
+  ``kind`` (and holds no other output), a file whose embedded marker (``file_kind``) names the
+  same kind, or an empty directory. What the swap displaced is checked again, so something that
+  appeared at the target while the output was written is put back, not deleted. Everything else
+  is refused naming the path: a foreign non-empty directory, a file where a directory is
+  expected (and vice versa), a path inside another output, the current directory, any of its
+  parents, the home directory and ``/``.
+- Temporaries whose writer is gone (its lock is free) are removed by the next write to the same
   target. With the two-rename fallback, a crash between the renames leaves the old output as
-  ``.NAME.trdq-old.PID.RAND``; the next write (or ``recover``) moves it back.
+  ``.NAME.trdq-old.PID.RAND``; the next write (or ``recover``) moves it back, and a failure of
+  the second rename moves it back at once.
 
+Not covered: a training run's orbax checkpoints (orbax's own atomic step directories) and its
+append-only ``metrics.jsonl`` (a torn last line is dropped on resume).
 ``crash_point(name)`` lets the tests SIGKILL a writer at a named point (``TRDQ_CRASH_AT=name``).
 """
 from __future__ import annotations
@@ -104,7 +111,8 @@ def png_marker(kind: str) -> dict[str, str]:
     return {_PNG_KEY: kind, "Software": f"trdq_jax {__version__}"}
 
 
-def _describe(kind: str | None) -> str:
+def describe(kind: str | None) -> str:
+    """How an output of ``kind`` (None: not ours) is named in messages."""
     if kind is None:
         return "not written by trdq_jax"
     return f"a trdq_jax {KIND_NAMES.get(kind, kind)}"
@@ -131,7 +139,10 @@ def resolve_target(path: str | os.PathLike, *, kind: str, overwrite: bool, is_di
     """
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise OutputError(f"{arg}: expected a path, got {path!r}")
-    target = pathlib.Path(path).expanduser().resolve()
+    try:
+        target = pathlib.Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop, an unknown ~user
+        raise OutputError(f"{arg}: cannot resolve {str(path)!r}: {e}") from None
     why = _protected(target)
     if why:
         raise OutputError(f"{arg}: refusing to write over {str(target)!r}: it is {why}; "
@@ -143,6 +154,11 @@ def resolve_target(path: str | os.PathLike, *, kind: str, overwrite: bool, is_di
     if not os.access(ancestor, os.W_OK | os.X_OK):  # EROFS and permissions, before any work
         raise OutputError(f"{arg}: cannot write {str(target)!r}: {str(ancestor)!r} is not "
                           "writable (read-only file system or permissions)")
+    owner = next((a for a in target.parents if dir_kind(a) is not None), None)
+    if owner is not None:
+        raise OutputError(f"{arg}: {str(target)!r} is inside {str(owner)!r}, "
+                          f"{describe(dir_kind(owner))}; outputs do not nest (replacing that one "
+                          "would delete this one): choose a path outside it")
     if not target.exists():
         return target
     want = KIND_NAMES.get(kind, kind)
@@ -159,26 +175,88 @@ def resolve_target(path: str | os.PathLike, *, kind: str, overwrite: bool, is_di
                               f"{want}; refusing to replace it")
         found = file_kind(target)
     if not overwrite:
-        raise OutputError(f"{arg}: {str(target)!r} exists ({_describe(found)}); pass "
+        raise OutputError(f"{arg}: {str(target)!r} exists ({describe(found)}); pass "
                           "--overwrite / overwrite=True to replace it")
     if found != kind:
-        raise OutputError(f"{arg}: {str(target)!r} is {_describe(found)}, not a trdq_jax {want}; "
+        raise OutputError(f"{arg}: {str(target)!r} is {describe(found)}, not a trdq_jax {want}; "
                           "--overwrite only replaces an output of the same kind, refusing to "
                           "touch it")
+    nested = _nested_output(target) if is_dir else None
+    if nested is not None:
+        raise OutputError(f"{arg}: {str(target)!r} holds another output, {str(nested)!r} "
+                          f"({describe(dir_kind(nested))}); refusing to replace both")
     return target
+
+
+def _nested_output(root: pathlib.Path) -> pathlib.Path | None:
+    """A directory below ``root`` that is an output of its own, if any."""
+    for dirpath, dirnames, _ in os.walk(root):
+        for name in dirnames:
+            if dir_kind(pathlib.Path(dirpath) / name) is not None:
+                return pathlib.Path(dirpath) / name
+    return None
+
+
+def _replaceable(path: pathlib.Path, kind: str, is_dir: bool) -> bool:
+    """What ``resolve_target`` allowed is still there: an empty directory or an output of
+    ``kind`` (checked again after the swap, in case it changed while the new one was written)."""
+    if is_dir:
+        return path.is_dir() and not path.is_symlink() and (
+            not any(path.iterdir()) or (dir_kind(path) == kind and _nested_output(path) is None))
+    return path.is_file() and file_kind(path) == kind
 
 
 # ----------------------------------------------------------------------------- temporaries
 
 
-def _pid_alive(pid: int) -> bool:
+def _lock(path: pathlib.Path) -> int | None:
+    """Hold an exclusive ``flock`` on ``path`` (a directory or a file) until the returned
+    descriptor is closed, which the kernel also does when the process dies; None where the
+    platform has no ``flock``."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _writer_alive(path: pathlib.Path, pid: int) -> bool:
+    """Is the writer of the temporary ``path`` still at work? It holds a lock on it while it
+    writes (``_lock``); without ``flock``, whether process ``pid`` exists."""
+    try:
+        import fcntl
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, OverflowError, ValueError):
+            return pid >= 0
         return True
-    return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # gone already
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the probe's own lock
+    return False
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def _siblings(target: pathlib.Path, marker: str) -> list[tuple[pathlib.Path, int]]:
@@ -211,10 +289,10 @@ def recover(target: str | os.PathLike) -> None:
     old output back if a crash between the two fallback renames left ``target`` missing."""
     target = pathlib.Path(target)
     for tmp, pid in _siblings(target, _TMP):
-        if not _pid_alive(pid):
+        if not _writer_alive(tmp, pid):
             _remove(tmp)
     for old, pid in _siblings(target, _OLD):
-        if _pid_alive(pid):
+        if _writer_alive(old, pid):
             continue
         if not os.path.lexists(target):
             os.rename(old, target)
@@ -249,18 +327,18 @@ def _fsync_tree(root: pathlib.Path) -> None:
         _fsync(pathlib.Path(dirpath))
 
 
-_RENAME_EXCHANGE = 2
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
-def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2``); False where unsupported."""
+def _renameat2(a: pathlib.Path, b: pathlib.Path, flag: int) -> bool:
+    """Linux ``renameat2(a, b, flag)``; False where unsupported (other systems, some file
+    systems); raises OSError (e.g. EEXIST for NOREPLACE) otherwise."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
     at_fdcwd = -100
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flag) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
@@ -268,18 +346,57 @@ def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _move_into_place(tmp: pathlib.Path, target: pathlib.Path) -> None:
-    if not os.path.lexists(target):
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Atomically swap two paths; False where unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _appeared(arg: str, target: pathlib.Path) -> OutputError:
+    return OutputError(f"{arg}: {str(target)!r} appeared or changed while the output was being "
+                       "written (another writer?); left it as it is, nothing was written")
+
+
+def _move_into_place(tmp: pathlib.Path, target: pathlib.Path, *, existed: bool, kind: str,
+                     is_dir: bool, arg: str) -> None:
+    """Move the finished ``tmp`` to ``target``, replacing only what ``resolve_target`` allowed:
+    nothing if the target was absent then, else an output of ``kind`` (or an empty directory),
+    checked again on what the swap displaced."""
+    if existed:
+        try:
+            swapped = _exchange(tmp, target)
+        except FileNotFoundError:  # removed meanwhile: nothing left to replace
+            existed = swapped = False
+    if not existed:
+        try:
+            if _renameat2(tmp, target, _RENAME_NOREPLACE):
+                return
+        except FileExistsError:
+            raise _appeared(arg, target) from None
+        if os.path.lexists(target):  # no NOREPLACE here: check just before the rename
+            raise _appeared(arg, target)
         os.rename(tmp, target)
         return
-    if _exchange(tmp, target):
+    if swapped:
         crash_point("exchanged")
-        _remove(tmp)  # tmp now holds the previous output
+        if not _replaceable(tmp, kind, is_dir):  # tmp now holds what was displaced
+            _exchange(tmp, target)
+            raise _appeared(arg, target)
+        _remove(tmp)
         return
+    if not _replaceable(target, kind, is_dir):
+        raise _appeared(arg, target)
     old = _temp_sibling(target, _OLD)
-    os.rename(target, old)
-    crash_point("between-renames")
-    os.rename(tmp, target)
+    lock = _lock(target) if is_dir else None  # marks the old copy as in use while it is aside
+    try:
+        os.rename(target, old)
+        crash_point("between-renames")
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)  # put the old output back before reporting
+            raise
+    finally:
+        _unlock(lock)
     _remove(old)
 
 
@@ -299,9 +416,14 @@ def _make_parents(target: pathlib.Path) -> list[pathlib.Path]:
         if parent.exists():
             break
         missing.append(parent)
+    made = []
     for parent in reversed(missing):
-        parent.mkdir()
-    return missing
+        try:
+            parent.mkdir()
+        except FileExistsError:  # another writer made it meanwhile: not ours to remove
+            continue
+        made.append(parent)
+    return made[::-1]
 
 
 def _remove_empty(dirs: list[pathlib.Path]) -> None:
@@ -317,7 +439,7 @@ def _staging(target: pathlib.Path, tmp: pathlib.Path, arg: str):
     """Around writing ``tmp`` and moving it to ``target``: creates missing parents, restates an
     OSError for the target, and on the way out removes ``tmp`` (and, unless the caller set
     ``state["done"]``, the parents it created)."""
-    created, state = [], {"done": False}
+    created, state = [], {"done": False, "lock": None}
     try:
         created = _make_parents(target)
         yield state
@@ -326,6 +448,7 @@ def _staging(target: pathlib.Path, tmp: pathlib.Path, arg: str):
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)
+        _unlock(state["lock"])
         if not state["done"]:
             _remove_empty(created)
 
@@ -337,16 +460,18 @@ def write_dir(path: str | os.PathLike, write: Callable[[pathlib.Path], None], *,
     this ``kind``; it is then flushed and moved to ``path``. Returns the resolved path.
     """
     target = resolve_target(path, kind=kind, overwrite=overwrite, is_dir=True, arg=arg)
+    existed = os.path.lexists(target)
     tmp = _temp_sibling(target, _TMP)
     with _staging(target, tmp, arg) as state:
         tmp.mkdir()
+        state["lock"] = _lock(tmp)  # a later run sees a live writer, not a stale temporary
         crash_point("tmp-created")
         write(tmp)
         if dir_kind(tmp) != kind:
             raise RuntimeError(f"write_dir: the writer left no {METADATA_FILE} of kind {kind!r}")
         _fsync_tree(tmp)
         crash_point("written")
-        _move_into_place(tmp, target)
+        _move_into_place(tmp, target, existed=existed, kind=kind, is_dir=True, arg=arg)
         state["done"] = True
     _fsync_quietly(target.parent)
     return target
@@ -354,30 +479,40 @@ def write_dir(path: str | os.PathLike, write: Callable[[pathlib.Path], None], *,
 
 def write_file(path: str | os.PathLike, write: Callable[[pathlib.Path], None], *, kind: str,
                overwrite: bool = False, arg: str = "path") -> pathlib.Path:
-    """Write one file of ``kind`` atomically (``replace_file``) after ``resolve_target`` allowed
-    it. The caller embeds the kind marker (``png_marker``, or ``format``/``kind`` keys in JSON)
-    so that ``overwrite`` can recognise the file later. Returns the resolved path.
+    """Write one file of ``kind`` atomically after ``resolve_target`` allowed it: ``write(tmp)``
+    fills the temporary sibling (same suffix as ``path``), which is flushed and moved into place
+    replacing only what was allowed. The caller embeds the kind marker (``png_marker``, or
+    ``format``/``kind`` keys in JSON) so that ``overwrite`` can recognise the file later.
+    Returns the resolved path.
     """
     target = resolve_target(path, kind=kind, overwrite=overwrite, is_dir=False, arg=arg)
-    return replace_file(target, write, arg=arg)
+    existed = os.path.lexists(target)
+    return _write_one_file(target, write, arg, lambda tmp: _move_into_place(
+        tmp, target, existed=existed, kind=kind, is_dir=False, arg=arg))
 
 
 def replace_file(path: str | os.PathLike, write: Callable[[pathlib.Path], None], *,
                  arg: str = "path") -> pathlib.Path:
     """Atomically (re)write a file whose replacement the caller already decided on, e.g. one
-    inside a directory the project owns: ``write(tmp)`` creates the temporary sibling (same
-    suffix as ``path``), which is flushed and renamed over ``path``."""
+    inside a directory the project owns (a training run's ``config.json``): no ownership checks,
+    ``write(tmp)`` fills the temporary sibling, which is flushed and renamed over ``path``."""
     target = pathlib.Path(path).expanduser().absolute()
     recover(target)
+    return _write_one_file(target, write, arg, lambda tmp: os.replace(tmp, target))
+
+
+def _write_one_file(target: pathlib.Path, write, arg: str, move) -> pathlib.Path:
     tmp = _temp_sibling(target, _TMP)
     tmp = tmp.with_name(tmp.name + target.suffix)  # writers pick the format by suffix
     with _staging(target, tmp, arg) as state:
+        tmp.touch()
+        state["lock"] = _lock(tmp)
         write(tmp)
-        if not tmp.is_file():
-            raise RuntimeError(f"replace_file: the writer did not create {tmp}")
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise RuntimeError(f"the writer of {str(target)!r} wrote nothing")
         _fsync(tmp)
         crash_point("written")
-        os.replace(tmp, target)
+        move(tmp)
         state["done"] = True
     _fsync_quietly(target.parent)
     return target

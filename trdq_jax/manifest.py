@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pathlib
 from typing import Any, Mapping
 
 import numpy as np
+
+from trdq_jax import files
 
 
 class IntegrityError(ValueError):
@@ -112,3 +116,36 @@ def split_manifest(meta: Mapping[str, Any], where: str,
         raise error(f"{where}: metadata has no valid manifest (written by an older "
                              "trdq_jax, or edited); write the output again")
     return body, manifest
+
+
+def read_record(path: str | os.PathLike, *, formats: Mapping[str, str], noun: str,
+                error: type = IntegrityError) -> tuple[dict, dict, dict]:
+    """Read and check the ``metadata.json`` of an output directory.
+
+    ``formats``: ``{kind: format}`` accepted; ``noun`` names the directory in messages
+    ("checkpoint directory"). Returns ``(meta, body, record)``: the whole metadata, it without
+    the manifest, and the manifest, after the field digests were checked. Raises ``error``
+    naming the path for a missing, foreign, corrupt, other-kind, other-version or edited one.
+    """
+    path = pathlib.Path(path).expanduser()
+    meta_file = path / files.METADATA_FILE
+    if not path.is_dir():
+        raise error(f"{str(path)!r}: no {noun} there")
+    if not meta_file.is_file():
+        raise error(f"{str(path)!r}: not a {noun} (not written by trdq_jax: no "
+                    f"{files.METADATA_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{str(meta_file)!r}: corrupt metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise error(f"{str(meta_file)!r}: corrupt metadata (not a JSON object)")
+    kind = files.dir_kind(path)
+    if kind not in formats:
+        raise error(f"{str(path)!r}: not a {noun} ({files.describe(kind)})")
+    if meta["format"] != formats[kind]:
+        raise error(f"{str(path)!r}: format {meta['format']!r}, expected {formats[kind]!r} "
+                    "(written by another trdq_jax version); write it again with this one")
+    body, record = split_manifest(meta, str(meta_file), error)
+    check_fields(body, record["fields"], str(meta_file), error)
+    return meta, body, record

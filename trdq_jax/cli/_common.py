@@ -59,13 +59,24 @@ cfg_scale = _typed(_cfg_scale, "a finite number in [0, 100]")
 
 
 @contextlib.contextmanager
-def blame(flag: str):
-    """Errors of the library call inside name the command-line ``flag`` they came from."""
+def blame(flag: str | None, **renames: str):
+    """Errors of the library calls inside name the command-line flag they came from: a message
+    starting with ``arg:`` for one of ``renames`` (``export_path="--export"``) gets that flag,
+    any other one is prefixed with ``flag``. Config errors (which name their field) and messages
+    that already name a flag pass unchanged."""
+    from trdq_jax.config import ConfigError
     try:
         yield
-    except (ValueError, OSError) as e:
+    except ConfigError:
+        raise
+    except (ValueError, OSError, ImportError) as e:
         message = " ".join(str(e).split())
-        if message.startswith("--"):  # already names its flag (e.g. --set)
+        if message.startswith("--"):
+            raise
+        for arg, renamed in renames.items():
+            if message.startswith(f"{arg}:"):
+                raise ValueError(renamed + message[len(arg):]) from None
+        if flag is None:
             raise
         raise ValueError(f"{flag}: {message}") from None
 
@@ -114,9 +125,8 @@ def float_model(args):
 
 def source_of(args) -> dict:
     """Where the float weights of ``args`` live, as stored in a calibration directory."""
-    import pathlib
-    return ({"checkpoint": str(pathlib.Path(args.checkpoint).expanduser().absolute())}
-            if args.checkpoint else {"model": args.model or "digits-dit"})
+    from trdq_jax.quant.calib_io import source_record
+    return source_record(args.model, args.checkpoint)
 
 
 def print_json(data) -> None:

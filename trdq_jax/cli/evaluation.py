@@ -4,13 +4,9 @@ from __future__ import annotations
 from trdq_jax.cli._common import (add_debug, add_overwrite, cfg_scale, positive_int, print_json,
                                   seed_int)
 
-REPORT_FORMAT = "trdq_jax.eval/1"
-
-
 def _eval(args) -> int:
     from trdq_jax import files
-    from trdq_jax.config import ClassifierConfig
-    from trdq_jax.eval.judge import evaluate_classifier, evaluate_generator
+    from trdq_jax.eval.judge import evaluate_bundled, save_report
     from trdq_jax.models import zoo
     if args.out:
         if not str(args.out).lower().endswith(".json"):
@@ -22,16 +18,10 @@ def _eval(args) -> int:
         zoo.path_of(name)  # unknown or absent names fail before any work
     results = []
     for name in names:
-        _, _, cfg = zoo.load(name)
-        if isinstance(cfg.model, ClassifierConfig):
-            results.append(evaluate_classifier(name))
-        else:
-            results.append(evaluate_generator(name, args.per_class, args.seed, args.cfg_scale))
+        results.append(evaluate_bundled(name, args.per_class, args.seed, args.cfg_scale))
         print_json(results[-1])
     if args.out:
-        report = {"format": REPORT_FORMAT, "kind": "report", "results": results}
-        files.write_file(args.out, lambda tmp: files.write_json(tmp, report), kind="report",
-                         overwrite=args.overwrite, arg="--out")
+        save_report(args.out, results, overwrite=args.overwrite, arg="--out")
     return 0
 
 

@@ -1,7 +1,7 @@
 """``trdq info | train | convert``: the installation, training and official-checkpoint import."""
 from __future__ import annotations
 
-from trdq_jax.cli._common import (add_config_args, add_debug, add_overwrite, load_config,
+from trdq_jax.cli._common import (add_config_args, add_debug, add_overwrite, blame, load_config,
                                   positive_int, print_json)
 
 
@@ -22,8 +22,9 @@ def _info(args) -> int:
 def _train(args) -> int:
     from trdq_jax.training import train
     cfg = load_config(args)
-    result = train(cfg, args.workdir, resume=not args.no_resume, progress=not args.quiet,
-                   export_path=args.export)
+    with blame(None, workdir="--workdir", export_path="--export"):
+        result = train(cfg, args.workdir, resume=not args.no_resume, progress=not args.quiet,
+                       export_path=args.export)
     print_json({"step": int(result.step), "export": str(args.export or "")})
     return 0
 
@@ -34,10 +35,12 @@ def _convert(args) -> int:
     from trdq_jax.models.convert import convert_dit_state_dict, infer_dit_config, load_state_dict
     from trdq_jax.files import resolve_target
     resolve_target(args.out, kind="float", overwrite=args.overwrite, is_dir=True, arg="--out")
-    state_dict = load_state_dict(args.input)
+    with blame(None, path="--input"):
+        state_dict = load_state_dict(args.input)
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
-    cfg = infer_dit_config(state_dict, **overrides)
-    params = convert_dit_state_dict(state_dict, cfg)
+    with blame("--input"):
+        cfg = infer_dit_config(state_dict, **overrides)
+        params = convert_dit_state_dict(state_dict, cfg)
     out = checkpoint.save(args.out, params, cfg, extra={"converted_from": str(args.input)},
                           overwrite=args.overwrite, arg="--out")
     print_json({"out": str(out), "config": to_dict(cfg)})

@@ -70,22 +70,14 @@ def _quantize_recipe(args, stored):
 def _from_calibration(args):
     """(params, cfg, calib, recipe, calibration seconds) of ``--calib DIR``, checked against the
     float model it names."""
-    from trdq_jax.models.zoo import load_float_model
-    from trdq_jax.quant.calib_io import check_calibration_model, load_calibration
-    from trdq_jax.quant.pipeline import params_fingerprint
+    from trdq_jax.quant.calib_io import load_calibration_and_model
     if args.segments is not None:
         raise ValueError("--segments: fixed by the calibration given with --calib")
     if args.set:
         raise ValueError("--set: with --calib the config is the calibration's")
     with blame("--calib"):
-        calib, stored, cfg, meta = load_calibration(args.calib)
+        calib, stored, cfg, meta, params = load_calibration_and_model(args.calib)
     recipe = _quantize_recipe(args, stored)  # keeps the calibration's segment count
-    with blame("--calib"):
-        source = meta["source"]
-        _, params, source_cfg, _ = load_float_model(source.get("model"),
-                                                    source.get("checkpoint"))
-        check_calibration_model(calib, source_cfg, meta, params, params_fingerprint(params),
-                                str(args.calib))
     return params, cfg, calib, recipe, meta.get("seconds", 0.0)
 
 
@@ -143,8 +135,9 @@ def _plot_ranges(args) -> int:
         ranges[path] = layer_ranges(calib.stats[path], q, calib.segment_of_step)
     title = (f"{cfg.name}: activation range per sampling step, before / after {recipe.name} "
              f"smoothing+rotation ({cfg.sampler.solver} {cfg.sampler.num_steps} steps)")
-    size = plots.save_range_figure(args.out, ranges, calib.segment_of_step, title=title,
-                                   overwrite=args.overwrite)
+    with blame(None, path="--out"):
+        size = plots.save_range_figure(args.out, ranges, calib.segment_of_step, title=title,
+                                       overwrite=args.overwrite)
     print_json({"out": str(args.out), "size": list(size), "layers": {
         p: {"before_absmax": round(before.absmax, 4), "after_absmax": round(after.absmax, 4)}
         for p, (before, after) in ranges.items()}})

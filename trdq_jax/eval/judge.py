@@ -73,3 +73,27 @@ def evaluate_generator(name: str, per_class: int = 30, seed: int = 0,
             "cfg_scale": cfg.sampler.cfg_scale if cfg_scale is None else cfg_scale,
             "sampler": f"{cfg.sampler.solver} {cfg.sampler.num_steps} steps",
             "sampling_seconds": round(seconds, 2), **judge(samples, labels, reference)}
+
+
+REPORT_FORMAT = "trdq_jax.eval/1"
+
+
+def evaluate_bundled(name: str, per_class: int = 30, seed: int = 0,
+                     cfg_scale: float | None = None) -> dict:
+    """``evaluate_classifier`` or ``evaluate_generator`` of a bundled model, by its kind."""
+    from trdq_jax import checkpoint
+    from trdq_jax.models import zoo
+    meta = checkpoint.read_metadata(zoo.path_of(name))
+    if meta["config"].get("model", {}).get("family") == "classifier":
+        return evaluate_classifier(name)
+    return evaluate_generator(name, per_class, seed, cfg_scale)
+
+
+def save_report(path, results: list[dict], *, overwrite: bool = False, arg: str = "path"):
+    """Write evaluation ``results`` as a JSON report (kind ``"report"``; ``.json`` only)."""
+    from trdq_jax import files
+    if not str(path).lower().endswith(".json"):
+        raise ValueError(f"{arg}: expected a .json file name, got {str(path)!r}")
+    report = {"format": REPORT_FORMAT, "kind": "report", "results": results}
+    return files.write_file(path, lambda tmp: files.write_json(tmp, report), kind="report",
+                            overwrite=overwrite, arg=arg)

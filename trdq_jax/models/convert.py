@@ -308,6 +308,15 @@ def infer_dit_config(state_dict: Mapping[str, np.ndarray], **overrides) -> DiTCo
         mlp = np.shape(state_dict["blocks.0.mlp.fc1.weight"])[0]
     except KeyError as e:
         raise ConversionError(f"state_dict: cannot infer a DiT config, key {e} is missing") from None
+    except IndexError:
+        raise ConversionError("state_dict: cannot infer a DiT config: expected "
+                              "x_embedder.proj.weight [D, C, p, p], pos_embed [1, T, D] and 2-D "
+                              "linear/embedding weights, got shapes " + ", ".join(
+                                  f"{k} {tuple(np.shape(state_dict[k]))}" for k in (
+                                      "x_embedder.proj.weight", "pos_embed",
+                                      "final_layer.linear.weight",
+                                      "y_embedder.embedding_table.weight",
+                                      "blocks.0.mlp.fc1.weight") if k in state_dict)) from None
     grid = int(round(n_tokens ** 0.5))
     if grid * grid != n_tokens:
         raise ConversionError(f"state_dict: pos_embed has {n_tokens} tokens, expected a square "

@@ -38,6 +38,15 @@ class CalibrationError(manifest.IntegrityError):
     """A calibration directory is missing, corrupt, edited or does not fit its model."""
 
 
+def source_record(model_name: str | None = None,
+                  checkpoint_dir: str | os.PathLike | None = None) -> dict:
+    """Where the float weights of a calibration live, as stored in its metadata:
+    ``{"checkpoint": absolute DIR}`` or ``{"model": NAME}`` (default ``digits-dit``)."""
+    if checkpoint_dir is not None:
+        return {"checkpoint": str(pathlib.Path(checkpoint_dir).expanduser().absolute())}
+    return {"model": model_name or "digits-dit"}
+
+
 def save_calibration(path, calib: Calibration, recipe, cfg: ExperimentConfig, *, source: dict,
                      params_sha256: str, per_class: int, seed: int, rows_per_step: int,
                      seconds: float = 0.0, overwrite: bool = False,
@@ -63,24 +72,6 @@ def save_calibration(path, calib: Calibration, recipe, cfg: ExperimentConfig, *,
         files.crash_point("arrays-written")
         files.write_json(tmp / files.METADATA_FILE, meta)
     return files.write_dir(path, write, kind="calibration", overwrite=overwrite, arg=arg)
-
-
-def _read_meta(path: pathlib.Path) -> dict:
-    if not path.is_dir():
-        raise CalibrationError(f"{str(path)!r}: no calibration directory there (expected "
-                               f"{files.METADATA_FILE} and {STATS_FILE} from `trdq calibrate`)")
-    kind = files.dir_kind(path)
-    if kind != "calibration":
-        what = "not written by trdq_jax" if kind is None else \
-            f"a trdq_jax {files.KIND_NAMES.get(kind, kind)}"
-        raise CalibrationError(f"{str(path)!r}: not a calibration directory ({what}); "
-                               "`trdq calibrate --out DIR` writes one")
-    import json
-    meta = json.loads((path / files.METADATA_FILE).read_text())
-    if meta.get("format") != CALIB_FORMAT:
-        raise CalibrationError(f"{str(path)!r}: format {meta.get('format')!r}, expected "
-                               f"{CALIB_FORMAT!r}; run trdq calibrate again")
-    return meta
 
 
 def _read_stats(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -113,10 +104,10 @@ def load_calibration(path: str | os.PathLike):
     directory.
     """
     path = pathlib.Path(path).expanduser()
-    meta = _read_meta(path)
+    meta, body, record = manifest.read_record(path, formats={"calibration": CALIB_FORMAT},
+                                              noun="calibration directory",
+                                              error=CalibrationError)
     where = str(path / files.METADATA_FILE)
-    body, record = manifest.split_manifest(meta, where, CalibrationError)
-    manifest.check_fields(body, record["fields"], where, CalibrationError)
     arrays = _read_stats(path)
     manifest.check_arrays(record["arrays"], arrays, str(path / STATS_FILE), CalibrationError)
     try:
@@ -159,3 +150,19 @@ def check_calibration_model(calib: Calibration, cfg: ExperimentConfig, meta: dic
     if params_sha256 != meta["params_sha256"]:
         raise CalibrationError(f"{where}: the float weights at {meta['source']} changed since "
                                "this calibration was made; run trdq calibrate again")
+
+
+def load_calibration_and_model(path: str | os.PathLike):
+    """``(calib, recipe, cfg, meta, params)``: a calibration directory and the float params of
+    the model it names (``meta["source"]``), checked against each other
+    (``check_calibration_model``)."""
+    from trdq_jax.models.zoo import load_float_model
+    from trdq_jax.quant.pipeline import params_fingerprint
+    calib, recipe, cfg, meta = load_calibration(path)
+    source = meta["source"]
+    if not isinstance(source, dict) or not (set(source) <= {"model", "checkpoint"}):
+        raise CalibrationError(f"{str(path)!r}: source {source!r} names no float model")
+    _, params, source_cfg, _ = load_float_model(source.get("model"), source.get("checkpoint"))
+    check_calibration_model(calib, source_cfg, meta, params, params_fingerprint(params),
+                            str(path))
+    return calib, recipe, cfg, meta, params

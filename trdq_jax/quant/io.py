@@ -25,6 +25,7 @@ from trdq_jax.quant.verify import QuantizedModelError, check_quantized
 
 _STATIC = ("in_features", "w_bits", "a_bits", "a_mode", "a_symmetric", "rotation", "rotation_block")
 _ARRAYS = tuple(f.name for f in dataclasses.fields(QLinear) if f.name not in _STATIC)
+_FREE_SAMPLER_FIELDS = ("sampler.cfg_scale",)
 
 
 def _layer(qparams, path):
@@ -103,7 +104,8 @@ def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", override
     """``(model, qparams, cfg, source, sampler, apply_fn)`` of a ``save_quantized`` directory.
 
     Restored without the float weights; the sampler uses the stored step -> segment table.
-    ``overrides`` may change ``sampler.cfg_scale`` / ``generation.*`` but not the step count.
+    ``overrides`` (``section.field=value``) may change ``sampler.cfg_scale`` and
+    ``generation.*`` only: everything else of the sampler shaped the calibrated trajectory.
     """
     from trdq_jax.models.factory import build_model
     from trdq_jax.sampling.solvers import Sampler
@@ -113,12 +115,13 @@ def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", override
     if not isinstance(cfg, ExperimentConfig):
         cfg = ExperimentConfig(name=pathlib.Path(qdir).name, model=cfg)
     overrides = list(overrides)
-    if any(s.strip().startswith("model.") for s in overrides):
-        raise ValueError("--set: model.* fields are fixed by the checkpoint")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not (key in _FREE_SAMPLER_FIELDS or key.startswith("generation.")):
+            raise ValueError(f"--set {key}: fixed by the quantized checkpoint (its scales and "
+                             "segment table were calibrated on that sampling trajectory); only "
+                             f"{', '.join(_FREE_SAMPLER_FIELDS)} and generation.* may change")
     cfg = apply_overrides(cfg, overrides)
-    if cfg.sampler.num_steps != len(table):
-        raise ValueError(f"--set: the quantized checkpoint's segment table covers "
-                         f"{len(table)} steps; sampler.num_steps must stay {len(table)}")
     sampler = Sampler.from_config(cfg.sampler).with_segments(table, recipe.num_segments)
     model = build_model(cfg.model)
     source = f"{qdir} ({recipe.name} W{recipe.w_bits}A{recipe.a_bits}, {backend})"

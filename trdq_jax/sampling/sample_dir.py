@@ -9,7 +9,6 @@ Layout (written through ``trdq_jax.files.write_dir``: all files appear together 
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import zipfile
@@ -53,12 +52,8 @@ def load_sample_dir(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, di
     """``(samples, labels, metadata)`` of a ``save_sample_dir`` directory, checked against its
     manifest (``IntegrityError`` naming the cause otherwise)."""
     path = pathlib.Path(path).expanduser()
-    if files.dir_kind(path) != "samples":
-        raise manifest.IntegrityError(f"{str(path)!r}: not a trdq_jax sample directory")
-    meta = json.loads((path / files.METADATA_FILE).read_text())
-    where = str(path / files.METADATA_FILE)
-    body, record = manifest.split_manifest(meta, where)
-    manifest.check_fields(body, record["fields"], where)
+    meta, _, record = manifest.read_record(path, formats={"samples": FORMAT},
+                                           noun="sample directory")
     try:
         with np.load(path / SAMPLES_FILE, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

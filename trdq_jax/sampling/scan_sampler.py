@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax.config import check_cfg_scale
+from trdq_jax.models.layers import count_nonfinite
 from trdq_jax.sampling.solvers import Sampler
 
 ApplyFn = Callable[..., jax.Array]
@@ -248,24 +249,11 @@ def _check_x_T(x_T, shape: tuple[int, ...]):
     if not jnp.issubdtype(x_T.dtype, jnp.floating):
         raise ValueError(f"x_T: expected a floating dtype, got{traced} {x_T.dtype}")
     if not traced:
-        bad = _count_nonfinite(x_T)
+        bad = count_nonfinite(x_T)
         if bad:
             raise ValueError(f"x_T: expected finite values, got {bad[0]} NaN and {bad[1]} "
                              f"infinite of {x_T.size}")
     return jnp.asarray(x_T, jnp.float32)
-
-
-def _count_nonfinite(value) -> tuple[int, int] | None:
-    """``(num_nan, num_inf)`` of a concrete floating array with non-finite entries, else None;
-    a ``jax.Array`` is reduced where it lives (also when captured inside someone's ``jit``)."""
-    if isinstance(value, jax.Array):
-        with jax.ensure_compile_time_eval():
-            if bool(jnp.isfinite(value).all()):
-                return None
-            return int(jnp.isnan(value).sum()), int(jnp.isinf(value).sum())
-    if np.isfinite(value).all():
-        return None
-    return int(np.isnan(value).sum()), int(np.isinf(value).sum())
 
 
 def _check_shape(shape, batch: int) -> tuple[int, ...]:
