@@ -139,6 +139,11 @@ class DiTConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
+    def mlp_hidden_size(self) -> int:
+        """Width of each block's MLP: exactly ``hidden_size * mlp_ratio`` (validated whole)."""
+        return exact_width(self.hidden_size, self.mlp_ratio)
+
+    @property
     def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
 
@@ -189,6 +194,11 @@ class VideoDiTConfig:
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """Width of each block's MLP: exactly ``hidden_size * mlp_ratio`` (validated whole)."""
+        return exact_width(self.hidden_size, self.mlp_ratio)
 
 
 @dataclasses.dataclass(frozen=True)

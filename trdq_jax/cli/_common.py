@@ -75,10 +75,10 @@ def blame(flag: str | None, **renames: str):
             raise
         for arg, renamed in renames.items():
             if message.startswith(f"{arg}:"):
-                raise ValueError(renamed + message[len(arg):]) from None
+                raise ValueError(renamed + message[len(arg):]) from e  # --debug shows both
         if flag is None:
             raise
-        raise ValueError(f"{flag}: {message}") from None
+        raise ValueError(f"{flag}: {message}") from e
 
 
 def add_debug(p: argparse.ArgumentParser) -> None:
