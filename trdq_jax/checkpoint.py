@@ -149,14 +149,13 @@ def stored_config(meta: dict):
                           f"{meta.get('config_kind')!r}")
 
 
-def restore(path: str | os.PathLike, cfg=None, *, target: Any = None):
+def restore(path: str | os.PathLike, cfg=None):
     """Restore ``(params, stored_cfg)`` from ``path``; arrays come back as numpy.
 
     Args:
       cfg: if given, the stored config must equal it (an ``ExperimentConfig`` is compared by its
         model config when the checkpoint stores only a model config, and vice versa).
-      target: optional abstract tree (e.g. ``jax.eval_shape`` output); the restored arrays must
-        match its structure, shapes and dtypes.
+    Whether the tree is a given model's is ``trdq_jax.models.load_checkpoint``'s check.
     """
     path = pathlib.Path(path).expanduser().absolute()  # orbax refuses relative paths
     meta = read_metadata(path)
@@ -178,8 +177,6 @@ def restore(path: str | os.PathLike, cfg=None, *, target: Any = None):
                               f"{' '.join(str(e).split())[:300]}") from None
     manifest.check_arrays(record["arrays"], manifest.flat_arrays(params), str(path),
                           CheckpointError)
-    if target is not None:
-        check_tree_matches(params, target, str(path))
     return params, stored
 
 
@@ -195,20 +192,3 @@ def _check_same_config(stored, expected, path) -> None:
         diffs = dict_diff(to_dict(a), to_dict(b))
         raise CheckpointError(f"{str(path)!r}: stored config differs from the expected one: "
                               + "; ".join(diffs))
-
-
-def check_tree_matches(params, target, where: str) -> None:
-    """Raise ``CheckpointError`` listing missing / unexpected paths and mismatched leaves of
-    ``params`` against the abstract tree ``target``."""
-    got, want = manifest.flat_arrays(params), manifest.flat_arrays(target)
-    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-    for k in sorted(set(got) & set(want)):
-        if tuple(got[k].shape) != tuple(want[k].shape) or np.dtype(got[k].dtype) != np.dtype(
-                want[k].dtype):
-            problems.append(f"{k}: stored {np.dtype(got[k].dtype)}{list(got[k].shape)}, "
-                            f"expected {np.dtype(want[k].dtype)}{list(want[k].shape)}")
-    if problems:
-        raise CheckpointError(f"{where}: parameter tree does not match the model: "
-                              + "; ".join(problems[:20])
-                              + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))

@@ -13,7 +13,7 @@ import pathlib
 
 from trdq_jax import checkpoint
 from trdq_jax.config import ClassifierConfig, ExperimentConfig, apply_overrides
-from trdq_jax.models.factory import abstract_params, build_model
+from trdq_jax.models.factory import build_model, check_params
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "models"
 
@@ -50,11 +50,13 @@ def load_checkpoint(path: str | os.PathLike, cfg=None):
     given, must equal the stored config. A quantized checkpoint is refused with a pointer to
     ``trdq_jax.quant.load_quantized_model``.
     """
-    meta = checkpoint.read_metadata(path, kind="float")
-    stored = checkpoint.stored_config(meta)
-    target = abstract_params(stored.model if isinstance(stored, ExperimentConfig) else stored)
-    params, stored = checkpoint.restore(path, cfg, target=target)
+    checkpoint.read_metadata(path, kind="float")
+    params, stored = checkpoint.restore(path, cfg)
     model_cfg = stored.model if isinstance(stored, ExperimentConfig) else stored
+    try:
+        check_params(model_cfg, params)
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"{str(path)!r}: {e}") from None
     return build_model(model_cfg), params, stored
 
 
