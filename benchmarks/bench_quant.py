@@ -167,7 +167,8 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
             qparams = jax.block_until_ready(Q.quantize(params, calib, recipe))
             quant_seconds = time.perf_counter() - start
             paths = Q.quantized_layer_paths(qparams)
-            qbytes = Q.weight_bytes(qparams)["quantized_layers"]
+            held = Q.weight_bytes(qparams)
+            qbytes = held["quantized_layers"]
             samples = _sample_all(Q.QuantizedDenoiser(model, "xla"), qparams,
                                   sampler.with_segments(calib.segment_of_step,
                                                         calib.num_segments), labels, cfg, seed)
@@ -175,6 +176,7 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
                                    **_scores(samples, labels, reference, float_samples),
                                    "bytes": qbytes,
                                    "ratio": qbytes / Q.float_bytes_of(params, paths),
+                                   "model_ratio": held["total"] / _bf16_bytes(params),
                                    "quant_seconds": quant_seconds})
             r = result["rows"][-1]
             bar.write(f"{name} {r['bits']} {recipe_name}: PSNR {r['psnr']:.2f} dB, SSIM "
@@ -182,6 +184,11 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
                       f"{r['ratio']:.3f}x bf16, quantize {quant_seconds:.1f} s")
             bar.update()
     return result
+
+
+def _bf16_bytes(params) -> int:
+    """Bytes of the whole float model stored as bf16 (2 bytes per parameter)."""
+    return 2 * sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
 
 
 def verdict(rows: list[dict]) -> str:
@@ -201,7 +208,9 @@ LEGEND = ("PSNR / SSIM: quantized vs float samples from the same noise and label
           "[-1, 1], data range 2); digits-FID vs held-out data (our digits classifier's features, "
           "comparable within this project only); class match: fraction classified as their "
           "label. Bytes: every array of the quantized layers (codes, scales, rotations, "
-          "per-segment copies); x bf16: ratio to the same layers stored as bf16. Quantize s: "
+          "per-segment copies); x bf16: ratio to the same layers stored as bf16; model x bf16: "
+          "every byte the quantized model holds (quantized layers + float remainder, float32) "
+          "over the whole float model in bf16. Quantize s: "
           "deriving the recipe's calibration from the shared statistics + `quantize` (add the "
           "shared statistics time for a stand-alone run); DuQuant rotations do not depend on the "
           "bit width and are computed once per model, so only the first bit width's "
@@ -233,11 +242,12 @@ def model_block(res: dict, command: str) -> str:
              f"{res['calib_samples']} calibration samples in {res['calib_seconds']:.1f} s. "
              f"Float: digits-FID {f['fid']:.2f}, class match {_match(f)}.", "",
              "| bits | recipe | PSNR dB | SSIM | digits-FID | class match | bytes | "
-             "x bf16 | quantize s |", "|---|---|---|---|---|---|---|---|---|"]
+             "x bf16 | model x bf16 | quantize s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['bits']} | {r['recipe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
                      f"{r['fid']:.2f} | {_match(r)} | {r['bytes']:,} | "
-                     f"{r['ratio']:.3f} | {r['quant_seconds']:.1f} |")
+                     f"{r['ratio']:.3f} | {r.get('model_ratio', float('nan')):.3f} | "
+                     f"{r['quant_seconds']:.1f} |")
     lines += [""]
     for bits in dict.fromkeys(r["bits"] for r in res["rows"]):
         lines.append(f"- **{bits}**: {verdict([r for r in res['rows'] if r['bits'] == bits])}")

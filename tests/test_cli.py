@@ -69,8 +69,12 @@ def test_demo_writes_grid_and_reports(tmp_path):
     np.testing.assert_array_equal(saved["labels"], np.tile(np.arange(10), 2))
     float_ = np.clip(saved["float"].astype(np.float64), -1, 1)
     _, params, _ = zoo.load("digits-dit")
+    # every Dense but the output projection (the patch embedding is a conv, the labels a table)
     dense = [params[f"blocks_{i}"][m][n] for i in range(6)
              for m, n in (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))]
+    dense += [params[f"blocks_{i}"]["adaLN_modulation_1"] for i in range(6)]
+    dense += [params["final_layer"]["adaLN_modulation_1"], params["t_embedder"]["mlp_0"],
+              params["t_embedder"]["mlp_2"]]
     bf16_bytes = 2 * sum(d["kernel"].size + d["bias"].size for d in dense)
     for name, entry in quant["settings"].items():
         q = np.clip(saved[name.lower()].astype(np.float64), -1, 1)

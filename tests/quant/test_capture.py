@@ -158,8 +158,13 @@ def test_conv_layers_when_asked(setup):
                                   paths=["x_embedder/proj"], kinds=("Dense", "Conv"),
                                   rows_per_step=6, progress=False)
     conv = stats["x_embedder/proj"]
-    assert list(stats) == ["x_embedder/proj"] and conv.rows.shape == (STEPS, 6, 1)
+    # im2col rows: the 2x2 patch (stride 2, VALID) under each sampled output position
+    assert list(stats) == ["x_embedder/proj"] and conv.rows.shape == (STEPS, 6, 4)
     xs = np.asarray(traj.xs, np.float64)
+    b, h, w, _ = xs.shape[1:]
+    patches = xs[0].reshape(b, h // 2, 2, w // 2, 2).transpose(0, 1, 3, 2, 4).reshape(-1, 4)
+    for row in np.asarray(conv.rows[0], np.float64):
+        assert np.min(np.abs(patches - row).max(1)) < 1e-6
     np.testing.assert_allclose(conv.absmax[:, 0], np.abs(xs).reshape(STEPS, -1).max(1), rtol=1e-6)
     np.testing.assert_allclose(conv.tensor_min, xs.reshape(STEPS, -1).min(1), rtol=1e-6)
     np.testing.assert_allclose(conv.weight_absmax,

@@ -54,17 +54,27 @@ TRANSFORMS = [
 ]
 
 
+_UNET_CONVS = r"(conv_in|conv_out|skip|sample)$"
+
+
 def _assert_transforms_leave_output_unchanged(model, params, cfg, labels, block_of=None):
     """Every transform in TRANSFORMS, with quantization disabled (16 bits), in every segment,
-    changes the model output by < 1e-4 relative. ``block_of(fields)`` overrides the block size."""
+    changes the model output by < 1e-4 relative. ``block_of(fields)`` overrides the block size.
+    Statistics are collected once and derived for every recipe."""
+    from trdq_jax.quant.calibrate import derive_calibration
     want = np.asarray(_forward(model, params, cfg))
+    shared = _calib(model, params, Q.Recipe("t", w_bits=16, a_bits=16, num_segments=3), cfg,
+                    labels)
     for fields in TRANSFORMS:
         if cfg.family == "unet" and fields.get("rotation") == "hadamard":
             continue  # UNet attention widths are powers of two: covered by the block variants
         if block_of is not None and "rotation_block" in fields:
             fields = {**fields, "rotation_block": block_of(fields)}
+        if cfg.family == "unet" and fields.get("rotation") == "duquant":
+            # DuQuant's greedy search on every conv is slow; convs: tests/quant/test_qconv.py
+            fields = {**fields, "keep_float": Q.Recipe("t").keep_float + (_UNET_CONVS,)}
         recipe = Q.Recipe("t", w_bits=16, a_bits=16, **fields)
-        qparams = Q.quantize(params, _calib(model, params, recipe, cfg, labels), recipe)
+        qparams = Q.quantize(params, derive_calibration(shared, recipe, SAMPLER), recipe)
         assert Q.quantized_layer_paths(qparams)
         for segment in range(recipe.num_segments):
             got = np.asarray(_forward(model, params, cfg, qparams, segment=segment))

@@ -7,9 +7,11 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from trdq_jax.quant import capture, segments
+from trdq_jax.quant import capture, segments, timing
 from trdq_jax.quant.recipe import Recipe
 from trdq_jax.quant.transform import calibrated_selection, select_layers
+
+QUANTIZABLE_KINDS = ("Dense", "Conv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +53,16 @@ def calibrate(model, params, recipe: Recipe, sampler, *, labels, null_label: int
     n = len(labels)
     example = (jnp.zeros((2 * n, *shape[1:]), jnp.float32), jnp.zeros((2 * n,), jnp.float32),
                jnp.zeros((2 * n,), jnp.int32))
-    paths = capture.layer_paths(model, params, example)
+    paths = capture.layer_paths(model, params, example, kinds=QUANTIZABLE_KINDS)
     quantized, kept = select_layers(paths, recipe)
-    traj = capture.calibration_trajectory(model, params, sampler, labels, null_label, shape, seed,
-                                          cfg_scale)
-    stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.labels, null_label,
-                                  paths=[f"^{re.escape(p)}$" for p in quantized],
-                                  rows_per_step=rows_per_step, seed=seed, progress=progress)
+    with timing.stage("trajectory"):
+        traj = capture.calibration_trajectory(model, params, sampler, labels, null_label, shape,
+                                              seed, cfg_scale)
+    with timing.stage("statistics"):
+        stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.labels,
+                                      null_label, paths=[f"^{re.escape(p)}$" for p in quantized],
+                                      kinds=QUANTIZABLE_KINDS, rows_per_step=rows_per_step,
+                                      seed=seed, progress=progress)
     return Calibration(stats=stats, segment_of_step=_segment_table(stats, recipe, sampler),
                        num_segments=recipe.num_segments, keep_float=kept)
 

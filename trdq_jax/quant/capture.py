@@ -26,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
 
+from trdq_jax.quant.qconv import conv_patches, module_geometry, output_size
 from trdq_jax.sampling import Sampler, denoise_fn_for, sample
 
 _COLLECTION = "trdq_calibration"
@@ -41,6 +42,9 @@ class LayerStats:
     tensor_min, tensor_max: ``[S_steps]`` min / max over the whole input of the step.
     rows: ``[S_steps, R, K]`` input rows (tokens) sampled per step: the first ``ceil(R/2)``
       from the conditional half, the rest from the unconditional half, each in token order.
+      For a convolution, im2col patches ``[S_steps, R, kh * kw * K]`` at sampled output
+      positions (taps row-major, channels minor: ``patch @ kernel.reshape(-1, N)`` is the
+      output there).
     weight_absmax: ``[K]`` abs-max of the kernel per input channel (max over outputs; for a
       conv also over the spatial taps).
     """
@@ -133,20 +137,31 @@ def _layer_key(path: str) -> int:
     return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 
-def _input_statistics(x: jax.Array, path: str, num_rows: int, step_key: jax.Array) -> dict:
-    """Reductions of one layer input ``[..., K]`` (see ``LayerStats``), all float32."""
+def _input_statistics(x: jax.Array, path: str, num_rows: int, step_key: jax.Array,
+                      conv=None) -> dict:
+    """Reductions of one layer input ``[..., K]`` (see ``LayerStats``), all float32.
+
+    ``conv``: ``(kernel_size, strides, pads)`` of a convolution: its rows are im2col patches
+    ``[taps * K]`` at sampled output positions instead of input tokens."""
     k = x.shape[-1]
     flat = x.astype(jnp.float32).reshape(-1, k)
-    if flat.shape[0] % 2:
+    positions = flat.shape[0]
+    if conv is not None:
+        (kh, kw), strides, pads = conv
+        positions = x.shape[0] * output_size(x.shape[1], kh, strides[0], pads[0]) * \
+            output_size(x.shape[2], kw, strides[1], pads[1])
+    if positions % 2:
         raise ValueError(f"layer {path!r}: expected an even number of input rows "
-                         f"([cond; uncond]), got {flat.shape[0]}")
-    half = flat.shape[0] // 2
-    take = min(num_rows, flat.shape[0])
+                         f"([cond; uncond]), got {positions}")
+    half = positions // 2
+    take = min(num_rows, positions)
     key_cond, key_uncond = jax.random.split(jax.random.fold_in(step_key, _layer_key(path)))
     cond = jnp.sort(jax.random.permutation(key_cond, half)[:(take + 1) // 2])
     uncond = half + jnp.sort(jax.random.permutation(key_uncond, half)[:take // 2])
+    index = jnp.concatenate([cond, uncond])
+    rows = flat[index] if conv is None else conv_patches(x.astype(jnp.float32), *conv, index)
     return {"absmax": jnp.max(jnp.abs(flat), axis=0), "tensor_min": jnp.min(flat),
-            "tensor_max": jnp.max(flat), "rows": flat[jnp.concatenate([cond, uncond])]}
+            "tensor_max": jnp.max(flat), "rows": rows}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "paths", "classes", "num_rows"))
@@ -161,7 +176,12 @@ def _step_statistics(model, params, x, t, y, step, seed, *, paths, classes, num_
         if isinstance(context.module, classes) and context.method_name == "__call__":
             path = "/".join(context.module.path)
             if path in paths:
-                for name, value in _input_statistics(args[0], path, num_rows, step_key).items():
+                conv = None
+                if isinstance(context.module, nn.Conv):
+                    conv = (tuple(context.module.kernel_size),
+                            *module_geometry(context.module, args[0].shape))
+                for name, value in _input_statistics(args[0], path, num_rows, step_key,
+                                                     conv).items():
                     context.module.sow(_COLLECTION, name, value)
         return next_fn(*args, **kwargs)
 

@@ -23,7 +23,8 @@ from trdq_jax.quant.recipe import Recipe
 from trdq_jax.quant.transform import QuantizedDenoiser, quantized_layer_paths
 from trdq_jax.quant.verify import QuantizedModelError, check_quantized
 
-_STATIC = ("in_features", "w_bits", "a_bits", "a_mode", "a_symmetric", "rotation", "rotation_block")
+_STATIC = ("in_features", "w_bits", "a_bits", "a_mode", "a_symmetric", "rotation", "rotation_block",
+           "kernel_size")
 _ARRAYS = tuple(f.name for f in dataclasses.fields(QLinear) if f.name not in _STATIC)
 _FREE_SAMPLER_FIELDS = ("sampler.cfg_scale",)
 
@@ -88,6 +89,14 @@ def load_quantized(path: str | os.PathLike, cfg=None):
             target = layers
             for name in p.split("/")[:-1]:
                 target = target.setdefault(name, {})
+            static = dict(static)
+            if "kernel_size" in static:  # JSON list -> the hashable tuple of a static field
+                if not isinstance(static["kernel_size"], list) or not all(
+                        isinstance(v, int) and not isinstance(v, bool) and v > 0
+                        for v in static["kernel_size"]):
+                    raise ConfigError(f"layer {p}.kernel_size: expected a list of positive "
+                                      f"ints, got {static['kernel_size']!r}")
+                static["kernel_size"] = tuple(static["kernel_size"])
             target[p.split("/")[-1]] = QLinear(**arrays, **static)
         recipe = recipe_from_dict(extra["recipe"])
         qparams = {"float": jax.tree.map(jnp.asarray, tree.get("float", {})), "layers": layers}

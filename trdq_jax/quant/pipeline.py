@@ -76,12 +76,16 @@ def run_calibration(model, params, cfg: ExperimentConfig, recipe: Recipe, *, per
 
 
 def quantize_summary(params, qparams, recipe: Recipe, seconds: float) -> dict:
-    """Bytes held by the quantized layers vs their bf16 size, and timing."""
+    """Bytes held by the quantized layers vs their bf16 size, the whole quantized model (layers
+    + float remainder) vs the whole float model in bf16, and timing."""
     paths = quantized_layer_paths(qparams)
+    model_bf16 = 2 * sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
     held = weight_bytes(qparams)
     bf16 = float_bytes_of(params, paths)
     return {"recipe": recipe.name, "w_bits": recipe.w_bits, "a_bits": recipe.a_bits,
             "num_segments": recipe.num_segments, "quantized_layers": len(paths),
             "weight_bytes": held["quantized_layers"], "bf16_bytes": bf16,
             "ratio_to_bf16": round(held["quantized_layers"] / bf16, 4),
-            "float_param_bytes": held["float_params"], "seconds": round(seconds, 3)}
+            "float_param_bytes": held["float_params"], "model_bytes": held["total"],
+            "model_ratio_to_bf16": round(held["total"] / model_bf16, 4),
+            "seconds": round(seconds, 3)}

@@ -32,7 +32,11 @@ BACKENDS = ("fake", "xla", "pallas", "auto")
 
 @struct.dataclass
 class QLinear:
-    """One quantized ``Dense``. Shapes: K inputs, N outputs, Sw weight copies, S segments.
+    """One quantized ``Dense`` or ``Conv``. Shapes: K inputs, N outputs, Sw weight copies, S
+    segments. A convolution with ``kernel_size = (kh, kw)`` is the linear map of its im2col
+    patches: its codes have ``K = kh * kw * C`` rows (tap-major, as the HWIO kernel reshaped),
+    and every activation-side array (smoothing, rotation) acts on the C input channels of each
+    tap (``in_features = C``); see ``trdq_jax.quant.qconv``.
 
     w_q: int8 ``[Sw, K, N]``, or uint8 ``[Sw, ceil(K/2), N]`` holding two int4 codes per byte
       (float32 folded weights when ``w_bits == 16``: quantization disabled).
@@ -65,6 +69,20 @@ class QLinear:
     a_symmetric: bool = struct.field(pytree_node=False, default=False)
     rotation: str = struct.field(pytree_node=False, default="none")
     rotation_block: int = struct.field(pytree_node=False, default=0)
+    kernel_size: tuple = struct.field(pytree_node=False, default=())
+
+    @property
+    def taps(self) -> int:
+        """Kernel taps of a convolution (``kh * kw``); 1 for a Dense."""
+        taps = 1
+        for size in self.kernel_size:
+            taps *= int(size)
+        return taps
+
+    @property
+    def code_rows(self) -> int:
+        """Rows K of the weight codes: ``taps * in_features``."""
+        return self.taps * self.in_features
 
     @property
     def packed(self) -> bool:
@@ -118,6 +136,25 @@ def quantize_activation(q: QLinear, x: jax.Array, segment):
     return quantizers.quantize(x, scale, zero, q.a_bits), scale, zero
 
 
+def _tie_packed(q: QLinear, x: jax.Array) -> QLinear:
+    """``q`` unchanged in value, its packed int4 codes made data-dependent on the activation
+    ``x [..., K]`` that meets them (unpacked or float weights: ``q`` itself).
+
+    In a sampler's ``lax.scan`` the weights are loop-invariant: XLA hoists every layer's
+    int4 -> int8 unpacking out of the loop (behind an ``optimization_barrier``, which the CPU
+    pipeline drops before scheduling, it runs them all at the top of the loop body) and keeps
+    every layer's unpacked codes alive at once, twice the packed bytes. Selecting ``w_q``
+    through ``min(x_row) > max(x_row)``, False for every row (NaN included) but not foldable by
+    XLA, makes the unpacking wait for the layer's own activation: one layer's codes at a time.
+    The select fuses into the unpacking; it reads one row of ``x``.
+    """
+    if not q.packed or x.size == 0:
+        return q
+    row = x.reshape(-1, x.shape[-1])[0]
+    never = jnp.min(row) > jnp.max(row)
+    return q.replace(w_q=jnp.where(never, jnp.zeros_like(q.w_q), q.w_q))
+
+
 def weight_codes(q: QLinear, segment) -> jax.Array:
     """int8 ``[K, N]`` codes of the segment's weight copy (unpacking int4 if needed)."""
     w = _select(q.w_q, segment)
@@ -143,6 +180,7 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
     segment = jnp.asarray(segment, jnp.int32)
     xt = transform_activation(q, x, segment)
     if q.a_bits == 16:  # weight-only quantization (or none: w_bits == 16)
+        q = _tie_packed(q, xt)
         y = xt @ dequantized_weight(q, segment)
     elif backend == "pallas" and q.w_bits != 16:  # transform stays in XLA; bias fused in kernel
         import pallas_kernels as pk  # imported on use: the kernels load only when asked for
@@ -159,6 +197,7 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
         return y.reshape(x.shape[:-1] + y.shape[-1:])
     else:
         codes, a_scale, a_zero = quantize_activation(q, xt, segment)
+        q = _tie_packed(q, codes)
         if backend == "fake" or q.w_bits == 16:  # no integer dot with float weights
             y = quantizers.dequantize(codes, a_scale, a_zero) @ dequantized_weight(q, segment)
         else:

@@ -14,9 +14,13 @@ from typing import Literal
 
 from trdq_jax.config import ConfigError
 
-# Embedders, adaLN modulation and the final layer stay in float (TR-DQ / ViDiT-Q remain_fp).
-DEFAULT_KEEP_FLOAT = (r"(^|/)(x|t|y)_embedder(/|$)", r"adaLN_modulation", r"(^|/)final_layer(/|$)",
-                      r"(^|/)emb_proj$", r"(^|/)conv_(in|out)$")
+# The first and last layers stay in float, as in Q-Diffusion / PTQ4DM / TR-DQ: the patch or
+# pixel embedding (DiT x_embedder, UNet conv_in), the label table and the output projection.
+DEFAULT_KEEP_FLOAT = (r"(^|/)(x|y)_embedder(/|$)", r"^final_layer/linear$", r"^conv_(in|out)$")
+# Layers whose input is one conditioning vector per sample (adaLN modulation, the UNet's
+# scale-shift projections, the timestep MLP): their activations cost nothing to keep in float,
+# their weights are a third of a DiT's parameters. Quantized weight-only (W{w_bits}A16).
+DEFAULT_WEIGHT_ONLY = (r"adaLN_modulation", r"(^|/)emb_proj$", r"(^|/)t_embedder/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +30,9 @@ class Recipe:
     Fields:
       w_bits, a_bits: 2..8; 16 means that side stays float (w16a16 = every transform applied
         with quantization disabled: the output must equal the float model's).
-      w_clip_search: per-channel MSE search of the weight clipping ratio.
+      w_clip_search: per-output-channel search of the weight clipping ratio over
+        ``w_clip_grid`` (must hold 1.0), judged by the layer output error of the codes really
+        used (GPTQ-fitted when ``gptq``).
       a_mode: "static" (per-tensor scale from calibration, one per segment) or "dynamic"
         (per-token min/max at run time; a per-segment clipping ratio is calibrated).
       a_symmetric: symmetric activation codes (else asymmetric with a zero point).
@@ -41,10 +47,13 @@ class Recipe:
       per_segment_weights: each segment has its own smoothing/rotation AND its own quantized
         weight copy (TR-DQ as released); else one shared weight, activation-side params per segment.
       keep_float: regexes over module paths ("blocks_0/attn/qkv") of layers kept in float.
+      weight_only: regexes of layers quantized weight-only: ``w_bits`` weights, float
+        activations, no smoothing or rotation (keep_float wins where both match).
       gptq: quantize weights with GPTQ (rounding errors spread onto the remaining input channels
         through the inverse Gram matrix of the transformed calibration rows: pooled over the
         trajectory for a shared weight, per segment for per-segment weights); else
-        round-to-nearest. Smoothing alphas are still compared with round-to-nearest weights.
+        round-to-nearest. Every search (alpha, weight and activation clipping) judges its
+        candidates with these final weights (see ``trdq_jax.quant.fit``).
     """
 
     name: str
@@ -52,6 +61,7 @@ class Recipe:
     a_bits: int = 8
     w_symmetric: bool = True
     w_clip_search: bool = False
+    w_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
     a_mode: Literal["static", "dynamic"] = "dynamic"
     a_symmetric: bool = False
     a_clip_search: bool = True
@@ -64,6 +74,7 @@ class Recipe:
     segment_split: Literal["uniform", "similarity"] = "uniform"
     per_segment_weights: bool = False
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
+    weight_only: tuple[str, ...] = DEFAULT_WEIGHT_ONLY
     gptq: bool = False
     seed: int = 0
 
@@ -88,13 +99,23 @@ class Recipe:
         if not 0.0 <= self.alpha <= 1.0 or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ConfigError(f"Recipe.alpha/alpha_grid: expected values in [0, 1], got "
                               f"{self.alpha}, {self.alpha_grid}")
+        grid = self.w_clip_grid
+        if (not isinstance(grid, tuple) or 1.0 not in grid
+                or not all(isinstance(r, (int, float)) and 0.0 < r <= 1.0 for r in grid)):
+            raise ConfigError(f"Recipe.w_clip_grid: expected a tuple of ratios in (0, 1] holding "
+                              f"1.0 (no clipping), got {grid!r}")
         if self.per_segment_weights and self.num_segments == 1:
             raise ConfigError("Recipe.per_segment_weights: needs num_segments > 1")
-        for pattern in self.keep_float:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"Recipe.keep_float: invalid regex {pattern!r}: {e}") from None
+        for field in ("keep_float", "weight_only"):
+            for pattern in getattr(self, field):
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as e:
+                    raise ConfigError(f"Recipe.{field}: invalid regex {pattern!r}: {e}") from None
+
+    def is_weight_only(self, path: str) -> bool:
+        """Whether the layer at module path ``path`` is quantized weight-only."""
+        return any(re.search(p, path) for p in self.weight_only)
 
     @property
     def float_activations(self) -> bool:
@@ -116,9 +137,15 @@ RECIPES: dict[str, Recipe] = {
     "minmax": Recipe("minmax", a_mode="static", a_clip_search=False),
     # SmoothQuant: channel scales (alpha 0.5), static per-tensor activations
     "smoothquant": Recipe("smoothquant", a_mode="static", smoothing=True, alpha=0.5),
-    # QuaRot-style: full-width randomized Hadamard, dynamic per-token activations, time-agnostic
-    "quarot": Recipe("quarot", rotation="hadamard", a_mode="dynamic", a_clip_search=False),
-    # ViDiT-Q-style: static-dynamic channel balancing = smoothing then rotation, dynamic per-token
+    # QuaRot as published: full-width randomized Hadamard, GPTQ weights with a clipping-ratio
+    # search, dynamic per-token activations, time-agnostic
+    "quarot": Recipe("quarot", rotation="hadamard", a_mode="dynamic", a_clip_search=False,
+                     gptq=True, w_clip_search=True),
+    # QuaRot's rotation with round-to-nearest weights (the "RTN" rows of the QuaRot paper)
+    "quarot_rtn": Recipe("quarot_rtn", rotation="hadamard", a_mode="dynamic",
+                         a_clip_search=False),
+    # ViDiT-Q as published: static-dynamic channel balancing = smoothing then rotation, dynamic
+    # per-token activations, per-channel min-max round-to-nearest weights
     "viditq": Recipe("viditq", smoothing=True, alpha=0.5, rotation="hadamard", a_mode="dynamic",
                      a_clip_search=False),
     # TR-DQ as released: per-segment smoothing (alpha searched per segment), per-segment DuQuant
@@ -127,12 +154,30 @@ RECIPES: dict[str, Recipe] = {
                            num_segments=4, per_segment_weights=True, a_mode="dynamic",
                            a_clip_search=False),
     # ours: one shared quantized weight (smoothing alpha searched on the pooled trajectory, full
-    # Hadamard, weight clipping search, GPTQ fitted on the whole calibration trajectory),
-    # per-segment activation clipping ratios
+    # Hadamard, GPTQ fitted on the whole calibration trajectory with a clipping search),
+    # per-segment activation clipping ratios over a similarity split of the trajectory
     "trdq": Recipe("trdq", smoothing=True, alpha_grid=_ALPHAS, rotation="hadamard", num_segments=4,
                    segment_split="similarity", a_mode="dynamic", a_clip_search=True,
                    w_clip_search=True, gptq=True),
 }
+# Static time-aware activations: one per-tensor scale per segment (no per-token reduction in
+# the hot path), searched per segment; with and without the rotation.
+RECIPES["trdq_static"] = dataclasses.replace(RECIPES["trdq"], name="trdq_static",
+                                             a_mode="static")
+RECIPES["trdq_static_norot"] = dataclasses.replace(RECIPES["trdq_static"],
+                                                   name="trdq_static_norot", rotation="none")
+
+# The ablation family: ``trdq`` minus one component each, as recipe overrides.
+ABLATIONS: dict[str, dict] = {
+    "no_segments": {"num_segments": 1, "segment_split": "uniform"},
+    "no_rotation": {"rotation": "none"},
+    "no_smoothing": {"smoothing": False, "alpha_grid": ()},
+    "no_gptq": {"gptq": False},
+    "no_clip": {"w_clip_search": False, "a_clip_search": False},
+}
+for _name, _overrides in ABLATIONS.items():
+    RECIPES[f"trdq_{_name}"] = dataclasses.replace(RECIPES["trdq"], name=f"trdq_{_name}",
+                                                   **_overrides)
 
 
 def get_recipe(name: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> Recipe:

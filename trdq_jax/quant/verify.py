@@ -33,7 +33,7 @@ def _shape(x) -> tuple[int, ...]:
 def weight_codes(q: QLinear) -> np.ndarray:
     """The integer weight codes ``[Sw, K, N]`` of a layer (int4 unpacked), as int8 numpy."""
     w = np.asarray(q.w_q)
-    return np.asarray(quantizers.unpack_int4(w, q.in_features)) if w.dtype == np.uint8 else w
+    return np.asarray(quantizers.unpack_int4(w, q.code_rows)) if w.dtype == np.uint8 else w
 
 
 def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> None:
@@ -42,9 +42,13 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
     if w.ndim != 3:
         _fail(where, "w_q", f"expected [copies, K, N] codes, got shape {w.shape}")
     copies, n = w.shape[0], w.shape[2]
-    k = q.in_features
-    if not isinstance(k, int) or k < 1:
-        _fail(where, "in_features", f"expected a positive int, got {k!r}")
+    if not isinstance(q.in_features, int) or q.in_features < 1:
+        _fail(where, "in_features", f"expected a positive int, got {q.in_features!r}")
+    if not isinstance(q.kernel_size, tuple) or len(q.kernel_size) not in (0, 2) or not all(
+            isinstance(v, int) and v > 0 for v in q.kernel_size):
+        _fail(where, "kernel_size", f"expected () for a Dense or (kh, kw) for a conv, got "
+              f"{q.kernel_size!r}")
+    k = q.code_rows
     for field in ("w_bits", "a_bits"):
         bits = getattr(q, field)
         if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 16):
@@ -80,7 +84,7 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
         if present != (name in _ROTATION_ARRAYS[q.rotation]):
             _fail(where, "rotation", f"{q.rotation!r} {'needs' if not present else 'has no'} "
                   f"{name!r} array, but the layer {'lacks' if not present else 'stores'} one")
-    block = q.rotation_block
+    block, k = q.rotation_block, q.in_features  # rotations act on the channels of a token
     if q.rotation == "hadamard" and _shape(q.signs) != (k,):
         _fail(where, "rotation", f"a full Hadamard needs signs of shape ({k},), got "
               f"{_shape(q.signs)}")
@@ -109,8 +113,8 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
         if zero.min() < -qmax - 1 or zero.max() > qmax:
             _fail(where, "a_bits", f"{q.a_bits}-bit zero points lie in [{-qmax - 1}, {qmax}], "
                   f"stored ones span [{zero.min()}, {zero.max()}]")
-    if q.smooth is not None and _shape(q.smooth)[1:] != (k,):
-        _fail(where, "smooth", f"expected [S, {k}], got {_shape(q.smooth)}")
+    if q.smooth is not None and _shape(q.smooth)[1:] != (q.in_features,):
+        _fail(where, "smooth", f"expected [S, {q.in_features}], got {_shape(q.smooth)}")
     if num_segments is not None:
         if copies not in (1, num_segments):
             _fail(where, "w_q", f"{copies} weight copies for {num_segments} segments")
@@ -136,7 +140,7 @@ def check_segment_table(table, num_segments: int, num_steps: int, where: str) ->
 
 
 def check_against_model(qparams, model_cfg, where: str) -> None:
-    """Every quantized layer is a Dense of ``model_cfg`` with the same widths; the float part
+    """Every quantized layer is a Dense or conv of ``model_cfg`` with the same kernel shape; the float part
     holds exactly the model's other params (shapes compared)."""
     from trdq_jax.manifest import flat_arrays
     from trdq_jax.models.factory import abstract_params
@@ -152,12 +156,14 @@ def check_against_model(qparams, model_cfg, where: str) -> None:
     for path, q in layers.items():
         kernel = want.get(keys[path] + "['kernel']")
         n = _shape(q.w_scale)[-1]
-        if kernel is None or len(kernel) != 2:
-            raise QuantizedModelError(f"{where}: quantized layer {path!r} is not a Dense of the "
-                                      f"model {model_cfg}")
-        if tuple(kernel) != (q.in_features, n):
-            raise QuantizedModelError(f"{where}: layer {path!r} is {q.in_features}x{n}, the "
-                                      f"model config wants {kernel[0]}x{kernel[1]}")
+        if kernel is None or len(kernel) != 2 + len(q.kernel_size):
+            kind = "Dense" if not q.kernel_size else f"{len(q.kernel_size)}-D conv"
+            raise QuantizedModelError(f"{where}: quantized layer {path!r} is not a {kind} of "
+                                      f"the model {model_cfg}")
+        if tuple(kernel) != (*q.kernel_size, q.in_features, n):
+            raise QuantizedModelError(f"{where}: layer {path!r} has kernel "
+                                      f"{[*q.kernel_size, q.in_features, n]}, the model config "
+                                      f"wants {list(kernel)}")
     quantized_leaves = {keys[p] + f"['{leaf}']" for p in layers for leaf in ("kernel", "bias")}
     expected_float = {k: v for k, v in want.items() if k not in quantized_leaves}
     got_float = {k: _shape(v) for k, v in flat_arrays(qparams["float"]).items()}
@@ -173,6 +179,7 @@ def check_against_model(qparams, model_cfg, where: str) -> None:
 
 def check_quantized(qparams, recipe, segment_of_step, cfg, where: str) -> np.ndarray:
     """All checks of a restored quantized model; returns the validated segment table."""
+    from trdq_jax.quant.fit import weight_only_recipe
     from trdq_jax.quant.transform import quantized_layer_paths
     num_steps = cfg.sampler.num_steps if isinstance(cfg, ExperimentConfig) else len(
         np.asarray(segment_of_step))
@@ -182,13 +189,14 @@ def check_quantized(qparams, recipe, segment_of_step, cfg, where: str) -> np.nda
         for name in path.split("/"):
             node = node[name]
         check_qlinear(node, f"{where}: layer {path}", recipe.num_segments)
+        layer_recipe = weight_only_recipe(recipe) if recipe.is_weight_only(path) else recipe
         for field in ("w_bits", "a_bits", "a_mode", "rotation"):
             if field in ("w_bits", "a_bits") and getattr(node, field) == 16:
                 continue
-            if getattr(node, field) != getattr(recipe, field):
+            if getattr(node, field) != getattr(layer_recipe, field):
                 raise QuantizedModelError(f"{where}: layer {path}.{field} is "
                                           f"{getattr(node, field)!r}, the recipe says "
-                                          f"{getattr(recipe, field)!r}")
+                                          f"{getattr(layer_recipe, field)!r}")
     model_cfg = cfg.model if isinstance(cfg, ExperimentConfig) else cfg
     check_against_model(qparams, model_cfg, where)
     return table
