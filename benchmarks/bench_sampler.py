@@ -1,12 +1,18 @@
-"""Full DiT-XL/2 sampling: float vs W8A8 vs W4A8 (random weights), time and device memory.
+"""Full DiT-XL/2 sampling: float vs W8A8 vs W4A8 (random weights), time and memory.
 
 The quantized models are built straight from the random float weights (per-channel symmetric
-weights, dynamic per-token asymmetric 8-bit activations, no rotation, the usual layers kept in
-float: embedders, adaLN, final layer): calibrating XL is too slow for a benchmark, and random
-weights time the same. Each variant runs the whole jitted ``lax.scan`` sampler (CFG batched);
-timings are medians over interleaved repetitions. Memory per variant: the bytes its parameters
-hold and XLA's compiled estimate for the sampler program (arguments + outputs + temporaries);
+weights, dynamic per-token asymmetric 8-bit activations, no rotation; the default recipe's
+layer choice: x/y embedders and the final linear kept in float, adaLN modulation and the
+timestep MLP quantized weight-only, W{4,8}A16): calibrating XL is too slow for a benchmark, and
+random weights time the same. Each variant runs the whole jitted ``lax.scan`` sampler (CFG
+batched); timings are medians over interleaved repetitions.
+
+Memory per variant: the whole model's parameter bytes (``trdq_jax.quant.weight_bytes``:
+quantized layers + the float remainder, which keeps ``--float-dtype``) against the bf16 size
+of the whole float model (every parameter as 2 bytes), and XLA's compiled estimate for the
+sampler program (arguments + outputs + temporaries, temporaries also alone);
 ``memory_stats()`` peak, where the device reports one, is process-wide (all variants together).
+``--memory-only`` compiles and reports memory without sampling.
 
 "rel rms diff" compares final samples with the float variant's: a wiring check only. With
 random weights and ``bfloat16`` the float reference is itself far from a float32 run (tens of
@@ -16,7 +22,7 @@ On CPU, ``--backend pallas`` runs the kernels in interpret mode (NOT a speed res
 ``auto`` means ``xla``. ``--tiny`` swaps in a two-block width-128 DiT for a CPU smoke run.
 
     PYTHONPATH=. python benchmarks/bench_sampler.py [--steps 50] [--batch 8] [--backend auto]
-        [--reps 3] [--float-dtype bfloat16] [--tiny]
+        [--reps 3] [--float-dtype bfloat16] [--tiny] [--memory-only]
 """
 from __future__ import annotations
 
@@ -69,7 +75,12 @@ def _without(tree, paths: set[str], prefix=()):
 
 
 def quantize_random(params, w_bits: int, a_bits: int = 8) -> dict:
-    """``{"float", "layers"}`` qparams from float weights, without calibration (see module doc)."""
+    """``{"float", "layers"}`` qparams from float weights, without calibration (see module doc).
+
+    Layers the default recipe marks weight-only (adaLN modulation, timestep MLP) get
+    ``w_bits`` weights and float activations (``a_bits=16``), as ``trdq_jax.quant.quantize``
+    gives them; the other selected layers get ``a_bits`` dynamic per-token activations.
+    """
     recipe = Q.Recipe("bench", w_bits=w_bits, a_bits=a_bits)
     paths, _ = Q.select_layers(_dense_paths(params), recipe)
     layers = {}
@@ -82,7 +93,8 @@ def quantize_random(params, w_bits: int, a_bits: int = 8) -> dict:
         layers[path] = Q.QLinear(
             w_q=w_q[None], w_scale=scale[None], w_colsum=codes.astype(jnp.int32).sum(0)[None],
             bias=None if bias is None else jnp.asarray(bias, jnp.float32),
-            in_features=kernel.shape[0], w_bits=w_bits, a_bits=a_bits, a_mode="dynamic")
+            in_features=kernel.shape[0], w_bits=w_bits,
+            a_bits=16 if recipe.is_weight_only(path) else a_bits, a_mode="dynamic")
     return {"float": _without(params, set(paths)), "layers": _nest(layers)}
 
 
@@ -107,6 +119,19 @@ def _config(args) -> DiTConfig:
     return dit_config("XL/2", dtype=args.float_dtype, param_dtype=args.float_dtype)
 
 
+def _bf16_bytes(params) -> int:
+    """Bytes of the whole float model with every parameter as bfloat16 (the ratios' reference)."""
+    return int(sum(leaf.size * 2 for leaf in jax.tree.leaves(params)))
+
+
+def _param_bytes(p) -> tuple[int, int, int]:
+    """``(quantized layers, float remainder, total)`` bytes of a variant's parameters."""
+    if isinstance(p, dict) and set(p) == {"float", "layers"}:
+        b = Q.weight_bytes(p)
+        return b["quantized_layers"], b["float_params"], b["total"]
+    return 0, _nbytes(p), _nbytes(p)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
@@ -115,6 +140,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--float-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--tiny", action="store_true", help="tiny DiT, 2 steps, batch 2")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="compile and report memory; no sampling, no timings")
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.batch, args.reps = 2, 2, 2
@@ -123,7 +150,7 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} ({backend})  model: "
           f"{'tiny DiT' if args.tiny else 'DiT-XL/2'} {args.float_dtype}  steps: {args.steps}  "
           f"batch: {args.batch} (x2 for CFG)  quantized backend: {args.backend}")
-    if backend == "cpu" and args.backend == "pallas":
+    if backend == "cpu" and args.backend == "pallas" and not args.memory_only:
         print("WARNING: CPU -> Pallas runs in INTERPRET mode; timings are NOT speed results.")
 
     model = build_model(cfg)
@@ -141,32 +168,47 @@ def main() -> None:
         compiled = run.lower(p).compile()
         mem = compiled.memory_analysis()
         program = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                            + mem.temp_size_in_bytes)
-        runs[name] = (compiled, p, program, np.asarray(compiled(p)))  # warm-up output kept
+                                            + mem.temp_size_in_bytes, mem.temp_size_in_bytes)
+        out = None if args.memory_only else np.asarray(compiled(p))  # warm-up output kept
+        runs[name] = (compiled, p, program, out)
 
-    times = {name: [] for name in runs}
-    for _ in range(args.reps):
-        for name, (compiled, p, _, _) in runs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(p))
-            times[name].append(time.perf_counter() - start)
-
-    ref_out = runs["float"][3]
-    t_float = float(np.median(times["float"]))
-    print(f"{'variant':>8} {'median s':>9} {'float/x':>8} {'param MiB':>10} {'program MiB':>12} "
-          f"{'rel rms diff':>13}")
-    for name, (_, p, program, out) in runs.items():
-        t = float(np.median(times[name]))
-        prog = "n/a" if program is None else f"{program / 2 ** 20:.1f}"
-        rms = float(np.sqrt(np.mean((out - ref_out) ** 2) / np.mean(ref_out ** 2)))
-        print(f"{name:>8} {t:>9.3f} {t_float / t:>8.2f} {_nbytes(p) / 2 ** 20:>10.1f} {prog:>12} "
-              f"{rms:>13.3e}")
+    if not args.memory_only:
+        _report_times(runs, args.reps)
+    bf16 = _bf16_bytes(params)
+    mib = lambda b: f"{b / 2 ** 20:.1f}"  # noqa: E731
+    print(f"whole-model parameter bytes vs the bf16 float model ({mib(bf16)} MiB); program = "
+          "XLA's compiled sampler estimate (arguments + outputs + temporaries)")
+    print(f"{'variant':>8} {'layers MiB':>11} {'float MiB':>10} {'total MiB':>10} {'x bf16':>7} "
+          f"{'program MiB':>12} {'temp MiB':>9}")
+    for name, (_, p, program, _) in runs.items():
+        qbytes, fbytes, total = _param_bytes(p)
+        prog, temp = ("n/a", "n/a") if program is None else (mib(program[0]), mib(program[1]))
+        print(f"{name:>8} {mib(qbytes):>11} {mib(fbytes):>10} {mib(total):>10} "
+              f"{total / bf16:>7.3f} {prog:>12} {temp:>9}")
     stats = jax.devices()[0].memory_stats()
     peak = None if not stats else stats.get("peak_bytes_in_use")
     print("device peak_bytes_in_use (process-wide): "
           + ("not reported by this device" if peak is None else f"{peak / 2 ** 20:.1f} MiB"))
-    if backend == "cpu":
+    if backend == "cpu" and not args.memory_only:
         print("(CPU timings: a smoke run, not accelerator speed results)")
+
+
+def _report_times(runs: dict, reps: int) -> None:
+    """Median wall seconds of each compiled variant over ``reps`` interleaved runs, and the rel
+    rms difference of its final samples from the float variant's."""
+    times = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, (compiled, p, _, _) in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(p))
+            times[name].append(time.perf_counter() - start)
+    ref_out = runs["float"][3]
+    t_float = float(np.median(times["float"]))
+    print(f"{'variant':>8} {'median s':>9} {'float/x':>8} {'rel rms diff':>13}")
+    for name, (_, _, _, out) in runs.items():
+        t = float(np.median(times[name]))
+        rms = float(np.sqrt(np.mean((out - ref_out) ** 2) / np.mean(ref_out ** 2)))
+        print(f"{name:>8} {t:>9.3f} {t_float / t:>8.2f} {rms:>13.3e}")
 
 
 if __name__ == "__main__":

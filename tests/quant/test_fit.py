@@ -185,6 +185,10 @@ def test_alpha_search_is_brute_force_over_finished_layers(gptq_on):
     each = [_trajectory_error(quantize_layer(kernel, None, stats, table, 2,
                                              dataclasses.replace(base, alpha=a)),
                               rows, table, kernel) for a in grid]
+    # the search also offers "no smoothing"
+    each.append(_trajectory_error(quantize_layer(kernel, None, stats, table, 2,
+                                                 dataclasses.replace(base, smoothing=False)),
+                                  rows, table, kernel))
     searched = quantize_layer(kernel, None, stats, table, 2,
                               dataclasses.replace(base, alpha_grid=grid))
     assert max(each) > 1.05 * min(each), "the grid must hold a clearly worse alpha"
@@ -194,7 +198,7 @@ def test_alpha_search_is_brute_force_over_finished_layers(gptq_on):
 def test_searches_never_lose_to_the_recipe_without_them():
     k, n = 24, 16
     rows, table = _segment_rows(k, scales=(1.0, 3.0), seed=5)
-    kernel = RNG.standard_t(3, size=(k, n)).astype(np.float32)
+    kernel = np.random.default_rng(0).standard_t(3, size=(k, n)).astype(np.float32)
     stats = _stats(rows, k)
     full = Q.Recipe("r", w_bits=3, a_bits=4, smoothing=True, alpha_grid=(0.3, 0.5, 0.7),
                     rotation="hadamard", num_segments=2, gptq=True, w_clip_search=True,

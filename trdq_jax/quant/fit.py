@@ -4,8 +4,9 @@ For a layer with kernel ``W`` (Dense ``[K, N]``; Conv HWIO ``[kh, kw, C, N]``, s
 matrix ``[kh * kw * C, N]``) the recipe's pieces are fitted in this order, each judged by the
 layer's output error on the calibration rows with the weights that will really be used:
 
-1. for every smoothing alpha of the grid (one alpha when there is no search): the smoothing
-   divisors and the rotation, calibrated on the (pooled or per-segment) rows;
+1. for every smoothing alpha of the grid, and "no smoothing" (one alpha when there is no
+   search): the smoothing divisors and the rotation, calibrated on the (pooled or per-segment)
+   rows;
 2. the folded weight ``W̃`` quantized: GPTQ on the transformed rows' Gram matrix when the
    recipe says so, else round-to-nearest; the per-output-channel clipping ratio (``w_clip_grid``,
    which holds 1.0) picked per column by ``||X̃ (W̃ - deq)||²`` of those very codes;
@@ -213,7 +214,9 @@ def _transform(layer: _Layer, g, alpha: float) -> dict:
     tokens = _group_rows(layer, g).reshape(-1, layer.k)
     t = {}
     with timing.stage("rotation"):
-        if r.smoothing:
+        if r.smoothing and alpha is None:  # the search's "no smoothing" candidate
+            t["smooth"] = np.ones(layer.k, np.float32)
+        elif r.smoothing:
             t["smooth"] = smoothing_divisors(_group_absmax(layer, g), layer.w_absmax, alpha)
             tokens = tokens / t["smooth"]
         t.update(_rotation_fields(r, tokens, layer.k, layer.block))
@@ -234,10 +237,13 @@ def _weights(layer: _Layer, g, transforms: list[dict]) -> list[tuple]:
     hessians = None
     if r.gptq or len(grid) > 1:
         hessians = jnp.stack([_transformed_gram(q, layer.grams[g], 0) for q in qs])
+    out = []
     with timing.stage("gptq" if r.gptq else "weight_clip_search"):
-        codes, scales = fit_weights(folded, hessians, r.w_bits, grid, bool(r.gptq))
-        codes, scales = np.asarray(codes), np.asarray(scales, np.float32)
-    return list(zip(codes, scales))
+        for i in range(len(qs)):  # one candidate at a time: memory of one alpha's clip grid
+            codes, scales = fit_weights(folded[i:i + 1], None if hessians is None
+                                        else hessians[i:i + 1], r.w_bits, grid, bool(r.gptq))
+            out.append((np.asarray(codes[0]), np.asarray(scales[0], np.float32)))
+    return out
 
 
 def _assemble(layer: _Layer, transforms: list[dict], weights: list) -> QLinear:
@@ -358,29 +364,47 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
         recipe = weight_only_recipe(recipe)
     layer = _prepare(kernel, bias, stats, segment_of_step, num_segments, recipe, path)
     groups = list(range(num_segments)) if recipe.per_segment_weights else [None]
-    alphas = recipe.alpha_grid if (recipe.smoothing and recipe.alpha_grid) else (recipe.alpha,)
+    # a searched grid also offers "no smoothing" (None): searching can only help
+    alphas = (tuple(recipe.alpha_grid) + (None,) if (recipe.smoothing and recipe.alpha_grid)
+              else (recipe.alpha,))
+    if len(alphas) == 1:
+        return _builder(layer, groups, alphas)[1]([alphas[0]] * len(groups))
+    cheap = recipe.gptq and recipe.search_weights == "rtn"
+    judge = dataclasses.replace(layer, recipe=dataclasses.replace(recipe, gptq=False)) \
+        if cheap else layer
+    parts, build = _builder(judge, groups, alphas)
+    with timing.stage("alpha_search"):
+        built = [build([a] * len(groups)) for a in alphas]
+        errors = np.stack([segment_errors(q, judge) for q in built])      # [alphas, S]
+        if groups == [None]:
+            sizes = np.asarray([len(x) for x in layer.seg_rows], np.float64)
+            best = [int(np.argmin(errors @ sizes))]
+        else:
+            best = [int(np.argmin(errors[:, s])) for s in range(num_segments)]
+    choice = [alphas[b] for b in best] if len(best) == len(groups) else [alphas[best[0]]]
+    if not cheap:
+        return built[best[0]] if len(set(best)) == 1 else build(choice)
+    # "rtn": alphas were compared with round-to-nearest weights; GPTQ once, at the choice
+    transforms = [parts(g, a)[0] for g, a in zip(groups, choice)]
+    weights = [_weights(layer, g, [t])[0] for g, t in zip(groups, transforms)]
+    return _finish(layer, transforms, weights)
+
+
+def _builder(layer: _Layer, groups: list, alphas: tuple):
+    """``(parts, build)``: ``parts(g, alpha)`` -> (transform, weights) of weight group g, all
+    alphas of a group fitted on first use; ``build(choice)`` -> the finished layer for one
+    alpha per group."""
     cache: dict = {}
 
     def parts(g, alpha):
-        if (g, alpha) not in cache:  # every alpha of the group at once
+        if (g, alpha) not in cache:
             transforms = [_transform(layer, g, a) for a in alphas]
             for a, t, w in zip(alphas, transforms, _weights(layer, g, transforms)):
                 cache[g, a] = (t, w)
         return cache[g, alpha]
 
-    def build(choice):  # choice: one alpha per group
+    def build(choice):
         got = [parts(g, a) for g, a in zip(groups, choice)]
         return _finish(layer, [t for t, _ in got], [w for _, w in got])
 
-    if len(alphas) == 1:
-        return build([alphas[0]] * len(groups))
-    with timing.stage("alpha_search"):
-        built = [build([a] * len(groups)) for a in alphas]
-        errors = np.stack([segment_errors(q, layer) for q in built])      # [alphas, S]
-        if groups == [None]:
-            weights = np.asarray([len(x) for x in layer.seg_rows], np.float64)
-            return built[int(np.argmin(errors @ weights))]
-        best = [int(np.argmin(errors[:, s])) for s in range(num_segments)]
-        if len(set(best)) == 1:
-            return built[best[0]]
-        return build([alphas[b] for b in best])
+    return parts, build
