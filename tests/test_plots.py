@@ -82,7 +82,7 @@ def _outlier_params():
 
 def test_smoothing_and_rotation_shrink_a_planted_outlier(tmp_path):
     params = _outlier_params()
-    recipe = get_recipe("trdq", 4, 8, num_segments=2)
+    recipe = get_recipe("trdq_smoothing", 4, 8, num_segments=2)
     labels = np.repeat(np.arange(TINY.model.num_classes, dtype=np.int32), 2)
     calib = calibrate(build_model(TINY.model), params, recipe, Sampler.from_config(TINY.sampler),
                       labels=labels, null_label=null_label(TINY.model),
@@ -106,7 +106,7 @@ def test_smoothing_and_rotation_shrink_a_planted_outlier(tmp_path):
     np.testing.assert_allclose(before.low, stats.rows.astype(np.float64).min(axis=(1, 2)))
     q = qs["blocks_0/mlp/fc2"]
     rotated = transformed_rows(stats, q, table)
-    assert q.smooth.shape == (1, 4 * 48)  # trdq: one smoothing shared by the segments
+    assert q.smooth.shape == (1, 4 * 48)  # one smoothing shared by the segments
     smoothed = stats.rows.astype(np.float64) / np.asarray(q.smooth[0], np.float64)
     np.testing.assert_allclose(np.linalg.norm(rotated, axis=-1),  # a rotation keeps row norms
                                np.linalg.norm(smoothed, axis=-1), rtol=1e-4)

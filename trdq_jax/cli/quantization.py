@@ -9,8 +9,8 @@ from trdq_jax.cli._common import (add_debug, add_overwrite, add_source, bits, bl
 
 DEFAULT_CALIB_SEED = 1000  # trdq_jax.quant.pipeline.DEFAULT_CALIB_SEED (a test keeps them equal)
 RECIPE_NAMES = ("minmax", "quarot", "quarot_rtn", "smoothquant", "trdq", "trdq_no_clip",
-                "trdq_no_gptq", "trdq_no_rotation", "trdq_no_segments", "trdq_no_smoothing",
-                "trdq_release", "trdq_static", "trdq_static_norot", "viditq")
+                "trdq_no_gptq", "trdq_no_rotation", "trdq_no_segments", "trdq_release",
+                "trdq_smoothing", "trdq_static", "trdq_static_norot", "viditq")
 
 
 def _recipe(name: str, w_bits: int, a_bits: int, segments: int | None = None):
