@@ -203,8 +203,8 @@ def test_weight_bytes_count_what_is_held(dit):
     qparams = Q.quantize(params, _calib(model, params, recipe), recipe)
     q = qparams["layers"]["blocks_1"]["mlp"]["fc2"]  # K=192, N=48
     assert q.w_q.dtype == jnp.uint8 and q.w_q.shape == (1, 96, 48)
-    expected = (96 * 48 + 48 * 4 + 48 * 4 + 48 * 4 + 192 * 4 + 192 * 4 + 2 * 4)
-    # codes, w_scale, w_colsum, bias, smooth, signs, a_clip[2]
+    expected = (96 * 48 + 48 * 4 + 48 * 4 + 48 * 4 + 192 * 4 + 2 * 4)
+    # codes, w_scale, w_colsum, bias, signs, a_clip[2] (trdq has no smoothing)
     assert Q.qlinear_bytes(q) == expected
     total = sum(Q.qlinear_bytes(_leaf(qparams, p)) for p in Q.quantized_layer_paths(qparams))
     assert Q.weight_bytes(qparams)["quantized_layers"] == total
