@@ -30,7 +30,8 @@ import numpy as np
 
 from trdq_jax.quant import duquant, hadamard, quantizers, timing
 from trdq_jax.quant.gptq import fit_weights
-from trdq_jax.quant.qlinear import QLinear, quantize_activation, transform_activation
+from trdq_jax.quant.qlinear import (QLinear, dequantized_weight, quantize_activation,
+                                    transform_activation)
 from trdq_jax.quant.recipe import Recipe
 
 ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -124,13 +125,7 @@ def _rows_output(q: QLinear, rows: jax.Array, segment) -> jax.Array:
         tokens = xt.reshape(rows.shape[0], taps, -1)
         codes, scale, zero = quantize_activation(q, tokens, segment)
         xt = quantizers.dequantize(codes, scale, zero).reshape(rows.shape)
-    w = q.w_q[0] if q.w_q.shape[0] == 1 else jnp.take(q.w_q, segment, axis=0)
-    if q.w_bits != 16:
-        if q.packed:
-            w = quantizers.unpack_int4(w, q.code_rows)
-        scale = q.w_scale[0] if q.w_scale.shape[0] == 1 else jnp.take(q.w_scale, segment, axis=0)
-        w = w.astype(jnp.float32) * scale
-    y = jnp.dot(xt, w, precision=jax.lax.Precision.HIGHEST)
+    y = jnp.dot(xt, dequantized_weight(q, segment), precision=jax.lax.Precision.HIGHEST)
     return y + q.bias if q.bias is not None else y
 
 
@@ -381,7 +376,7 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
             best = [int(np.argmin(errors @ sizes))]
         else:
             best = [int(np.argmin(errors[:, s])) for s in range(num_segments)]
-    choice = [alphas[b] for b in best] if len(best) == len(groups) else [alphas[best[0]]]
+    choice = [alphas[b] for b in best]  # one alpha per weight group
     if not cheap:
         return built[best[0]] if len(set(best)) == 1 else build(choice)
     # "rtn": alphas were compared with round-to-nearest weights; GPTQ once, at the choice

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from trdq_jax.quant import quantizers
-from trdq_jax.quant.qlinear import (BACKENDS, QLinear, _select, _tie_packed, quantize_activation,
-                                    transform_activation)
+from trdq_jax.quant.qlinear import (BACKENDS, QLinear, _select, _tie_packed, dequantized_weight,
+                                    quantize_activation, transform_activation, weight_codes)
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -97,18 +97,14 @@ def conv_patches(x: jax.Array, kernel_size, strides, pads, index: jax.Array) -> 
 
 def conv_weight_codes(q: QLinear, segment) -> jax.Array:
     """int8 HWIO codes ``[kh, kw, C, N]`` of the segment's weight copy (int4 unpacked)."""
-    w = _select(q.w_q, segment)
-    if q.packed:
-        w = quantizers.unpack_int4(w, q.code_rows)
+    w = weight_codes(q, segment)
     return w.reshape(*q.kernel_size, q.in_features, w.shape[-1])
 
 
 def conv_weight(q: QLinear, segment) -> jax.Array:
     """float32 HWIO ``[kh, kw, C, N]``: the folded weight as the quantizer represents it."""
-    if q.w_bits == 16:
-        w = _select(q.w_q, segment)
-        return w.reshape(*q.kernel_size, q.in_features, w.shape[-1])
-    return conv_weight_codes(q, segment).astype(jnp.float32) * _select(q.w_scale, segment)
+    w = dequantized_weight(q, segment)
+    return w.reshape(*q.kernel_size, q.in_features, w.shape[-1])
 
 
 def _float_conv(x, w, strides, pads):

@@ -158,7 +158,7 @@ def _tie_packed(q: QLinear, x: jax.Array) -> QLinear:
 def weight_codes(q: QLinear, segment) -> jax.Array:
     """int8 ``[K, N]`` codes of the segment's weight copy (unpacking int4 if needed)."""
     w = _select(q.w_q, segment)
-    return quantizers.unpack_int4(w, q.in_features) if q.packed else w  # float if w_bits == 16
+    return quantizers.unpack_int4(w, q.code_rows) if q.packed else w  # float if w_bits == 16
 
 
 def dequantized_weight(q: QLinear, segment) -> jax.Array:
