@@ -10,6 +10,7 @@ import trdq_jax.quant as Q
 from trdq_jax.config import ConfigError, DiTConfig, SamplerConfig, UNetConfig, VideoDiTConfig
 from trdq_jax.models import build_model, init_params, input_shape
 from trdq_jax.quant.capture import LayerStats
+from trdq_jax.quant.qlinear import output_columns
 from trdq_jax.sampling import Sampler, denoise_fn_for, sample
 
 DIT = DiTConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=48, depth=2, num_heads=2,
@@ -130,6 +131,32 @@ def test_fake_and_xla_agree_on_every_layer(dit, w_bits, a_bits, a_mode, a_symmet
             xla = np.asarray(Q.qlinear_apply(q, xin, seg, "xla"))
             np.testing.assert_allclose(xla, fake, rtol=1e-4, atol=1e-4 * np.abs(fake).max(),
                                        err_msg=path)
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_cfg_sharing_runs_quantized_on_every_backend(dit, w_bits):
+    """A plan sharing one layer: the uncond half's ``value`` call is the quantized layer's v
+    columns (exactly the full layer's on xla), and fake / xla / pallas agree."""
+    model, params = dit
+    recipe = Q.get_recipe("quarot_rtn", w_bits, 8)
+    qparams = Q.quantize(params, _calib(model, params, recipe), recipe)
+    q = qparams["layers"]["blocks_1"]["attn"]["qkv"]
+    x = jax.random.normal(jax.random.key(5), (4, 16, 48))
+    full = np.asarray(Q.qlinear_apply(q, x, 0, "xla"))
+    cols = np.asarray(Q.qlinear_apply(output_columns(q, 96, 144), x, 0, "xla"))
+    np.testing.assert_array_equal(cols, full[..., 96:])
+    share = frozenset({"blocks_1/attn"})
+    xin = jax.random.normal(jax.random.key(7), input_shape(DIT, 4))
+    t, y = jnp.array([400.0] * 4), jnp.array([0, 1, 3, 3])
+    out = {b: np.asarray(Q.QuantizedDenoiser(model, b)(qparams, xin, t, y, jnp.int32(0), share))
+           for b in ("fake", "xla", "pallas")}
+    unshared = np.asarray(Q.QuantizedDenoiser(model, "xla")(qparams, xin, t, y, jnp.int32(0),
+                                                            False))
+    for b in ("fake", "pallas"):
+        np.testing.assert_allclose(out[b], out["xla"], rtol=1e-3, atol=1e-3 * np.abs(
+            out["xla"]).max(), err_msg=b)
+    np.testing.assert_allclose(out["xla"][:2], unshared[:2], rtol=1e-5, atol=1e-5)  # cond half
+    assert np.abs(out["xla"][2:] - unshared[2:]).max() > 1e-4
 
 
 def test_recipe_keep_float_survives_calibrate_then_quantize(dit):

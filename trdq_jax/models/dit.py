@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from trdq_jax.config import DiTConfig, exact_width
 from trdq_jax.models.layers import (Attention, LabelEmbedder, Mlp, TimestepEmbedder,
-                                    broadcast_t, check_inputs, modulate, sincos_2d)
+                                    broadcast_t, check_inputs, check_share_cfg, modulate,
+                                    sincos_2d)
 
 _ZERO = nn.initializers.zeros
 
@@ -28,7 +29,7 @@ class DiTBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, c: jax.Array, share_cfg: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, c: jax.Array, share_cfg=False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mod = nn.Dense(6 * self.hidden_size, kernel_init=_ZERO, name="adaLN_modulation_1",
                        **kw)(nn.silu(c))
@@ -106,15 +107,18 @@ class DiT(nn.Module):
       t: ``[B]`` or scalar time steps in training units (0..num_train_steps-1).
       y: ``[B]`` int labels; ``num_classes`` is the null label when ``class_dropout_prob > 0``.
       train: label dropout (needs a ``'dropout'`` rng).
-      share_cfg: treat the batch as ``[cond; uncond]`` and share attention probabilities.
+      share_cfg: treat the batch as ``[cond; uncond]`` and share attention probabilities: True
+        in every attention, or a frozenset of the attention paths that share
+        (``"blocks_3/attn"``; see ``trdq_jax.sampling.cfg_plan``).
     Returns ``[B, H, W, out_channels]`` (``2C`` with learned sigma: eps then variance values).
     """
 
     config: DiTConfig
 
     @nn.compact
-    def __call__(self, x, t, y, train: bool = False, share_cfg: bool = False):
+    def __call__(self, x, t, y, train: bool = False, share_cfg=False):
         cfg = self.config
+        check_share_cfg(share_cfg)
         num_label_values = cfg.num_classes + int(cfg.class_dropout_prob > 0)
         check_inputs(x, t, y, spatial_shape=(cfg.input_size, cfg.input_size),
                      channels=cfg.in_channels, num_label_values=num_label_values,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,36 +122,74 @@ class Mlp(nn.Module):
         return nn.Dense(self.out_features, name="fc2", **kw)(x)
 
 
-def shared_cfg_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def check_share_cfg(share_cfg) -> None:
+    """``share_cfg`` is a bool (every attention shares, or none) or a frozenset of attention
+    module paths (``"blocks_3/attn"``) that share; anything else is a ValueError."""
+    if isinstance(share_cfg, bool):
+        return
+    if not isinstance(share_cfg, frozenset) or not all(isinstance(p, str) for p in share_cfg):
+        raise ValueError(f"share_cfg: expected a bool or a frozenset of attention module paths "
+                         f"(e.g. frozenset({{'blocks_0/attn'}})), got {share_cfg!r}")
+
+
+def shares(share_cfg, path: str) -> bool:
+    """Whether the attention at module path ``path`` shares under ``share_cfg``."""
+    check_share_cfg(share_cfg)
+    return share_cfg if isinstance(share_cfg, bool) else path in share_cfg
+
+
+def shared_cfg_attention(q_cond: jax.Array, k_cond: jax.Array, v: jax.Array) -> jax.Array:
     """Attention-Sharing: the uncond half reuses the cond half's attention probabilities.
 
-    The batch is ``[cond; uncond]`` (``2B``). ``QKᵀ`` and the softmax are computed for the cond
-    half only, so that work is really skipped for the uncond half; then
-    ``out_cond = P_cond V_cond`` and ``out_uncond = P_cond V_uncond``.
+    The batch is ``[cond; uncond]`` (``2B``). Only the cond half has queries and keys: ``QKᵀ``
+    and the softmax are computed for it alone, so that work is really skipped for the uncond
+    half; then ``out_cond = P_cond V_cond`` and ``out_uncond = P_cond V_uncond``.
 
     Args:
-      q, k, v: ``[2B, L, H, Dh]``.
+      q_cond, k_cond: ``[B, L, H, Dh]``.
+      v: ``[2B, L, H, Dh]``.
     Returns:
       ``[2B, L, H, Dh]`` in v's dtype.
     """
-    if q.shape[0] % 2:
-        raise ValueError(f"share_cfg: expected an even batch [cond; uncond], got batch {q.shape[0]}")
-    half = q.shape[0] // 2
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q[:half], k[:half],
+    half = q_cond.shape[0]
+    if v.shape[0] != 2 * half:
+        raise ValueError(f"share_cfg: expected v of batch 2 x {half} [cond; uncond], got batch "
+                         f"{v.shape[0]}")
+    scale = 1.0 / math.sqrt(q_cond.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q_cond, k_cond,
                         preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, H, Lq, Lk]
     v_pair = v.reshape(2, half, *v.shape[1:])                # [2, B, Lk, H, Dh]
     out = jnp.einsum("bhqk,sbkhd->sbqhd", probs, v_pair)
-    return out.reshape(v.shape[0], q.shape[1], *v.shape[2:])
+    return out.reshape(v.shape[0], q_cond.shape[1], *v.shape[2:])
+
+
+class FusedQKV(nn.Dense):
+    """The fused ``qkv`` projection: an ``nn.Dense`` of ``3 * dim`` features (same parameters,
+    same checkpoint keys) that can also compute the value columns alone (``value``), which is
+    all the uncond half needs where it shares the cond half's attention probabilities."""
+
+    def value(self, x: jax.Array) -> jax.Array:
+        """``x [..., K] -> v [..., dim]``: the last third of the outputs, ``x W[:, 2dim:] + b``."""
+        dim = self.features // 3
+        params = self.variables["params"]
+        kernel = params["kernel"][:, 2 * dim:]
+        bias = params["bias"][2 * dim:] if self.use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                                precision=self.precision)
+        return y + bias if bias is not None else y
 
 
 class Attention(nn.Module):
     """timm-style multi-head self-attention with fused ``qkv`` and ``proj`` projections.
 
-    ``share_cfg=True`` switches on CFG Attention-Sharing (see ``shared_cfg_attention``); this is
-    the one place where a model knows about CFG, because sharing changes the computation itself.
-    Plain attention goes through ``jax.nn.dot_product_attention`` (fused kernels on GPU).
+    ``share_cfg`` (a bool, or a frozenset of attention module paths such as
+    ``"blocks_3/attn"``: see ``shares``) switches on CFG Attention-Sharing for this layer (see
+    ``shared_cfg_attention``): the batch is ``[cond; uncond]`` and the uncond half computes
+    only its values. This is the one place where a model knows about CFG, because sharing
+    changes the computation itself. Plain attention goes through
+    ``jax.nn.dot_product_attention`` (fused kernels on GPU).
 
     Input/output ``[N, L, D]``.
     """
@@ -161,18 +200,24 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, share_cfg: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, share_cfg=False) -> jax.Array:
         n, length, _ = x.shape
         head_dim = self.dim // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
                   kernel_init=nn.initializers.xavier_uniform())
-        qkv = nn.Dense(3 * self.dim, name="qkv", **kw)(x)
-        qkv = qkv.reshape(n, length, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if share_cfg:
-            out = shared_cfg_attention(q, k, v)
+        qkv_layer = FusedQKV(3 * self.dim, name="qkv", **kw)
+        split = lambda a: a.reshape(a.shape[0], length, 3, self.num_heads, head_dim)  # noqa
+        if shares(share_cfg, "/".join(self.path)) and not self.is_initializing():
+            if n % 2:
+                raise ValueError(f"share_cfg: expected an even batch [cond; uncond], got batch {n}")
+            qkv_cond = split(qkv_layer(x[:n // 2]))
+            v_uncond = qkv_layer.value(x[n // 2:]).reshape(n // 2, length, self.num_heads,
+                                                           head_dim)
+            v = jnp.concatenate([qkv_cond[:, :, 2], v_uncond.astype(qkv_cond.dtype)])
+            out = shared_cfg_attention(qkv_cond[:, :, 0], qkv_cond[:, :, 1], v)
         else:
-            out = jax.nn.dot_product_attention(q, k, v)
+            qkv = split(qkv_layer(x))
+            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         out = out.reshape(n, length, self.dim)
         return nn.Dense(self.dim, name="proj", **kw)(out)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from trdq_jax.config import UNetConfig
 from trdq_jax.models.layers import (Attention, LabelEmbedder, TimestepEmbedder, broadcast_t,
-                                    check_inputs)
+                                    check_inputs, check_share_cfg)
 
 _GROUPNORM_EPS = 1e-5  # PyTorch GroupNorm default, as in ADM
 
@@ -81,7 +81,7 @@ class AttentionBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, share_cfg: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, share_cfg=False) -> jax.Array:
         b, height, width, ch = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = _group_norm(self.num_groups, "norm", **kw)(x).reshape(b, height * width, ch)
@@ -98,15 +98,17 @@ class UNet(nn.Module):
       y: ``[B]`` int labels; ``num_classes`` is the null label when ``class_dropout_prob > 0``.
       train: label dropout (needs a ``'dropout'`` rng); the model has no other dropout.
       share_cfg: the batch is ``[cond; uncond]``; every attention of the uncond half reuses the
-        cond half's attention probabilities.
+        cond half's attention probabilities (True), or
+        only the attentions whose module paths a frozenset holds (``"mid_attn/attn"``).
     Returns ``[B, H, W, out_channels]`` float32.
     """
 
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, x, t, y, train: bool = False, share_cfg: bool = False):
+    def __call__(self, x, t, y, train: bool = False, share_cfg=False):
         cfg = self.config
+        check_share_cfg(share_cfg)
         num_label_values = cfg.num_classes + int(cfg.class_dropout_prob > 0)
         check_inputs(x, t, y, spatial_shape=(cfg.input_size, cfg.input_size),
                      channels=cfg.in_channels, num_label_values=num_label_values,

@@ -24,7 +24,7 @@ import numpy as np
 from trdq_jax.config import VideoDiTConfig
 from trdq_jax.models.dit import DiTBlock, FinalLayer, PatchEmbed, unpatchify
 from trdq_jax.models.layers import (LabelEmbedder, TimestepEmbedder, broadcast_t, check_inputs,
-                                    sincos_1d, sincos_2d)
+                                    check_share_cfg, sincos_1d, sincos_2d)
 
 
 def _frames_to_positions(h: jax.Array) -> jax.Array:
@@ -50,15 +50,17 @@ class VideoDiT(nn.Module):
       y: ``[B]`` int labels; ``num_classes`` is the null label when ``class_dropout_prob > 0``.
       train: label dropout (needs a ``'dropout'`` rng).
       share_cfg: the batch is ``[cond; uncond]``; every spatial and temporal attention of the
-        uncond half reuses the cond half's attention probabilities.
+        uncond half reuses the cond half's attention probabilities (True), or
+        only the attentions whose module paths a frozenset holds (``"mid_attn/attn"``).
     Returns ``[B, F, H, W, out_channels]`` float32.
     """
 
     config: VideoDiTConfig
 
     @nn.compact
-    def __call__(self, x, t, y, train: bool = False, share_cfg: bool = False):
+    def __call__(self, x, t, y, train: bool = False, share_cfg=False):
         cfg = self.config
+        check_share_cfg(share_cfg)
         num_label_values = cfg.num_classes + int(cfg.class_dropout_prob > 0)
         frames = np.shape(x)[1] if np.ndim(x) == 5 else cfg.num_frames
         if not 1 <= frames <= cfg.num_frames:

@@ -210,6 +210,18 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
     return y + q.bias if q.bias is not None else y
 
 
+def output_columns(q: QLinear, start: int, stop: int) -> QLinear:
+    """The layer restricted to output channels ``[start, stop)`` (static ints): codes, weight
+    scales, column sums and bias sliced; the activation side is unchanged, so the result
+    equals columns ``start:stop`` of the full layer's output on every backend."""
+    n = int(q.w_scale.shape[-1])
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"output_columns: expected 0 <= start < stop <= {n}, got [{start}, {stop})")
+    return q.replace(w_q=q.w_q[..., start:stop], w_scale=q.w_scale[..., start:stop],
+                     w_colsum=q.w_colsum[..., start:stop],
+                     bias=None if q.bias is None else q.bias[start:stop])
+
+
 def qlinear_bytes(q: QLinear) -> int:
     """Bytes held by every array of the layer (codes, scales, rotations, per-segment copies)."""
     return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(q)))

@@ -22,7 +22,7 @@ import numpy as np
 
 from trdq_jax.quant.fit import quantize_layer
 from trdq_jax.quant.qconv import module_geometry, qconv_apply
-from trdq_jax.quant.qlinear import QLinear, qlinear_apply
+from trdq_jax.quant.qlinear import QLinear, output_columns, qlinear_apply
 from trdq_jax.quant.recipe import DEFAULT_KEEP_FLOAT, DEFAULT_WEIGHT_ONLY, Recipe
 
 # The keep-float defaults before weight-only layers and convolutions were quantized: recipes
@@ -171,7 +171,8 @@ class QuantizedDenoiser:
 
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
-            if isinstance(module, (nn.Dense, nn.Conv)) and context.method_name == "__call__":
+            method = context.method_name
+            if isinstance(module, (nn.Dense, nn.Conv)) and method in ("__call__", "value"):
                 node = layers
                 for name in module.path:
                     node = node.get(name) if isinstance(node, dict) else None
@@ -184,6 +185,9 @@ class QuantizedDenoiser:
                         out = qconv_apply(node, x, segment, backend, strides=strides,
                                           padding=pads)
                     else:
+                        if method == "value":  # FusedQKV's value columns (CFG sharing)
+                            dim = module.features // 3
+                            node = output_columns(node, 2 * dim, 3 * dim)
                         out = qlinear_apply(node, x, segment, backend)
                     return out.astype(module.dtype or jnp.float32)
             return next_fun(*args, **kwargs)

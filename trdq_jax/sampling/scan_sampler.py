@@ -3,7 +3,9 @@
 ``apply_fn(params, x, t, y, segment, share_cfg) -> out`` is the denoiser:
   x ``[2N, ...spatial, C]`` float32 (``[x; x]``), t ``[2N]`` float32 in training units,
   y ``[2N]`` int32 (``[labels; null]``), segment a traced int32 scalar (the step's time segment),
-  share_cfg a Python bool. out ``[2N, ...spatial, C]`` (eps, or velocity for flow_euler) or
+  share_cfg a Python bool or a frozenset of attention paths that share (static). At steps where
+  a ``CFGPlan`` skips the uncond branch it is called on the cond half alone: x ``[N, ...]``,
+  t ``[N]``, y ``[N]`` = labels, share_cfg False. out ``[2N, ...spatial, C]`` (eps, or velocity for flow_euler) or
   ``[2N, ...spatial, 2C]`` (eps then IDDPM variance values ``v``).
 
 Randomness: sample ``i`` uses ``k_i = fold_in(key(seed), sample_offset + i)``; its initial noise is
@@ -32,10 +34,10 @@ _INT32_MAX = 2 ** 31 - 1
 
 def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: int,
            cfg_scale: float | None, null_label: int, shape: tuple[int, ...],
-           share_cfg: bool = False, sample_offset: int = 0,
+           share_cfg: "bool | CFGPlan" = False, sample_offset: int = 0,
            progress: bool | Callable[[int, int], None] = False,
            return_trajectory: bool = False,
-           x_T=None) -> jax.Array | tuple[jax.Array, jax.Array]:
+           x_T=None, unroll: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Draw ``N = len(labels)`` samples; returns the final x, float32 ``shape``.
 
     labels: ints ``[N]`` in ``[0, null_label]`` (``null_label`` itself draws unconditionally).
@@ -58,6 +60,12 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
       finite when concrete (it may be traced); ``None`` draws ``initial_noise(seed, shape,
       sample_offset)``, which passed explicitly gives the same samples bit for bit. The
       per-step noise of stochastic solvers still derives from ``(seed, sample_offset + i)``.
+    share_cfg: False, True (every attention of the uncond half reuses the cond half's
+      probabilities at every step) or a ``trdq_jax.sampling.cfg_plan.CFGPlan`` (per layer and
+      step, and the uncond branch cached or dropped at some steps); a plan must match the
+      sampler's step count and, when ``apply_fn`` has a ``model`` with a ``config``, its model.
+    unroll: unroll the step loop fully (a larger program, the same samples): XLA's cost analysis
+      counts a loop body once, so FLOP counts of the whole sampler need it.
     apply_fn must be hashable (a function, or ``denoise_fn_for(model)``): it keys the compile cache.
     When it has a ``check_params(params)`` method (``denoise_fn_for(model)`` does), that is called
     first, so params of another model config fail with a list of the differing paths.
@@ -83,8 +91,9 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
         seed = _check_int("seed", seed, 0, 2 ** 32 - 1)
     if not _is_checked_tracer("sample_offset", sample_offset, "integer", (jnp.integer,)):
         sample_offset = _check_int("sample_offset", sample_offset, 0, _INT32_MAX - shape[0])
-    if not isinstance(share_cfg, bool):
-        raise ValueError(f"share_cfg: expected a bool, got {share_cfg!r}")
+    phases = _phases(share_cfg, apply_fn, sampler)
+    if not isinstance(unroll, bool):
+        raise ValueError(f"unroll: expected a bool, got {unroll!r}")
     if not (isinstance(progress, bool) or callable(progress)):
         raise ValueError(f"progress: expected a bool or a callable, got {progress!r}")
     if not isinstance(return_trajectory, bool):
@@ -94,8 +103,23 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
     return _sample_scan(apply_fn, params, sampler, jnp.asarray(labels, jnp.int32),
                         jnp.asarray(seed, jnp.uint32), jnp.asarray(cfg_value, jnp.float32),
                         jnp.asarray(null_label, jnp.int32), jnp.asarray(sample_offset, jnp.int32),
-                        x_T, shape=shape, share_cfg=share_cfg, report=report,
-                        return_trajectory=return_trajectory)
+                        x_T, shape=shape, phases=phases, report=report,
+                        return_trajectory=return_trajectory, unroll=unroll)
+
+
+def _phases(share_cfg, apply_fn, sampler) -> tuple:
+    """The static phases ``_sample_scan`` runs: ``(start, stop, share, uncond)`` tuples."""
+    from trdq_jax.sampling.cfg_plan import CFGPlan, Phase, Step
+    if isinstance(share_cfg, bool):
+        return (Phase(0, sampler.num_steps, (Step(share_cfg, "full"),)),)
+    if not isinstance(share_cfg, CFGPlan):
+        raise ValueError(f"share_cfg: expected a bool or a CFGPlan, got {share_cfg!r}")
+    cfg = getattr(getattr(apply_fn, "model", None), "config", None)
+    if dataclasses.is_dataclass(cfg):
+        from trdq_jax.sampling.cfg_plan import attention_layers, model_fingerprint
+        share_cfg.check(model=model_fingerprint(cfg), layers=attention_layers(cfg))
+    share_cfg.check(num_steps=sampler.num_steps)
+    return share_cfg.phases()
 
 
 def initial_noise(seed: int, shape: tuple[int, ...], sample_offset: int = 0) -> jax.Array:
@@ -136,56 +160,90 @@ def _initial_noise_jit(seed, sample_offset, *, shape):
     return _noise_from_keys(_sample_keys(seed, sample_offset, shape[0]), shape)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "shape", "share_cfg", "report",
-                                             "return_trajectory"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "shape", "phases", "report",
+                                             "return_trajectory", "unroll"))
 def _sample_scan(apply_fn, params, sampler, labels, seed, cfg_scale, null_label, sample_offset,
-                 x_T=None, *, shape, share_cfg, report, return_trajectory=False):
+                 x_T=None, *, shape, phases, report, return_trajectory=False, unroll=False):
     n, channels = shape[0], shape[-1]
     sample_keys = _sample_keys(seed, sample_offset, n)
     # x_T None or an array is part of the jit signature: two programs, never a retrace per value
     x = _noise_from_keys(sample_keys, shape) if x_T is None else x_T.astype(jnp.float32)
     y_both = jnp.concatenate([labels, jnp.full((n,), null_label, jnp.int32)])
     num_steps = sampler.num_steps
+    uses_cache = any(step.uncond == "cached" for p in phases for step in p.pattern)
 
-    def step(carry, i):
-        x, x0_prev = carry
-        take = lambda table: jnp.take(table, i)  # noqa: E731 (traced index, one program)
-        t = jnp.full((2 * n,), take(sampler.model_time), jnp.float32)
-        out = apply_fn(params, jnp.concatenate([x, x]), t, y_both,
-                       take(sampler.segment_of_step), share_cfg)
-        out = _check_output(out, shape).astype(jnp.float32)
-        cond, uncond = out[:n], out[n:]
-        cond_eps, uncond_eps = cond[..., :channels], uncond[..., :channels]
-        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        x0 = take(sampler.x0_from_x) * x + take(sampler.x0_from_out) * guided
-        x_next = (take(sampler.x_coef) * x + take(sampler.out_coef) * guided
-                  + take(sampler.prev_x0_coef) * x0_prev)
-        if sampler.stochastic:
-            if out.shape[-1] == 2 * channels:  # learned sigma: the conditional branch's v
-                frac = (cond[..., channels:] + 1.0) / 2.0
-                log_var = (frac * take(sampler.log_var_max)
-                           + (1.0 - frac) * take(sampler.log_var_min))
-            else:
-                log_var = take(sampler.fixed_log_var)
-            z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape[1:],
-                                                     jnp.float32))(sample_keys)
-            x_next = x_next + take(sampler.noise_scale) * jnp.exp(0.5 * log_var) * z
-        if report is not None:
-            jax.debug.callback(report, i + 1, num_steps)
-        return (x_next, x0), (x if return_trajectory else None)
+    def make_step(spec):  # spec: a cfg_plan.Step (shared layers, uncond mode)
+        def step(carry, i):
+            x, x0_prev, delta = carry
+            take = lambda table: jnp.take(table, i)  # noqa: E731 (traced index, one program)
+            segment = take(sampler.segment_of_step)
+            if spec.uncond == "full":
+                t = jnp.full((2 * n,), take(sampler.model_time), jnp.float32)
+                out = apply_fn(params, jnp.concatenate([x, x]), t, y_both, segment, spec.share)
+                out = _check_output(out, shape, 2).astype(jnp.float32)
+                cond, uncond_eps = out[:n], out[n:, ..., :channels]
+                if uses_cache:
+                    delta = cond[..., :channels] - uncond_eps
+            else:  # the uncond branch does not run: cached difference, or no guidance
+                t = jnp.full((n,), take(sampler.model_time), jnp.float32)
+                cond = _check_output(apply_fn(params, x, t, labels, segment, False), shape,
+                                     1).astype(jnp.float32)
+                uncond_eps = cond[..., :channels]
+                if spec.uncond == "cached":
+                    uncond_eps = uncond_eps - delta
+            cond_eps = cond[..., :channels]
+            guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+            x0 = take(sampler.x0_from_x) * x + take(sampler.x0_from_out) * guided
+            x_next = (take(sampler.x_coef) * x + take(sampler.out_coef) * guided
+                      + take(sampler.prev_x0_coef) * x0_prev)
+            if sampler.stochastic:
+                if cond.shape[-1] == 2 * channels:  # learned sigma: the conditional branch's v
+                    frac = (cond[..., channels:] + 1.0) / 2.0
+                    log_var = (frac * take(sampler.log_var_max)
+                               + (1.0 - frac) * take(sampler.log_var_min))
+                else:
+                    log_var = take(sampler.fixed_log_var)
+                z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape[1:],
+                                                         jnp.float32))(sample_keys)
+                x_next = x_next + take(sampler.noise_scale) * jnp.exp(0.5 * log_var) * z
+            if report is not None:
+                jax.debug.callback(report, i + 1, num_steps)
+            return (x_next, x0, delta), (x if return_trajectory else None)
+        return step
 
-    (x, _), xs = jax.lax.scan(step, (x, jnp.zeros_like(x)),
-                              jnp.arange(num_steps, dtype=jnp.int32))
-    return (x, xs) if return_trajectory else x
+    def make_body(phase):
+        steps = [make_step(step) for step in phase.pattern]
+
+        def body(carry, i0):  # one repeat of the phase's pattern: steps i0, i0 + 1, ...
+            xs = []
+            for j, step in enumerate(steps):
+                carry, x_in = step(carry, i0 + j)
+                xs.append(x_in)
+            return carry, (jnp.stack(xs) if return_trajectory else None)
+        return body
+
+    carry = (x, jnp.zeros_like(x), jnp.zeros_like(x) if uses_cache else None)
+    trajectory = []
+    for phase in phases:  # one scan per phase of the plan (one phase without a plan)
+        period = len(phase.pattern)
+        carry, xs = jax.lax.scan(make_body(phase), carry,
+                                 jnp.arange(phase.start, phase.stop, period, dtype=jnp.int32),
+                                 unroll=unroll)
+        if return_trajectory:
+            trajectory.append(xs.reshape(-1, *xs.shape[2:]))
+    x = carry[0]
+    if not return_trajectory:
+        return x
+    return x, (trajectory[0] if len(trajectory) == 1 else jnp.concatenate(trajectory))
 
 
 def _print_progress(step, num_steps) -> None:
     print(f"step {int(step)}/{int(num_steps)}", file=sys.stderr, flush=True)
 
 
-def _check_output(out, shape):
+def _check_output(out, shape, halves: int):
     channels = shape[-1]
-    expected = [(2 * shape[0], *shape[1:-1], c) for c in (channels, 2 * channels)]
+    expected = [(halves * shape[0], *shape[1:-1], c) for c in (channels, 2 * channels)]
     if not hasattr(out, "shape") or tuple(out.shape) not in expected:
         raise ValueError(f"apply_fn: expected an output of shape {expected[0]} or {expected[1]} "
                          f"(learned sigma), got {getattr(out, 'shape', type(out).__name__)}")
