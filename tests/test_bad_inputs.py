@@ -95,6 +95,13 @@ def ws(tmp_path_factory):
                        "    return ExperimentConfig(name='c', model=DiTConfig(input_size=8, "
                        "in_channels=1, patch_size=2, hidden_size=48, depth=1, num_heads=2, "
                        "num_classes=3))\n")
+    from trdq_jax.sampling.cfg_plan import preset_plan, save_plan
+    save_plan(root / "plan_steps.json", preset_plan("all", TINY.model, 5))
+    save_plan(root / "plan_model.json", preset_plan("all", deeper.model, 6))
+    save_plan(root / "plan_edited.json", preset_plan("all", TINY.model, 6))
+    plan = json.loads((root / "plan_edited.json").read_text())
+    plan["layers"][0] = "blocks_9/attn"
+    (root / "plan_edited.json").write_text(json.dumps(plan))
     return root
 
 
@@ -254,6 +261,33 @@ CLI_CASES = [
      "not written by trdq_jax, not a trdq_jax float checkpoint"),
     ("train-workdir-file", "train --config {ws}/cfg.py --workdir {ws}/notes.txt",
      "exists and is not a directory"),
+    # CFG sharing plans
+    ("sample-plan-unknown", "sample --checkpoint {ws}/ck --cfg-plan most --out {ws}/new",
+     "--cfg-plan: expected a preset ('none', 'all', 'trdq_release') or a plan .json file"),
+    ("sample-plan-foreign", "sample --checkpoint {ws}/ck --cfg-plan {ws}/user.json --out {ws}/new",
+     "cfg plan kind: expected 'cfg_plan'"),
+    ("sample-plan-missing", "sample --checkpoint {ws}/ck --cfg-plan {ws}/none.json --out {ws}/new",
+     "cfg plan file: cannot read"),
+    ("sample-plan-and-share",
+     "sample --checkpoint {ws}/ck --share-cfg --cfg-plan all --out {ws}/new",
+     "--cfg-plan: give either --share-cfg"),
+    ("sample-plan-steps",
+     "sample --checkpoint {ws}/ck --cfg-plan {ws}/plan_steps.json --out {ws}/new",
+     "cfg plan num_steps: made for 5 sampling steps, the sampler has 6"),
+    ("sample-plan-model",
+     "sample --checkpoint {ws}/ck --cfg-plan {ws}/plan_model.json --out {ws}/new",
+     "cfg plan model: made for model DiTConfig:"),
+    ("sample-plan-edited",
+     "sample --checkpoint {ws}/ck --cfg-plan {ws}/plan_edited.json --out {ws}/new",
+     "cfg plan layers: expected this model's attention layers; unknown ['blocks_9/attn']"),
+    ("quantize-plan-steps",
+     "quantize --calib {ws}/calib --cfg-plan {ws}/plan_steps.json --out {ws}/new",
+     "cfg plan num_steps: made for 5 sampling steps"),
+    ("cfg-analysis-thresholds",
+     "cfg-analysis --checkpoint {ws}/ck --thresholds x --out {ws}/new",
+     "--thresholds: expected comma-separated share errors"),
+    ("cfg-analysis-out-foreign", "cfg-analysis --checkpoint {ws}/ck --out {ws}/mine --overwrite",
+     "not written by trdq_jax"),
     # demo
     ("demo-unknown-model", "demo --model nope --out {ws}/new", "unknown bundled model 'nope'"),
     ("demo-out-foreign", "demo --out {ws}/mine --overwrite", "not written by trdq_jax"),

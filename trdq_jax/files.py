@@ -52,6 +52,8 @@ KIND_NAMES = {
     "demo": "demo directory",
     "figure": "figure",
     "report": "report",
+    "cfg_plan": "CFG sharing plan",
+    "cfg_analysis": "CFG analysis directory",
 }
 
 

@@ -1,5 +1,5 @@
 """The ``trdq`` command: ``trdq {info,train,convert,sample,demo,eval,calibrate,quantize,
-plot-ranges} --help``.
+plot-ranges,cfg-analysis} --help``.
 
 This package only parses arguments, calls library functions, prints and maps failures to exit
 codes; nothing outside it imports it. Expected failures (bad arguments or files, refused
@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from trdq_jax.cli import evaluation, models, quantization, sampling
+from trdq_jax.cli import cfg, evaluation, models, quantization, sampling
 from trdq_jax.cli._common import Parser
 
 # Failures a user can cause and fix; ValueError covers ConfigError, OutputError, the integrity
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="trdq", description="TR-DQ diffusion quantization toolkit for JAX/Flax.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for family in (models, sampling, evaluation, quantization):
+    for family in (models, sampling, evaluation, quantization, cfg):
         family.register(sub)
     return parser
 

@@ -98,10 +98,14 @@ def _quantize(args) -> int:
         recipe = _recipe(args.recipe or "trdq", 8 if args.w_bits is None else args.w_bits,
                          8 if args.a_bits is None else args.a_bits, args.segments)
         _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe)
+    plan = None
+    if args.cfg_plan is not None:
+        from trdq_jax.sampling.cfg_plan import resolve_plan
+        plan = resolve_plan(args.cfg_plan, cfg.model, len(calib.segment_of_step)) or None
     t0 = time.perf_counter()
     qparams = quantize(params, calib, recipe, progress=True)
     summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
-    out = save_quantized(args.out, qparams, cfg, recipe, calib.segment_of_step,
+    out = save_quantized(args.out, qparams, cfg, recipe, calib.segment_of_step, cfg_plan=plan,
                          overwrite=args.overwrite, arg="--out")
     print_json({"out": str(out), **summary, "calibration_seconds": calib_seconds})
     return 0
@@ -179,6 +183,9 @@ def register(sub) -> None:
     add_source(p)
     _add_calibration_flags(p, None)
     p.add_argument("--out", required=True, help="quantized checkpoint directory to write")
+    p.add_argument("--cfg-plan", metavar="PLAN",
+                   help="CFG sharing plan stored with the checkpoint (trdq sample uses it): "
+                        "all | trdq_release | a plan .json")
     add_overwrite(p, "quantized checkpoint")
     add_debug(p)
     p.set_defaults(func=_quantize)

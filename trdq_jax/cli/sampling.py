@@ -27,22 +27,38 @@ def _sample(args) -> int:
         if args.backend != "xla":
             raise ValueError("--backend: only applies to --quantized checkpoints")
         model, params, cfg, source = float_model(args)
+    share = _share_cfg(args, cfg)
     labels = np.repeat(np.arange(cfg.model.num_classes), args.per_class)
     t0 = time.perf_counter()
     samples = generate(model, params, cfg, labels, seed=args.seed, cfg_scale=args.cfg_scale,
-                       share_cfg=args.share_cfg, progress=True, sampler=sampler,
-                       apply_fn=apply_fn)
+                       share_cfg=share, progress=True, sampler=sampler, apply_fn=apply_fn)
     seconds = time.perf_counter() - t0
     rows = grid_rows(samples, labels, cfg.model.num_classes)
     out = save_sample_dir(
         args.out, samples, labels, cfg=cfg, source=source, grid_rows=rows,
         row_labels=[f"class {c}" for c in range(len(rows))],
         title=f"{source} | {cfg.sampler.solver} {cfg.sampler.num_steps} steps",
-        info={"seed": args.seed, "share_cfg": args.share_cfg,
+        info={"seed": args.seed, "share_cfg": share if isinstance(share, bool) else share.name,
               "cfg_scale": cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale},
         overwrite=args.overwrite, arg="--out")
     print_json({"out": str(out), "num_samples": int(len(labels)), "seconds": round(seconds, 2)})
     return 0
+
+
+def _share_cfg(args, cfg):
+    """``share_cfg`` for ``sample``: --share-cfg, --cfg-plan (a preset or a plan file), or the
+    plan stored with a --quantized checkpoint; False without any of them."""
+    from trdq_jax.sampling.cfg_plan import resolve_plan
+    if args.cfg_plan is not None:
+        if args.share_cfg:
+            raise ValueError("--cfg-plan: give either --share-cfg (every layer, every step) or "
+                             "--cfg-plan")
+        return resolve_plan(args.cfg_plan, cfg.model, cfg.sampler.num_steps)
+    if args.quantized and not args.share_cfg:
+        from trdq_jax.quant.io import stored_cfg_plan
+        with blame("--quantized"):
+            return stored_cfg_plan(args.quantized) or False
+    return args.share_cfg
 
 
 def _demo(args) -> int:
@@ -80,7 +96,12 @@ def register(sub) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--cfg-scale", type=cfg_scale, default=None,
                    help="guidance scale in [0, 100] (default: the config's)")
-    p.add_argument("--share-cfg", action="store_true", help="CFG attention sharing")
+    p.add_argument("--share-cfg", action="store_true",
+                   help="CFG attention sharing in every attention at every step")
+    p.add_argument("--cfg-plan", metavar="PLAN",
+                   help="CFG sharing plan: none | all | trdq_release | a plan .json (trdq "
+                        "cfg-analysis writes some); default: the plan stored with --quantized, "
+                        "else none")
     add_debug(p)
     p.set_defaults(func=_sample)
 

@@ -168,3 +168,41 @@ def save_cfg_heatmap(path, analysis: dict, *, title: str, overwrite: bool = Fals
         kind="figure", overwrite=overwrite, arg="path")
     with Image.open(target) as image:
         return image.size
+
+
+ANALYSIS_FORMAT = "trdq_jax.cfg_analysis/1"
+ANALYSIS_FILE, HEATMAP_FILE, PLANS_DIR = "analysis.json", "heatmap.png", "plans"
+
+
+def save_cfg_analysis(path, analysis: dict, plans: dict, *, title: str, info: dict | None = None,
+                      overwrite: bool = False, arg: str = "path"):
+    """Write an analysis directory as one unit (``files.write_dir``, kind ``cfg_analysis``)::
+
+        DIR/analysis.json    the tables of ``analyze_cfg``
+        DIR/heatmap.png      ``save_cfg_heatmap``
+        DIR/plans/NAME.json  every plan of ``plans`` ({name: CFGPlan}), for --cfg-plan
+        DIR/metadata.json    format, kind, info, and per plan: shared cells, phases
+    """
+    import pathlib
+
+    from trdq_jax import files
+
+    for name in plans:
+        if not name or not all(c.isalnum() or c in "._-" for c in name):
+            raise ValueError(f"plans: plan names become file names, got {name!r}")
+    summary = {name: {"shared_cells": plan.shared_cells(),
+                      "cells": plan.num_steps * len(plan.layers),
+                      "uncond_full_steps": sum(m == "full" for m in plan.uncond),
+                      "phases": len(plan.phases())} for name, plan in plans.items()}
+    meta = {"format": ANALYSIS_FORMAT, "kind": "cfg_analysis", "model": analysis["model"],
+            "num_steps": analysis["num_steps"], "plans": summary, **(info or {})}
+
+    def write(tmp: pathlib.Path) -> None:
+        files.write_json(tmp / ANALYSIS_FILE, analysis)
+        save_cfg_heatmap(tmp / HEATMAP_FILE, analysis, title=title)
+        (tmp / PLANS_DIR).mkdir()
+        for name, plan in plans.items():
+            (tmp / PLANS_DIR / f"{name}.json").write_text(plan.dumps())
+        files.write_json(tmp / files.METADATA_FILE, meta)
+
+    return files.write_dir(path, write, kind="cfg_analysis", overwrite=overwrite, arg=arg)

@@ -51,10 +51,14 @@ def recipe_from_dict(d: dict) -> Recipe:
 
 
 def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segment_of_step,
-                   *, overwrite: bool = False, arg: str = "path") -> pathlib.Path:
+                   *, cfg_plan=None, overwrite: bool = False, arg: str = "path") -> pathlib.Path:
     """Write a quantized model: arrays via orbax, static layer fields/recipe/segments as JSON.
-    The model is checked first (``check_quantized``), so an inconsistent one is never written."""
+    The model is checked first (``check_quantized``), so an inconsistent one is never written.
+    ``cfg_plan``: an optional ``CFGPlan`` stored with it (``stored_cfg_plan`` restores it),
+    checked against the model and the sampler's step count."""
     check_quantized(qparams, recipe, segment_of_step, cfg, "qparams")
+    if cfg_plan is not None:
+        _check_plan(cfg_plan, cfg, len(np.asarray(segment_of_step)), "cfg_plan")
     layers = {p: {f: getattr(_layer(qparams, p), f) for f in _STATIC}
               for p in quantized_layer_paths(qparams)}
     tree = {"float": qparams["float"], "layers": {}}
@@ -66,6 +70,8 @@ def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segmen
         node[p.split("/")[-1]] = {f: getattr(q, f) for f in _ARRAYS if getattr(q, f) is not None}
     extra = {"recipe": dataclasses.asdict(recipe), "layers": layers,
              "segment_of_step": [int(v) for v in np.asarray(segment_of_step)]}
+    if cfg_plan is not None:
+        extra["cfg_plan"] = cfg_plan.to_json()
     return checkpoint.save(path, tree, cfg, kind="quantized", extra=extra, overwrite=overwrite,
                            arg=arg)
 
@@ -107,6 +113,32 @@ def load_quantized(path: str | os.PathLike, cfg=None):
         raise checkpoint.CheckpointError(f"{str(path)!r}: inconsistent quantized checkpoint: "
                                          f"{message}") from None
     return qparams, stored, recipe, table
+
+
+def _check_plan(plan, cfg, num_steps: int, where: str) -> None:
+    from trdq_jax.sampling.cfg_plan import CFGPlan, attention_layers, model_fingerprint
+    if not isinstance(plan, CFGPlan):
+        raise ValueError(f"{where}: expected a CFGPlan, got {type(plan).__name__}")
+    model_cfg = cfg.model if isinstance(cfg, ExperimentConfig) else cfg
+    plan.check(model=model_fingerprint(model_cfg), layers=attention_layers(model_cfg),
+               num_steps=num_steps)
+
+
+def stored_cfg_plan(path: str | os.PathLike):
+    """The ``CFGPlan`` saved with a quantized checkpoint (``save_quantized(cfg_plan=...)``),
+    or None; ``CheckpointError`` naming the field when it is malformed or does not fit."""
+    meta = checkpoint.read_metadata(path, kind="quantized")
+    data = meta.get("extra", {}).get("cfg_plan")
+    if data is None:
+        return None
+    from trdq_jax.sampling.cfg_plan import CFGPlan
+    try:
+        plan = CFGPlan.from_json(data)
+        _check_plan(plan, checkpoint.stored_config(meta), len(meta["extra"]["segment_of_step"]),
+                    "cfg_plan")
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"{str(path)!r}: stored {e}") from None
+    return plan
 
 
 def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", overrides=()):

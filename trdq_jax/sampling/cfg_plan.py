@@ -33,8 +33,8 @@ import numpy as np
 
 UNCOND_MODES = ("full", "cached", "none")
 PRESETS = ("none", "all", "trdq_release")
-PLAN_FORMAT = 1
-PLAN_KIND = "trdq-cfg-plan"
+PLAN_FORMAT = "trdq_jax.cfg_plan/1"
+PLAN_KIND = "cfg_plan"
 
 
 class Step(NamedTuple):
@@ -182,7 +182,7 @@ class CFGPlan:
         if data.get("kind") != PLAN_KIND:
             _fail("kind", repr(PLAN_KIND), data.get("kind"))
         if data.get("format") != PLAN_FORMAT:
-            _fail("format", str(PLAN_FORMAT), data.get("format"))
+            _fail("format", repr(PLAN_FORMAT), data.get("format"))
         layers, num_steps = data.get("layers"), data.get("num_steps")
         if not isinstance(layers, list):
             _fail("layers", "a list of attention module paths", layers)
@@ -213,6 +213,31 @@ def loads(text: str) -> CFGPlan:
     except json.JSONDecodeError as e:
         raise ValueError(f"cfg plan file: not valid JSON ({e})") from None
     return CFGPlan.from_json(data)
+
+
+def save_plan(path, plan: CFGPlan, *, overwrite: bool = False, arg: str = "path"):
+    """Write ``plan`` as JSON atomically (``files.write_file``, kind ``cfg_plan``; ``overwrite``
+    replaces only a plan file this project wrote). Returns the resolved path."""
+    import pathlib
+
+    from trdq_jax import files
+    if pathlib.Path(path).suffix.lower() != ".json":
+        raise ValueError(f"{arg}: expected a .json file, got {str(path)!r}")
+    return files.write_file(path, lambda tmp: pathlib.Path(tmp).write_text(plan.dumps()),
+                            kind=PLAN_KIND, overwrite=overwrite, arg=arg)
+
+
+def load_plan(path) -> CFGPlan:
+    """A plan from a JSON file; ValueError naming the path and the field."""
+    import pathlib
+    try:
+        text = pathlib.Path(path).expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cfg plan file: cannot read {str(path)!r} ({e})") from None
+    try:
+        return loads(text)
+    except ValueError as e:
+        raise ValueError(f"{str(path)!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- model side
@@ -263,6 +288,27 @@ def _attention_layers_cached(model_cfg):
 
 
 _LAYER_CACHE: dict[str, tuple[str, ...]] = {}
+
+
+def resolve_plan(spec, model_cfg, num_steps: int, arg: str = "--cfg-plan") -> CFGPlan | bool:
+    """``False`` for ``"none"``; a preset (``all``, ``trdq_release``) for ``model_cfg`` at
+    ``num_steps`` steps; else a plan file (``*.json``), checked against the model and the
+    step count. Errors name ``arg``."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"{arg}: expected a preset {PRESETS} or a plan .json file, got {spec!r}")
+    if spec == "none":
+        return False
+    if spec in PRESETS:
+        return preset_plan(spec, model_cfg, num_steps)
+    if not spec.lower().endswith(".json"):
+        raise ValueError(f"{arg}: expected a preset {PRESETS} or a plan .json file, got {spec!r}")
+    try:
+        plan = load_plan(spec)
+        plan.check(model=model_fingerprint(model_cfg), layers=attention_layers(model_cfg),
+                   num_steps=num_steps)
+    except ValueError as e:
+        raise ValueError(f"{arg}: {e}") from None
+    return plan
 
 
 # ----------------------------------------------------------------------------- constructors

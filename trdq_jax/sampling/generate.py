@@ -15,16 +15,16 @@ def null_label(model_cfg) -> int:
 
 def generate(model, params, cfg: ExperimentConfig, labels, *, seed: int = 0,
              cfg_scale: float | None = None, batch_size: int | None = None,
-             share_cfg: bool = False, progress: bool = False, sampler=None,
+             share_cfg=False, progress: bool = False, sampler=None,
              apply_fn=None, x_T=None) -> np.ndarray:
     """Sample ``len(labels)`` images/videos in batches; sample i depends only on ``(seed, i)``.
 
     ``apply_fn``: the denoiser (default ``denoise_fn_for(model)``; e.g. a
     ``trdq_jax.quant.QuantizedDenoiser`` with quantized ``params``); ``sampler`` defaults to
-    ``cfg.sampler``'s. ``x_T``: optional initial noise of all ``len(labels)`` samples, shape
-    ``(len(labels), ...spatial, C)``, sliced per batch (see ``sample``; the default is
-    ``initial_noise(seed, shape)``). Returns float32 ``[N, ...spatial, C]`` (the first
-    ``in_channels`` output channels).
+    ``cfg.sampler``'s. ``share_cfg``: a bool or a ``CFGPlan`` (see ``sample``). ``x_T``:
+    optional initial noise of all ``len(labels)`` samples, shape ``(len(labels), ...spatial,
+    C)``, sliced per batch (see ``sample``; the default is ``initial_noise(seed, shape)``).
+    Returns float32 ``[N, ...spatial, C]`` (the first ``in_channels`` output channels).
     """
     from trdq_jax.models import input_shape
     from trdq_jax.sampling import Sampler, denoise_fn_for, sample
