@@ -140,7 +140,7 @@ def bench_model(name: str, settings, per_class: int, reps: int, analysis_seed: i
                 "seconds": float(np.median(times[k])),
                 "flops_ratio": flops / base_flops,
                 "psnr": float("inf") if k == "unshared" else psnr(ref, out)[1],
-                "ssim": 1.0 if k == "unshared" else float(np.mean(ssim(ref, out))),
+                "ssim": 1.0 if k == "unshared" else float(ssim(ref, out)[1]),
                 "class_match": judged["class_match"], "fid": judged["digits_fid"],
                 "shared": ("-" if isinstance(v, bool) and not v else "all" if v is True
                            else f"{v.shared_cells()}/{v.num_steps * len(v.layers)}"),

@@ -188,7 +188,7 @@ def save_cfg_analysis(path, analysis: dict, plans: dict, *, title: str, info: di
     from trdq_jax import files
 
     for name in plans:
-        if not name or not all(c.isalnum() or c in "._-" for c in name):
+        if not name or not all(c.isalnum() or c in "._+-" for c in name):
             raise ValueError(f"plans: plan names become file names, got {name!r}")
     summary = {name: {"shared_cells": plan.shared_cells(),
                       "cells": plan.num_steps * len(plan.layers),

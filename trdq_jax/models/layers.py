@@ -159,9 +159,10 @@ def shared_cfg_attention(q_cond: jax.Array, k_cond: jax.Array, v: jax.Array) -> 
     logits = jnp.einsum("bqhd,bkhd->bhqk", q_cond, k_cond,
                         preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, H, Lq, Lk]
-    v_pair = v.reshape(2, half, *v.shape[1:])                # [2, B, Lk, H, Dh]
-    out = jnp.einsum("bhqk,sbkhd->sbqhd", probs, v_pair)
-    return out.reshape(v.shape[0], q_cond.shape[1], *v.shape[2:])
+    # one batched product for both halves: P_cond times [V_cond | V_uncond] along the head dim
+    out = jnp.einsum("bhqk,bkhe->bqhe", probs, jnp.concatenate([v[:half], v[half:]], axis=-1))
+    dh = v.shape[-1]
+    return jnp.concatenate([out[..., :dh], out[..., dh:]])
 
 
 class FusedQKV(nn.Dense):
