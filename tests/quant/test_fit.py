@@ -195,6 +195,28 @@ def test_alpha_search_is_brute_force_over_finished_layers(gptq_on):
     assert _trajectory_error(searched, rows, table, kernel) == pytest.approx(min(each), rel=1e-6)
 
 
+def test_rtn_alpha_search_picks_by_round_to_nearest_then_fits_gptq_once():
+    k, n = 24, 16
+    rows, table = _segment_rows(k, scales=(1.0, 3.0), seed=1)
+    kernel = np.random.default_rng(1).standard_t(3, size=(k, n)).astype(np.float32)
+    grid = (0.2, 0.5, 0.8)
+    base = Q.Recipe("r", w_bits=3, a_bits=4, smoothing=True, rotation="hadamard",
+                    num_segments=2, gptq=True, w_clip_search=True)
+    stats = _stats(rows, k)
+    fixed = [dataclasses.replace(base, alpha=a) for a in grid] + [
+        dataclasses.replace(base, smoothing=False)]  # the search's "no smoothing" candidate
+    err = lambda r: _trajectory_error(quantize_layer(kernel, None, stats, table, 2, r),  # noqa
+                                      rows, table, kernel)
+    rtn = [err(dataclasses.replace(r, gptq=False)) for r in fixed]
+    final = [err(r) for r in fixed]
+    # on these rows the two criteria disagree, so the test tells the modes apart
+    assert np.argmin(rtn) != np.argmin(final)
+    got = quantize_layer(kernel, None, stats, table, 2,
+                         dataclasses.replace(base, alpha_grid=grid, search_weights="rtn"))
+    assert _trajectory_error(got, rows, table, kernel) == pytest.approx(
+        final[int(np.argmin(rtn))], rel=1e-6)
+
+
 def test_searches_never_lose_to_the_recipe_without_them():
     k, n = 24, 16
     rows, table = _segment_rows(k, scales=(1.0, 3.0), seed=5)
