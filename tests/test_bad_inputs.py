@@ -288,6 +288,8 @@ CLI_CASES = [
      "--thresholds: expected comma-separated share errors"),
     ("cfg-analysis-out-foreign", "cfg-analysis --checkpoint {ws}/ck --out {ws}/mine --overwrite",
      "not written by trdq_jax"),
+    ("demo-plan-unknown", "demo --cfg-plan most --out {ws}/new",
+     "--cfg-plan: expected a preset ('none', 'all', 'trdq_release') or a plan .json file"),
     # demo
     ("demo-unknown-model", "demo --model nope --out {ws}/new", "unknown bundled model 'nope'"),
     ("demo-out-foreign", "demo --out {ws}/mine --overwrite", "not written by trdq_jax"),

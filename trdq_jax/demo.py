@@ -43,11 +43,13 @@ def _fallback_model():
 
 
 def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class: int = 30,
-             seed: int = 0, quant_per_class: int = 10, *, overwrite: bool = False,
-             arg: str = "out") -> dict:
+             seed: int = 0, quant_per_class: int = 10, *, cfg_plan: str = "none",
+             overwrite: bool = False, arg: str = "out") -> dict:
     """Run the demo and return the report dict; ``out`` (a directory of kind ``"demo"``) gets
     every file at once when all is computed.
 
+    ``cfg_plan``: CFG sharing for every sampling run of the demo, float and quantized alike
+    (``none``, a preset or a plan file; ``trdq_jax.sampling.cfg_plan.resolve_plan``).
     Labels are class-interleaved (0, 1, ..., 9, 0, 1, ...) so that the first
     ``quant_per_class * num_classes`` float samples share their noise with the quantized ones.
     """
@@ -71,16 +73,20 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
     if isinstance(cfg.model, ClassifierConfig):
         raise ValueError(f"model: {model_name!r} is a classifier; the demo samples a diffusion "
                          "model")
+    from trdq_jax.sampling.cfg_plan import resolve_plan
+    share = resolve_plan(cfg_plan, cfg.model, cfg.sampler.num_steps, arg="cfg_plan")
     num_classes = cfg.model.num_classes
     labels = np.tile(np.arange(num_classes), per_class)
     sampler = Sampler.from_config(cfg.sampler)
 
     # Timings: the first batch includes compilation; a second identical call is steady state.
     t0 = time.perf_counter()
-    generate(model, params, cfg, labels[:cfg.generation.batch_size], seed=seed, sampler=sampler)
+    generate(model, params, cfg, labels[:cfg.generation.batch_size], seed=seed, sampler=sampler,
+             share_cfg=share)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    samples = generate(model, params, cfg, labels, seed=seed, sampler=sampler, progress=True)
+    samples = generate(model, params, cfg, labels, seed=seed, sampler=sampler, progress=True,
+                       share_cfg=share)
     steady = time.perf_counter() - t0
 
     test_images, _ = heldout_data(cfg.model)  # digits test images, or moving-digits test videos
@@ -91,6 +97,7 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
                     "cfg_scale": cfg.sampler.cfg_scale},
         "num_samples": int(len(labels)),
         "seed": seed,
+        "cfg_plan": share.name if share else "none",
         "backend": jax.default_backend(),
         "timings_s": {"first_batch_incl_compile": round(first, 3),
                       "all_samples_steady": round(steady, 3),
@@ -104,7 +111,7 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
     n_q = min(quant_per_class, per_class) * num_classes
     report["quantized"], arrays, grid = quantized_comparison(
         model, params, cfg, labels[:n_q], samples[:n_q], seed,
-        test_images if has_classifier else None)
+        test_images if has_classifier else None, share_cfg=share)
     row_labels = [f"digit {c}" for c in range(num_classes)]
     body = {"format": FORMAT, "kind": "demo", "library_version": __version__, "model": source,
             "config": cfg.name, "seed": seed}
@@ -127,11 +134,13 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
     return report
 
 
-def quantized_comparison(model, params, cfg, labels, float_samples, seed, reference=None):
+def quantized_comparison(model, params, cfg, labels, float_samples, seed, reference=None, *,
+                         share_cfg=False):
     """Calibrate TR-DQ once, quantize W8A8 and W4A8, sample ``labels`` from ``seed`` (the noise
     of ``float_samples [N, H, W, C]``) and compare.
 
-    ``reference``: held-out images for class match / digits-FID (None: skipped).
+    ``reference``: held-out images for class match / digits-FID (None: skipped);
+    ``share_cfg``: the CFG sharing (bool or ``CFGPlan``) of the quantized sampling runs.
     Returns ``(section, arrays, grid)``: the report's ``quantized`` section, the
     ``samples_quantized.npz`` arrays (labels, float, w8a8, w4a8) and the comparison grid rows
     ``{setting: rows}``.
@@ -168,7 +177,8 @@ def quantized_comparison(model, params, cfg, labels, float_samples, seed, refere
         quant_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         qsamples = generate(model, qparams, cfg, labels, seed=seed, sampler=sampler,
-                            apply_fn=QuantizedDenoiser(model, "xla"), progress=True)
+                            apply_fn=QuantizedDenoiser(model, "xla"), progress=True,
+                            share_cfg=share_cfg)
         sample_seconds = time.perf_counter() - t0
         clipped = np.clip(qsamples, -1.0, 1.0)
         entry = quantize_summary(params, qparams, recipe, quant_seconds)

@@ -63,8 +63,9 @@ def _share_cfg(args, cfg):
 
 def _demo(args) -> int:
     from trdq_jax.demo import run_demo
-    report = run_demo(args.out, args.model, args.per_class, args.seed, args.quant_per_class,
-                      overwrite=args.overwrite, arg="--out")
+    with blame(None, cfg_plan="--cfg-plan"):
+        report = run_demo(args.out, args.model, args.per_class, args.seed, args.quant_per_class,
+                          cfg_plan=args.cfg_plan, overwrite=args.overwrite, arg="--out")
     print_json({k: report[k] for k in ("model", "num_samples", "timings_s")})
     for name, e in report["quantized"]["settings"].items():
         print_json({"setting": name, "psnr_db_vs_float": round(e["psnr_db_vs_float"], 2),
@@ -116,5 +117,8 @@ def register(sub) -> None:
     p.add_argument("--quant-per-class", type=positive_int, default=10,
                    help="samples per class of the float vs W8A8 vs W4A8 comparison "
                         "(at most --per-class)")
+    p.add_argument("--cfg-plan", default="none", metavar="PLAN",
+                   help="CFG sharing of every sampling run: none (default) | all | trdq_release "
+                        "| a plan .json")
     add_debug(p)
     p.set_defaults(func=_demo)
