@@ -253,3 +253,34 @@ def test_compiled_sampler_flops_drop_by_what_the_plan_skips(cfg):
     expected = (2 * sum(_expected_saving(cfg, p, 2) for p in shared_layers)
                 + forward.compile().cost_analysis()["flops"])
     assert abs((base - got) - expected) <= 0.05 * expected, (base - got, expected)
+
+
+def _synthetic_analysis(cfg, num_steps, seed=0):
+    layers = C.attention_layers(cfg)
+    err = np.random.default_rng(seed).uniform(0, 0.1, (num_steps, len(layers)))
+    return {"kind": "trdq-cfg-analysis", "model": C.model_fingerprint(cfg), "layers": list(layers),
+            "num_steps": num_steps, "share_error": err.tolist(), "seed": seed}, err
+
+
+def test_plans_from_an_analysis_follow_the_threshold_and_the_budget():
+    analysis, err = _synthetic_analysis(DIT, 10)
+    windows = np.array_split(np.arange(10), 3)
+    window_max = np.stack([err[w].max(axis=0) for w in windows])
+    plan = C.plan_from_analysis(analysis, DIT, threshold=0.06, max_phases=3)
+    table = np.asarray(plan.share)
+    for w, steps in enumerate(windows):  # a layer shares in a window iff its worst step there passes
+        assert (table[steps] == (window_max[w] <= 0.06)).all()
+    budget = C.plan_from_analysis(analysis, DIT, budget=0.5, max_phases=3)
+    chosen = np.asarray(budget.share)[[w[0] for w in windows]]
+    assert chosen.sum() == round(0.5 * window_max.size)
+    assert window_max[chosen].max() <= window_max[~chosen].min()  # lowest errors first
+    cached = C.plan_from_analysis(analysis, DIT, threshold=1.0, max_phases=3,
+                                  uncond=[{"mode": "cached", "steps": [5, 10]}])
+    assert cached.uncond == ("full",) * 5 + ("cached",) * 5 and not any(map(any, cached.share[5:]))
+    other = DiTConfig(**{**DIT.__dict__, "depth": 2})
+    with pytest.raises(ValueError, match="^analysis model: measured on DiTConfig:"):
+        C.plan_from_analysis(analysis, other, threshold=0.05)
+    with pytest.raises(ValueError, match="^plan_from_analysis: expected exactly one of"):
+        C.plan_from_analysis(analysis, DIT, threshold=0.05, budget=0.5)
+    with pytest.raises(ValueError, match=r"^budget: expected a fraction in \(0, 1\]"):
+        C.plan_from_analysis(analysis, DIT, budget=1.5)
