@@ -196,6 +196,11 @@ def test_a_shared_layer_gives_p_cond_v_uncond_and_the_others_plain_attention():
         np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-5)
         other = _numpy_attention(block, x_in, DIT.num_heads, not shared)
         assert np.abs(out - other).max() > 1e-3  # the two references differ: the test can fail
+    # a layer the plan leaves alone is plain attention of its input, bit for bit
+    x_in, out = mixed["blocks_2/attn"]
+    alone = Attention(DIT.hidden_size, DIT.num_heads).apply({"params": params["blocks_2"]["attn"]},
+                                                            jnp.asarray(x_in))
+    np.testing.assert_array_equal(out, np.asarray(alone))
     # the uncond half of the shared layer computes no queries or keys: only `value` runs there
     calls = []
 
