@@ -54,6 +54,7 @@ KIND_NAMES = {
     "report": "report",
     "cfg_plan": "CFG sharing plan",
     "cfg_analysis": "CFG analysis directory",
+    "generation": "generation directory",
 }
 
 

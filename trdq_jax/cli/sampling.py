@@ -76,6 +76,43 @@ def _demo(args) -> int:
     return 0
 
 
+def _labels_arg(text: str, num_samples: int):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"--labels: expected comma-separated class ints, got {text!r}")
+    return np.resize(np.asarray(values), num_samples)  # repeated in turn up to --num-samples
+
+
+def _generate(args) -> int:
+    from trdq_jax.files import resolve_target
+    from trdq_jax.sampling.offline import generate_to_dir
+    resolve_target(args.out, kind="generation", overwrite=True, is_dir=True, arg="--out")
+    sampler = apply_fn = None
+    if args.quantized:
+        from trdq_jax.quant.io import load_quantized_model
+        with blame("--quantized"):
+            model, params, cfg, source, sampler, apply_fn = load_quantized_model(
+                args.quantized, args.backend, args.set)
+    else:
+        if args.backend != "xla":
+            raise ValueError("--backend: only applies to --quantized checkpoints")
+        model, params, cfg, source = float_model(args)
+    share = _share_cfg(args, cfg)
+    labels = None if args.labels is None else _labels_arg(args.labels, args.num_samples)
+    with blame(None, labels="--labels", num_samples="--num-samples",
+               batch_per_device="--batch-per-device", out="--out"):
+        summary = generate_to_dir(args.out, model, params, cfg, num_samples=args.num_samples,
+                                  labels=labels, seed=args.seed, cfg_scale=args.cfg_scale,
+                                  batch_per_device=args.batch_per_device, apply_fn=apply_fn,
+                                  sampler=sampler, share_cfg=share, source=source,
+                                  progress=True, arg="--out")
+    print_json(summary)
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("sample", help="sample a bundled model or a checkpoint into a grid")
     src = p.add_mutually_exclusive_group()
@@ -105,6 +142,31 @@ def register(sub) -> None:
                         "else none")
     add_debug(p)
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("generate", help="many samples into a resumable directory, sharded over "
+                                        "the local devices (and processes)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="bundled diffusion model name (default digits-dit)")
+    src.add_argument("--checkpoint", help="a float trdq checkpoint directory")
+    src.add_argument("--quantized", metavar="QDIR", help="a quantized checkpoint directory")
+    p.add_argument("--backend", default="xla", choices=BACKENDS)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override sampler.*/generation.* fields")
+    p.add_argument("--num-samples", type=positive_int, required=True)
+    p.add_argument("--labels", default=None,
+                   help="comma-separated labels used in turn (default: every class in turn)")
+    p.add_argument("--batch-per-device", type=positive_int, default=None,
+                   help="samples per device per batch (default: generation.batch_size / devices)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--cfg-scale", type=cfg_scale, default=None)
+    p.add_argument("--share-cfg", action="store_true", help="CFG attention sharing everywhere")
+    p.add_argument("--cfg-plan", metavar="PLAN",
+                   help="CFG sharing plan (none | all | trdq_release | a plan .json); default: "
+                        "the plan stored with --quantized")
+    p.add_argument("--out", required=True,
+                   help="generation directory: created, or resumed when it holds this same run")
+    add_debug(p)
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="the main job: sample the bundled image DiT and report")
     p.add_argument("--out", required=True,

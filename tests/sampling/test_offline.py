@@ -1,0 +1,134 @@
+"""Offline generation: 1 vs 4 devices, kill and resume, refused runs, bad input."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_quant_cli import TINY, tiny_params
+from trdq_jax import checkpoint
+from trdq_jax.models import build_model
+from trdq_jax.sampling.generate import generate
+from trdq_jax.sampling.offline import finished_batches, generate_to_dir, load_generated
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import sys, numpy as np, jax
+import trdq_jax.quant as Q
+from tests.test_quant_cli import TINY, tiny_params
+from trdq_jax.models import build_model, input_shape
+from trdq_jax.sampling import Sampler
+from trdq_jax.sampling.offline import generate_to_dir
+out = sys.argv[1]
+model, params = build_model(TINY.model), tiny_params()
+recipe = Q.get_recipe("minmax", 8, 8)
+calib = Q.calibrate(model, params, recipe, Sampler.from_config(TINY.sampler),
+                    labels=np.arange(3), null_label=3, shape=input_shape(TINY.model, 3),
+                    rows_per_step=16)
+for name, p, fn in (("float", params, None),
+                    ("w8a8", Q.quantize(params, calib, recipe), Q.QuantizedDenoiser(model, "xla"))):
+    got = generate_to_dir(f"{out}/{name}", model, p, TINY, num_samples=10, seed=5,
+                          batch_per_device=2, apply_fn=fn, source="tiny")
+print(got["devices"])
+"""
+
+
+def _run_script(out, devices):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(devices)
+    return {name: load_generated(out / name) for name in ("float", "w8a8")}
+
+
+@pytest.mark.slow
+def test_four_devices_and_one_give_the_same_samples(tmp_path):
+    one, four = _run_script(tmp_path / "one", 1), _run_script(tmp_path / "four", 4)
+    for name in ("float", "w8a8"):
+        assert one[name][0].shape == (10, 8, 8, 1) and (one[name][1] == four[name][1]).all()
+        np.testing.assert_allclose(four[name][0], one[name][0], rtol=1e-4, atol=1e-4,
+                                   err_msg=name)
+    assert np.abs(one["float"][0] - one["w8a8"][0]).max() > 1e-4  # two different models
+    # and both equal plain batched sampling of the same labels and seed
+    want = generate(build_model(TINY.model), tiny_params(), TINY, np.arange(10) % 3, seed=5)
+    np.testing.assert_allclose(one["float"][0], want, rtol=1e-4, atol=1e-4)
+
+
+def _cli(args, crash=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("TRDQ_CRASH_AT", None)
+    if crash:
+        env["TRDQ_CRASH_AT"] = crash
+    return subprocess.run([sys.executable, "-m", "trdq_jax.cli", "generate", *args], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def _listing(out: pathlib.Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and not p.name.startswith("manifest")}
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_exactly_the_uninterrupted_output(tmp_path):
+    ck = tmp_path / "ck"
+    checkpoint.save(ck, tiny_params(), TINY)
+    args = ["--checkpoint", str(ck), "--num-samples", "7", "--batch-per-device", "2"]
+    assert _cli([*args, "--out", str(tmp_path / "whole")]).returncode == 0
+    out = tmp_path / "resumed"
+    for crash in ("generate-2-done", "generate-4-written"):
+        killed = _cli([*args, "--out", str(out)], crash)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(finished_batches(out)) == [0, 2]  # batch 4 was killed before its line
+    resumed = _cli([*args, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["generated"] == 3
+    assert _listing(out) == _listing(tmp_path / "whole")  # the same files, byte for byte
+    entries = [json.loads(line) for line in (out / "manifest-0.jsonl").read_text().splitlines()]
+    assert sorted(e["start"] for e in entries) == [0, 2, 4, 6]  # no batch twice
+    assert not [p for p in out.rglob(".*")]  # no temporary left behind
+
+
+def test_a_torn_manifest_line_is_redone_and_other_runs_are_refused(tmp_path):
+    model, params = build_model(TINY.model), tiny_params()
+    out = tmp_path / "g"
+    first = generate_to_dir(out, model, params, TINY, num_samples=4, batch_per_device=2,
+                            source="tiny")
+    assert first["generated"] == 4
+    manifest = out / "manifest-0.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text(lines[0] + "\n" + lines[1][:20])  # a kill in the middle of an append
+    again = generate_to_dir(out, model, params, TINY, num_samples=4, batch_per_device=2,
+                            source="tiny")
+    assert again["generated"] == 2 and again["skipped"] == 2
+    samples, labels = load_generated(out)
+    np.testing.assert_allclose(samples, generate(model, params, TINY, labels, seed=0),
+                               rtol=1e-4, atol=1e-4)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for change, field in ((dict(seed=1), "seed"), (dict(num_samples=5), "labels_sha256, num_samples"),
+                          (dict(labels=[2, 2, 2, 2]), "labels_sha256"),
+                          (dict(source="other"), "source")):
+        kw = {**dict(num_samples=4, batch_per_device=2, source="tiny"), **change}
+        with pytest.raises(ValueError, match=f"holds another run \\(differs in {field}\\)"):
+            generate_to_dir(out, model, params, TINY, **kw)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    for bad, message in ((dict(num_samples=0), "^num_samples: expected a positive int"),
+                         (dict(labels=[0, 1, 9, 0]), r"^labels: expected values in \[0, 3\]"),
+                         (dict(labels=[0, 1]), "^labels: expected 4 integer labels"),
+                         (dict(batch_per_device=0), "^batch_per_device: expected a positive")):
+        kw = dict(num_samples=4, batch_per_device=2, source="tiny")
+        kw.update(bad)
+        with pytest.raises(ValueError, match=message):
+            generate_to_dir(tmp_path / "new", model, params, TINY, **kw)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not written by trdq_jax"):
+        generate_to_dir(tmp_path / "mine", model, params, TINY, num_samples=4, source="tiny")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
