@@ -132,3 +132,41 @@ def test_a_torn_manifest_line_is_redone_and_other_runs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not written by trdq_jax"):
         generate_to_dir(tmp_path / "mine", model, params, TINY, num_samples=4, source="tiny")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+
+
+DIST_SCRIPT = """
+import sys, jax
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[3]}", num_processes=2,
+                           process_id=int(sys.argv[1]))
+from tests.test_quant_cli import TINY, tiny_params
+from trdq_jax.models import build_model
+from trdq_jax.sampling.offline import generate_to_dir
+print(generate_to_dir(sys.argv[2], build_model(TINY.model), tiny_params(), TINY, num_samples=10,
+                      seed=5, batch_per_device=2, source="tiny")["generated"])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_write_disjoint_halves_of_the_single_process_output(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "two"
+    procs = [subprocess.Popen([sys.executable, "-c", DIST_SCRIPT, str(p), str(out), str(port)],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for p in (0, 1)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    assert [int(r[0].strip().splitlines()[-1]) for r in results] == [6, 4]  # batches 0,2,4 / 1,3
+    starts = [sorted(json.loads(line)["start"] for line in
+                     (out / f"manifest-{p}.jsonl").read_text().splitlines()) for p in (0, 1)]
+    assert starts == [[0, 4, 8], [2, 6]]
+    samples, labels = load_generated(out)
+    model = build_model(TINY.model)
+    generate_to_dir(tmp_path / "one", model, tiny_params(), TINY, num_samples=10, seed=5,
+                    batch_per_device=2, source="tiny")
+    one, one_labels = load_generated(tmp_path / "one")
+    assert (labels == one_labels).all()
+    np.testing.assert_allclose(samples, one, rtol=1e-5, atol=1e-5)
