@@ -162,34 +162,54 @@ def _match(cm: dict) -> str:
     return f"{cm['accuracy']:.3f}"
 
 
-def to_markdown(results: list[dict], command: str) -> str:
+LEGEND = ("Speed-up: median wall time of unshared / plan, interleaved repetitions of the "
+          "compiled sampler (CPU: noisy; a run sharing the 2 cores with other jobs more so). "
+          "FLOPs: XLA cost analysis of each step's denoiser call, summed, relative to unshared. "
+          "PSNR / SSIM: against the unshared samples of the same setting from the same noise. "
+          "Shared: (layer, step) cells that share; uncond steps: steps where the uncond branch "
+          "runs. Plans are derived from the float model's analysis, also for the quantized "
+          "settings.")
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench_cfg_sharing:model:{name} -->", f"<!-- /bench_cfg_sharing:model:{name} -->"
+
+
+def model_block(res: dict, command: str) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [BEGIN, "## bench_cfg_sharing: CFG sharing plans vs unshared sampling", "",
-             f"Command: `{command}`  ",
-             f"Date: {now}; machine: {platform.machine()} CPU, 2 cores, jax {jax.__version__}. "
-             "Speed-up: median wall time of unshared / plan, interleaved repetitions of the "
-             "compiled sampler (CPU: noisy, +-10%). FLOPs: XLA cost analysis of each step's "
-             "denoiser call, summed, relative to unshared. PSNR / SSIM: against the unshared "
-             "samples of the same setting from the same noise. Shared: (layer, step) cells "
-             "that share; uncond steps: steps where the uncond branch runs.", ""]
-    for res in results:
-        lo, hi = res["share_error_range"]
-        lines += [f"### {res['model']}", "",
-                  f"{res['num_samples']} samples, {res['solver']} {res['steps']} steps, "
-                  f"{res['layers']} attention layers; analysis {res['analysis_s']:.1f} s, "
-                  f"sharing error {lo:.4f} .. {hi:.4f}.", "",
-                  "| setting | plan | speed-up | FLOPs x | PSNR dB | SSIM | class match | "
-                  "digits-FID | shared | uncond steps |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in res["rows"]:
-            db = "ref" if r["plan"] == "unshared" else f"{r['psnr']:.2f}"
-            lines.append(f"| {r['setting']} | {r['plan']} | {r['speedup']:.2f} | "
-                         f"{r['flops_ratio']:.3f} | {db} | {r['ssim']:.4f} | "
-                         f"{_match(r['class_match'])} | {r['fid']:.2f} | {r['shared']} | "
-                         f"{r['uncond_steps']} |")
-        lines.append("")
-    lines.append(END)
+    lo, hi = res["share_error_range"]
+    begin, end = _markers(res["model"])
+    lines = [begin, f"### {res['model']}", "", f"Command: `{command}`  ",
+             f"Date: {now}; machine: {platform.machine()} CPU, 2 cores, jax {jax.__version__}.  ",
+             f"{res['num_samples']} samples, {res['solver']} {res['steps']} steps, "
+             f"{res['layers']} attention layers; analysis {res['analysis_s']:.1f} s, "
+             f"sharing error {lo:.4f} .. {hi:.4f}.", "",
+             "| setting | plan | speed-up | FLOPs x | PSNR dB | SSIM | class match | "
+             "digits-FID | shared | uncond steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        db = "ref" if r["plan"] == "unshared" else f"{r['psnr']:.2f}"
+        lines.append(f"| {r['setting']} | {r['plan']} | {r['speedup']:.2f} | "
+                     f"{r['flops_ratio']:.3f} | {db} | {r['ssim']:.4f} | "
+                     f"{_match(r['class_match'])} | {r['fid']:.2f} | {r['shared']} | "
+                     f"{r['uncond_steps']} |")
+    lines.append(end)
     return "\n".join(lines)
+
+
+def to_markdown(blocks: dict[str, str], previous: str = "") -> str:
+    """The marked section: the legend, then one block per model (``MODELS`` order) from
+    ``blocks`` or else kept from the ``previous`` section's text."""
+    parts = [BEGIN, "## bench_cfg_sharing: CFG sharing plans vs unshared sampling", "", LEGEND,
+             ""]
+    for name in MODELS:
+        begin, end = _markers(name)
+        if name in blocks:
+            parts += [blocks[name], ""]
+        elif begin in previous and end in previous:
+            parts += [begin + previous.split(begin, 1)[1].split(end, 1)[0] + end, ""]
+    parts.append(END)
+    return "\n".join(parts)
 
 
 def main(argv=None) -> None:
@@ -217,10 +237,13 @@ def main(argv=None) -> None:
                for m in models]
     command = "PYTHONPATH=. python benchmarks/bench_cfg_sharing.py " + shlex.join(
         argv if argv is not None else sys.argv[1:])
-    section = to_markdown(results, command)
+    blocks = {res["model"]: model_block(res, command) for res in results}
+    path = pathlib.Path(args.write) if args.write else None
+    previous = path.read_text() if path is not None and path.exists() else ""
+    section = to_markdown(blocks, previous.split(BEGIN, 1)[1] if BEGIN in previous else "")
     print(section)
-    if args.write:
-        write_section(pathlib.Path(args.write), section, BEGIN, END)
+    if path is not None:
+        write_section(path, section, BEGIN, END)
 
 
 if __name__ == "__main__":
