@@ -157,8 +157,9 @@ def bench_model(name: str, settings, per_class: int, reps: int, analysis_seed: i
 
 
 def _match(cm: dict) -> str:
-    if "videos" in cm:
-        return f"frames {cm['frames']['accuracy']:.3f} / videos {cm['videos']['accuracy']:.3f}"
+    """Class match; videos: ``frames f / videos v`` (a video matches when all frames do)."""
+    if "frame_accuracy" in cm:
+        return f"frames {cm['frame_accuracy']:.3f} / videos {cm['video_accuracy']:.3f}"
     return f"{cm['accuracy']:.3f}"
 
 
