@@ -12,21 +12,25 @@ from trdq_jax.cli._common import (add_debug, add_overwrite, blame, cfg_scale, fl
 BACKENDS = ("xla", "fake", "pallas", "auto")  # trdq_jax.quant.BACKENDS, without importing quant
 
 
+def _denoiser(args):
+    """``(model, params, cfg, source, sampler, apply_fn)`` of ``--quantized`` (its stored
+    sampler and a ``QuantizedDenoiser``) or of ``--model`` / ``--checkpoint`` (None, None:
+    the config's sampler and the float model)."""
+    if args.quantized:
+        from trdq_jax.quant.io import load_quantized_model
+        with blame("--quantized"):
+            return load_quantized_model(args.quantized, args.backend, args.set)
+    if args.backend != "xla":
+        raise ValueError("--backend: only applies to --quantized checkpoints")
+    return (*float_model(args), None, None)
+
+
 def _sample(args) -> int:
     from trdq_jax.files import resolve_target
     from trdq_jax.sampling.generate import generate, grid_rows
     from trdq_jax.sampling.sample_dir import save_sample_dir
     resolve_target(args.out, kind="samples", overwrite=args.overwrite, is_dir=True, arg="--out")
-    sampler = apply_fn = None
-    if args.quantized:
-        from trdq_jax.quant.io import load_quantized_model
-        with blame("--quantized"):
-            model, params, cfg, source, sampler, apply_fn = load_quantized_model(
-                args.quantized, args.backend, args.set)
-    else:
-        if args.backend != "xla":
-            raise ValueError("--backend: only applies to --quantized checkpoints")
-        model, params, cfg, source = float_model(args)
+    model, params, cfg, source, sampler, apply_fn = _denoiser(args)
     share = _share_cfg(args, cfg)
     labels = np.repeat(np.arange(cfg.model.num_classes), args.per_class)
     t0 = time.perf_counter()
@@ -90,16 +94,7 @@ def _generate(args) -> int:
     from trdq_jax.files import resolve_target
     from trdq_jax.sampling.offline import generate_to_dir
     resolve_target(args.out, kind="generation", overwrite=True, is_dir=True, arg="--out")
-    sampler = apply_fn = None
-    if args.quantized:
-        from trdq_jax.quant.io import load_quantized_model
-        with blame("--quantized"):
-            model, params, cfg, source, sampler, apply_fn = load_quantized_model(
-                args.quantized, args.backend, args.set)
-    else:
-        if args.backend != "xla":
-            raise ValueError("--backend: only applies to --quantized checkpoints")
-        model, params, cfg, source = float_model(args)
+    model, params, cfg, source, sampler, apply_fn = _denoiser(args)
     share = _share_cfg(args, cfg)
     labels = None if args.labels is None else _labels_arg(args.labels, args.num_samples)
     with blame(None, labels="--labels", num_samples="--num-samples",
