@@ -36,6 +36,8 @@ def ws(tmp_path_factory):
     assert main(["quantize", "--calib", str(root / "calib"), "--out", str(root / "q")]) == 0
     assert main(["sample", "--checkpoint", str(ck), "--per-class", "1",
                  "--out", str(root / "samples")]) == 0
+    assert main(["generate", "--checkpoint", str(ck), "--num-samples", "2",
+                 "--out", str(root / "gen")]) == 0
     foreign = root / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
@@ -290,6 +292,38 @@ CLI_CASES = [
      "not written by trdq_jax"),
     ("demo-plan-unknown", "demo --cfg-plan most --out {ws}/new",
      "--cfg-plan: expected a preset ('none', 'all', 'trdq_release') or a plan .json file"),
+    # generate
+    ("generate-num-samples-0", "generate --checkpoint {ws}/ck --num-samples 0 --out {ws}/new",
+     "argument --num-samples: expected a positive int, got '0'"),
+    ("generate-labels-range", "generate --checkpoint {ws}/ck --num-samples 4 --labels 0,7 "
+     "--out {ws}/new", "--labels: expected values in [0, 3] (3 = unconditional), got [0, 7]"),
+    ("generate-labels-words", "generate --checkpoint {ws}/ck --num-samples 4 --labels a,b "
+     "--out {ws}/new", "--labels: expected comma-separated class ints, got 'a,b'"),
+    ("generate-out-file", "generate --checkpoint {ws}/ck --num-samples 4 --out {ws}/notes.txt",
+     "is a file, expected a directory for the generation directory"),
+    ("generate-out-below-file", "generate --checkpoint {ws}/ck --num-samples 4 "
+     "--out {ws}/notes.txt/g", "is a file, not a directory to write into"),
+    ("generate-out-foreign", "generate --checkpoint {ws}/ck --num-samples 4 --out {ws}/mine",
+     "not written by trdq_jax"),
+    ("generate-out-other-kind", "generate --checkpoint {ws}/ck --num-samples 4 "
+     "--out {ws}/samples", "is a trdq_jax sample directory, not a generation directory; refusing to touch it"),
+    ("generate-out-inside-output", "generate --checkpoint {ws}/ck --num-samples 4 "
+     "--out {ws}/gen/more", "outputs do not nest"),
+    ("generate-other-seed", "generate --checkpoint {ws}/ck --num-samples 2 --seed 3 "
+     "--out {ws}/gen", "holds another run (differs in seed); use a new directory"),
+    ("generate-other-weights", "generate --quantized {ws}/q --num-samples 2 --out {ws}/gen",
+     "holds another run (differs in "),
+    ("generate-model-parallel", "generate --checkpoint {ws}/ck --num-samples 4 "
+     "--model-parallel 3 --out {ws}/new",
+     "--model-parallel: expected a divisor of the 1 local devices, got 3"),
+    ("generate-two-batch-flags", "generate --checkpoint {ws}/ck --num-samples 4 "
+     "--batch-per-device 2 --batch-size 4 --out {ws}/new",
+     "argument --batch-size: not allowed with argument --batch-per-device"),
+    ("generate-plan-steps", "generate --checkpoint {ws}/ck --num-samples 4 "
+     "--share-plan {ws}/plan_steps.json --out {ws}/new",
+     "cfg plan num_steps: made for 5 sampling steps"),
+    ("generate-backend-float", "generate --checkpoint {ws}/ck --num-samples 4 --backend fake "
+     "--out {ws}/new", "--backend: only applies to --quantized"),
     # demo
     ("demo-unknown-model", "demo --model nope --out {ws}/new", "unknown bundled model 'nope'"),
     ("demo-out-foreign", "demo --out {ws}/mine --overwrite", "not written by trdq_jax"),

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tests.test_quant_cli import TINY, tiny_params
-from trdq_jax import checkpoint
+from tests.test_files import _mount_tmpfs, mounts, tree_hash  # noqa: F401 (a fixture)
+from trdq_jax import checkpoint, files
 from trdq_jax.models import build_model
 from trdq_jax.sampling.generate import generate
 from trdq_jax.sampling.offline import finished_batches, generate_to_dir, load_generated
@@ -17,47 +18,60 @@ from trdq_jax.sampling.offline import finished_batches, generate_to_dir, load_ge
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 SCRIPT = """
-import sys, numpy as np, jax
-import trdq_jax.quant as Q
+import sys, numpy as np, jax, pytest
+from tests.sampling.test_offline import quantized_tiny
 from tests.test_quant_cli import TINY, tiny_params
-from trdq_jax.models import build_model, input_shape
-from trdq_jax.sampling import Sampler
+from trdq_jax.models import build_model
 from trdq_jax.sampling.offline import generate_to_dir
-out = sys.argv[1]
-model, params = build_model(TINY.model), tiny_params()
-recipe = Q.get_recipe("minmax", 8, 8)
-calib = Q.calibrate(model, params, recipe, Sampler.from_config(TINY.sampler),
-                    labels=np.arange(3), null_label=3, shape=input_shape(TINY.model, 3),
-                    rows_per_step=16)
-for name, p, fn in (("float", params, None),
-                    ("w8a8", Q.quantize(params, calib, recipe), Q.QuantizedDenoiser(model, "xla"))):
-    got = generate_to_dir(f"{out}/{name}", model, p, TINY, num_samples=10, seed=5,
-                          batch_per_device=2, apply_fn=fn, source="tiny")
-print(got["devices"])
+out, model = sys.argv[1], build_model(TINY.model)
+kw = dict(num_samples=10, seed=5, source="tiny")
+generate_to_dir(f"{out}/float", model, tiny_params(), TINY, batch_per_device=2, **kw)
+got = generate_to_dir(f"{out}/float_model2", model, tiny_params(), TINY, batch_size=4,
+                      model_parallel=2, **kw)
+assert got["mesh"] == {"data": 2, "model": 2}, got
+qparams, fn = quantized_tiny(model)
+generate_to_dir(f"{out}/w8a8", model, qparams, TINY, batch_per_device=2, apply_fn=fn, **kw)
+with pytest.raises(ValueError, match="batch_size: expected a multiple of the data axis size 4"):
+    generate_to_dir(f"{out}/bad", model, tiny_params(), TINY, batch_size=6, **kw)
+print(len(jax.devices()))
 """
 
 
-def _run_script(out, devices):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    out.mkdir()
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env,
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == str(devices)
-    return {name: load_generated(out / name) for name in ("float", "w8a8")}
+def quantized_tiny(model):
+    """The tiny DiT at W8A8 (minmax) and its denoiser: the same in every process."""
+    import trdq_jax.quant as Q
+    from trdq_jax.models import input_shape
+    from trdq_jax.sampling import Sampler
+    recipe = Q.get_recipe("minmax", 8, 8)
+    calib = Q.calibrate(model, tiny_params(), recipe, Sampler.from_config(TINY.sampler),
+                        labels=np.arange(3), null_label=3, shape=input_shape(TINY.model, 3),
+                        rows_per_step=16)
+    return Q.quantize(tiny_params(), calib, recipe), Q.QuantizedDenoiser(model, "xla")
 
 
 @pytest.mark.slow
 def test_four_devices_and_one_give_the_same_samples(tmp_path):
-    one, four = _run_script(tmp_path / "one", 1), _run_script(tmp_path / "four", 4)
-    for name in ("float", "w8a8"):
-        assert one[name][0].shape == (10, 8, 8, 1) and (one[name][1] == four[name][1]).all()
-        np.testing.assert_allclose(four[name][0], one[name][0], rtol=1e-4, atol=1e-4,
-                                   err_msg=name)
+    """4 emulated devices (data 4, and data 2 x model 2) in a subprocess vs this process's one
+    device, for the float and a W8A8 model."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "four")], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "4"
+    model = build_model(TINY.model)
+    qparams, fn = quantized_tiny(model)
+    kw = dict(num_samples=10, seed=5, batch_per_device=2, source="tiny")
+    generate_to_dir(tmp_path / "one" / "float", model, tiny_params(), TINY, **kw)
+    generate_to_dir(tmp_path / "one" / "w8a8", model, qparams, TINY, apply_fn=fn, **kw)
+    one = {n: load_generated(tmp_path / "one" / n) for n in ("float", "w8a8")}
+    for name, ref in (("float", "float"), ("float_model2", "float"), ("w8a8", "w8a8")):
+        samples, labels = load_generated(tmp_path / "four" / name)
+        assert samples.shape == (10, 8, 8, 1) and (labels == one[ref][1]).all()
+        np.testing.assert_allclose(samples, one[ref][0], rtol=1e-4, atol=1e-4, err_msg=name)
     assert np.abs(one["float"][0] - one["w8a8"][0]).max() > 1e-4  # two different models
     # and both equal plain batched sampling of the same labels and seed
-    want = generate(build_model(TINY.model), tiny_params(), TINY, np.arange(10) % 3, seed=5)
+    want = generate(model, tiny_params(), TINY, np.arange(10) % 3, seed=5)
     np.testing.assert_allclose(one["float"][0], want, rtol=1e-4, atol=1e-4)
 
 
@@ -132,6 +146,39 @@ def test_a_torn_manifest_line_is_redone_and_other_runs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not written by trdq_jax"):
         generate_to_dir(tmp_path / "mine", model, params, TINY, num_samples=4, source="tiny")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_full_disk_stops_the_run_resumably(tmp_path, mounts):
+    """A real full disk (a 40 KiB tmpfs): the run stops naming the file, keeps what finished,
+    refuses a read-only remount before any work, and resumes to the uninterrupted output."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "size=40k")
+    mounts.append(disk)
+    model, params = build_model(TINY.model), tiny_params()
+    kw = dict(num_samples=8, batch_per_device=1, seed=2, source="tiny")
+    with pytest.raises(OSError, match=r"^out: cannot write '.*/g/(shards|images|manifest)[^']*':"
+                                      r" No space left on device; the batches finished so far "
+                                      "are kept"):
+        generate_to_dir(disk / "g", model, params, TINY, **kw)
+    kept = sorted(finished_batches(disk / "g"))
+    assert 0 < len(kept) < 8 and not list((disk / "g").rglob(".*"))  # no temporary left
+    before = tree_hash(disk)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    with pytest.raises(files.OutputError, match="is not writable"):
+        generate_to_dir(disk / "g", model, params, TINY, **kw)
+    subprocess.run(["mount", "-o", "remount,rw,size=1m", str(disk)], check=True)
+    assert tree_hash(disk) == before
+    resumed = generate_to_dir(disk / "g", model, params, TINY, **kw)
+    assert resumed["generated"] == 8 - len(kept) and resumed["skipped"] == len(kept)
+    generate_to_dir(tmp_path / "whole", model, params, TINY, **kw)
+    assert _listing(disk / "g") == _listing(tmp_path / "whole")
+    entries = [json.loads(line) for line in (disk / "g" / "manifest-0.jsonl").read_text()
+               .splitlines() if line.endswith("}")]
+    assert sorted(e["start"] for e in entries) == list(range(8))
+    assert [s["index"] for e in entries for s in e["samples"]] == sorted(
+        s["index"] for e in entries for s in e["samples"])
+    assert {(s["label"], s["seed"], s["file"]) for e in entries for s in e["samples"]} == {
+        (i % 3, 2, f"images/{i:08d}.png") for i in range(8)}
 
 
 DIST_SCRIPT = """

@@ -91,17 +91,19 @@ def _labels_arg(text: str, num_samples: int):
 
 
 def _generate(args) -> int:
-    from trdq_jax.files import resolve_target
-    from trdq_jax.sampling.offline import generate_to_dir
-    resolve_target(args.out, kind="generation", overwrite=True, is_dir=True, arg="--out")
+    from trdq_jax.sampling.offline import check_out, generate_to_dir
+    check_out(args.out, arg="--out")  # before the model loads
     model, params, cfg, source, sampler, apply_fn = _denoiser(args)
     share = _share_cfg(args, cfg)
     labels = None if args.labels is None else _labels_arg(args.labels, args.num_samples)
     with blame(None, labels="--labels", num_samples="--num-samples",
-               batch_per_device="--batch-per-device", out="--out"):
+               batch_per_device="--batch-per-device", batch_size="--batch-size",
+               model_parallel="--model-parallel", out="--out"):
         summary = generate_to_dir(args.out, model, params, cfg, num_samples=args.num_samples,
                                   labels=labels, seed=args.seed, cfg_scale=args.cfg_scale,
-                                  batch_per_device=args.batch_per_device, apply_fn=apply_fn,
+                                  batch_per_device=args.batch_per_device,
+                                  batch_size=args.batch_size,
+                                  model_parallel=args.model_parallel, apply_fn=apply_fn,
                                   sampler=sampler, share_cfg=share, source=source,
                                   progress=True, arg="--out")
     print_json(summary)
@@ -150,14 +152,21 @@ def register(sub) -> None:
     p.add_argument("--num-samples", type=positive_int, required=True)
     p.add_argument("--labels", default=None,
                    help="comma-separated labels used in turn (default: every class in turn)")
-    p.add_argument("--batch-per-device", type=positive_int, default=None,
-                   help="samples per device per batch (default: generation.batch_size / devices)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-per-device", type=positive_int, default=None,
+                       help="samples per data-axis device per batch (default: "
+                            "generation.batch_size / devices)")
+    batch.add_argument("--batch-size", type=positive_int, default=None,
+                       help="samples per batch of this process (a multiple of the data axis)")
+    p.add_argument("--model-parallel", type=positive_int, default=1, metavar="M",
+                   help="size of the mesh's model axis: parameters are split over M devices "
+                        "(a divisor of the local device count; default 1, data parallel only)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--cfg-scale", type=cfg_scale, default=None)
     p.add_argument("--share-cfg", action="store_true", help="CFG attention sharing everywhere")
-    p.add_argument("--cfg-plan", metavar="PLAN",
-                   help="CFG sharing plan (none | all | trdq_release | a plan .json); default: "
-                        "the plan stored with --quantized")
+    p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", metavar="PLAN",
+                   help="CFG sharing plan (none | all | trdq_release | a plan .json from trdq "
+                        "cfg-analysis); default: the plan stored with --quantized")
     p.add_argument("--out", required=True,
                    help="generation directory: created, or resumed when it holds this same run")
     add_debug(p)

@@ -1,9 +1,11 @@
 """Large-batch offline generation into a resumable directory, sharded over the local devices.
 
 ``generate_to_dir(out, model, params, cfg, num_samples=N, ...)`` draws samples ``0 .. N-1`` in
-batches of ``batch_per_device x local devices``. Each batch is sharded over a one-axis
-``jax.sharding.Mesh`` of this process's devices (axis ``"data"``; the parameters are replicated)
-and sampled by the same jitted scan as ``sample``: sample ``i`` depends only on
+batches of ``batch_per_device x data-axis size`` (or ``batch_size``). Each batch is sharded over
+a ``jax.sharding.Mesh`` of this process's devices with axes ``("data", "model")``: the batch
+along ``"data"``, each parameter's widest dimension divisible by the ``"model"`` size along
+``"model"`` (``model_parallel=1``, the default, replicates the parameters), and sampled by the
+same jitted scan as ``sample``: sample ``i`` depends only on
 ``(seed, i, label_i)``, not on the device count, the batch size or the process count. With
 several processes (``jax.distributed.initialize()`` beforehand) process ``p`` of ``P`` takes
 the batches ``b`` with ``b % P == p`` and writes only those.
@@ -12,17 +14,21 @@ Layout of ``out`` (kind ``generation``)::
 
     metadata.json            format, kind, the run's fingerprint (source, config, seed, labels,
                              number of samples, guidance scale, CFG plan)
-    shards/00000000.npz      per batch: "samples" float32 [n, ...], "labels", "indices"
+    shards/00000000.npz      per batch: "samples" float32 [n, ...] (videos [n, F, H, W, C]),
+                             "labels" int32 [n], "indices" int64 [n]
     images/00000000.png      per image sample (uint8, [-1, 1] mapped to 0..255); not for videos
-    manifest-P.jsonl         per process: one line per finished batch
-                             {"start", "stop", "labels", "files"}, appended only after every
-                             file of the batch is complete on disk
+    manifest-P.jsonl         per process: one line per finished batch, appended only after every
+                             file of the batch is complete on disk:
+                             {"start", "stop", "shard", "samples": [{"index", "label", "seed",
+                             "file"}, ...]} ("file": the PNG, or the shard for a video)
 
 Every file is written to a temporary name and renamed into place; a batch counts as done only
 once its manifest line is there (a torn last line is ignored). Re-running the same call after a
 crash or a kill therefore redoes only unfinished batches and ends with exactly the files of an
 uninterrupted run. A directory made by a different run (another model, seed, label list...)
-is refused, naming what differs; nothing in it is touched.
+is refused, naming what differs; nothing in it is touched. A failed write (a full disk, a file
+system gone read-only) stops the run with an ``OSError`` naming the file; what was finished
+stays, and the same call resumes once the disk has room.
 """
 from __future__ import annotations
 
@@ -74,6 +80,19 @@ def fingerprint(cfg, source: str, num_samples: int, labels: np.ndarray, seed: in
             "labels_sha256": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()}
 
 
+def check_out(out, arg: str = "out") -> pathlib.Path:
+    """``out`` resolved, when it may become (or already is) a generation directory; else an
+    ``OutputError`` naming ``arg`` (a file, a foreign directory, another output, an unwritable
+    place...)."""
+    path = pathlib.Path(out).expanduser() if isinstance(out, (str, os.PathLike)) else out
+    found = files.dir_kind(path) if isinstance(path, pathlib.Path) and path.is_dir() else None
+    if found not in (None, KIND):
+        raise files.OutputError(f"{arg}: {str(path)!r} is {files.describe(found)}, not a "
+                                "generation directory; refusing to touch it: choose a new "
+                                "directory")
+    return files.resolve_target(out, kind=KIND, overwrite=True, is_dir=True, arg=arg)
+
+
 def _open_dir(out, run: dict, arg: str) -> pathlib.Path:
     """The output directory for ``run``: created (metadata only) or checked to be this run's."""
     target = pathlib.Path(out).expanduser().resolve()
@@ -102,6 +121,10 @@ def _open_dir(out, run: dict, arg: str) -> pathlib.Path:
     return target
 
 
+def _entry_files(entry: dict) -> set[str]:
+    return {entry["shard"], *(s["file"] for s in entry["samples"])}
+
+
 def finished_batches(out: pathlib.Path) -> dict[int, dict]:
     """``{start: manifest entry}`` of every batch whose manifest line is complete and whose
     files exist (a torn last line, from a kill mid-append, is ignored)."""
@@ -110,10 +133,12 @@ def finished_batches(out: pathlib.Path) -> dict[int, dict]:
         for line in manifest.read_text().splitlines():
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the torn tail of a killed append
-            if all((out / f).is_file() for f in entry.get("files", [])):
-                done[int(entry["start"])] = entry
+                complete = all((out / f).is_file() for f in _entry_files(entry))
+                start = int(entry["start"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # the torn tail of a killed append (or an edited line): redone
+            if complete:
+                done[start] = entry
     return done
 
 
@@ -124,33 +149,39 @@ def _atomic(path: pathlib.Path, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # named for the file it was meant to be, not the temporary
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
 def _write_batch(out: pathlib.Path, start: int, samples: np.ndarray, labels: np.ndarray,
-                 images: bool) -> list[str]:
+                 seed: int, images: bool) -> dict:
+    """Write one batch's shard (and PNGs); returns its manifest entry."""
     from PIL import Image
 
     from trdq_jax.viz import to_uint8
-    names = [f"{SHARDS}/{start:08d}.npz"]
-    indices = np.arange(start, start + len(samples))
+    shard = f"{SHARDS}/{start:08d}.npz"
+    indices = np.arange(start, start + len(samples), dtype=np.int64)
+
     def save_npz(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, samples=samples, labels=labels, indices=indices)
 
-    _atomic(out / names[0], save_npz)
+    _atomic(out / shard, save_npz)
+    names = [shard] * len(samples)
     if images:
         pixels = to_uint8(samples)
-        for i, img in zip(indices, pixels):
-            name = f"{IMAGES}/{i:08d}.png"
+        for k, (i, img) in enumerate(zip(indices, pixels)):
+            names[k] = f"{IMAGES}/{i:08d}.png"
             mode = "L" if img.shape[-1] == 1 else "RGB"
             data = img[..., 0] if img.shape[-1] == 1 else img
-            _atomic(out / name, lambda tmp, d=data, m=mode: Image.fromarray(d, m).save(
+            _atomic(out / names[k], lambda tmp, d=data, m=mode: Image.fromarray(d, m).save(
                 tmp, format="PNG"))
-            names.append(name)
-    return names
+    return {"start": start, "stop": start + len(samples), "shard": shard,
+            "samples": [{"index": int(i), "label": int(l), "seed": int(seed), "file": f}
+                        for i, l, f in zip(indices, labels, names)]}
 
 
 def _append(manifest: pathlib.Path, entry: dict) -> None:
@@ -161,23 +192,77 @@ def _append(manifest: pathlib.Path, entry: dict) -> None:
         with open(manifest, "rb") as f:
             f.seek(-1, os.SEEK_END)
             torn = f.read(1) != b"\n"
-    with open(manifest, "a") as f:
-        f.write(("\n" if torn else "") + json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(manifest, "a") as f:
+            f.write(("\n" if torn else "") + json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a partly written line is a torn tail: ignored, the batch redone
+        raise OSError(e.errno, e.strerror or str(e), str(manifest)) from e
+
+
+def _check_positive(value, arg: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+
+
+def make_mesh(model_parallel: int = 1, devices=None):
+    """A ``Mesh`` of ``devices`` (default: this process's) with axes ``("data", "model")`` of
+    sizes ``(len(devices) // model_parallel, model_parallel)``, both ``AxisType.Auto`` (XLA
+    places the collectives)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    _check_positive(model_parallel, "model_parallel")
+    if len(devices) % model_parallel:
+        raise ValueError(f"model_parallel: expected a divisor of the {len(devices)} local "
+                         f"devices, got {model_parallel}")
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh((len(devices) // model_parallel, model_parallel), ("data", "model"),
+                         devices=devices, axis_types=(auto, auto))
+
+
+def param_sharding(mesh, params):
+    """Per leaf of ``params``: its widest dimension that the ``"model"`` axis divides is split
+    along ``"model"``; scalars, vectors too small to split and a model axis of 1 replicate."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    size = mesh.shape["model"]
+
+    def rule(leaf):
+        shape = np.shape(leaf)
+        dims = [d for d in range(len(shape)) if size > 1 and shape[d] % size == 0
+                and shape[d] >= 2 * size]
+        if not dims:
+            return NamedSharding(mesh, PartitionSpec())
+        widest = max(dims, key=lambda d: shape[d])
+        spec = [None] * len(shape)
+        spec[widest] = "model"
+        return NamedSharding(mesh, PartitionSpec(*spec))
+    return jax.tree.map(rule, params)
+
+
+def _stopped_by(e: OSError, path: pathlib.Path, arg: str) -> OSError:
+    message = (f"{arg}: cannot write {str(path)!r}: {e.strerror or e}; the batches finished so "
+               "far are kept and the same command resumes from them once the directory is "
+               "writable again")
+    stopped = OSError(message)  # str() is the message alone, so the CLI can rename ``arg``
+    stopped.errno = e.errno
+    return stopped
 
 
 def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, seed: int = 0,
-                    batch_per_device: int | None = None, cfg_scale: float | None = None,
-                    apply_fn=None, sampler=None, share_cfg=False, source: str = "",
-                    progress: bool = False, arg: str = "out") -> dict:
+                    batch_per_device: int | None = None, batch_size: int | None = None,
+                    model_parallel: int = 1, cfg_scale: float | None = None, apply_fn=None,
+                    sampler=None, share_cfg=False, source: str = "", progress: bool = False,
+                    arg: str = "out") -> dict:
     """Generate ``num_samples`` samples into ``out`` (see the module docstring); resumable.
 
-    labels: ints ``[num_samples]`` (default ``i % num_classes``); ``apply_fn`` / ``sampler``:
-    as in ``generate`` (a quantized denoiser and its segment-table sampler); ``share_cfg``: a
-    bool or a ``CFGPlan``; ``source``: how the weights are named in the fingerprint.
-    Returns ``{"out", "num_samples", "generated", "skipped", "seconds", "samples_per_s",
-    "devices", "processes"}`` for this process.
+    labels: ints ``[num_samples]`` (default ``i % num_classes``); batch_per_device: samples per
+    data-axis device per batch, or batch_size: samples per batch of this process (a multiple of
+    the data-axis size); default ``generation.batch_size`` spread over the devices;
+    model_parallel: the ``"model"`` axis size (parameters split over it, for models that do not
+    fit one device); ``apply_fn`` / ``sampler``: as in ``generate`` (a quantized denoiser and
+    its segment-table sampler); ``share_cfg``: a bool or a ``CFGPlan``; ``source``: how the
+    weights are named in the fingerprint. Returns ``{"out", "num_samples", "generated",
+    "skipped", "seconds", "samples_per_s", "devices", "mesh", "processes"}`` for this process.
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -186,71 +271,81 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
     from trdq_jax.sampling.generate import null_label
     from trdq_jax.sampling.scan_sampler import initial_noise
 
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
-            or num_samples < 1:
-        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+    _check_positive(num_samples, "num_samples")
     null = null_label(cfg.model)
     labels = _check_labels(default_labels(num_samples, cfg.model.num_classes)
                            if labels is None else labels, num_samples, null)
-    devices = jax.local_devices()
-    if batch_per_device is None:
-        batch_per_device = max(1, cfg.generation.batch_size // len(devices))
-    if isinstance(batch_per_device, bool) or not isinstance(batch_per_device, (int, np.integer)) \
-            or batch_per_device < 1:
-        raise ValueError(f"batch_per_device: expected a positive int, got {batch_per_device!r}")
+    mesh = make_mesh(model_parallel)
+    data_size = mesh.shape["data"]
+    if batch_per_device is not None and batch_size is not None:
+        raise ValueError("batch_size: give batch_per_device or batch_size, not both")
+    if batch_size is not None:
+        _check_positive(batch_size, "batch_size")
+        if batch_size % data_size:
+            raise ValueError(f"batch_size: expected a multiple of the data axis size "
+                             f"{data_size} (the batch is split evenly over its devices), got "
+                             f"{batch_size}")
+        batch = batch_size
+    else:
+        if batch_per_device is None:
+            batch_per_device = max(1, cfg.generation.batch_size // data_size)
+        _check_positive(batch_per_device, "batch_per_device")
+        batch = batch_per_device * data_size
     sampler = sampler or Sampler.from_config(cfg.sampler)
     cfg_scale = cfg.sampler.cfg_scale if cfg_scale is None else float(cfg_scale)
-    files.resolve_target(out, kind=KIND, overwrite=True, is_dir=True, arg=arg)
+    check_out(out, arg)
     run = fingerprint(cfg, source, num_samples, labels, seed, cfg_scale, share_cfg)
     target = _open_dir(out, run, arg)
     process, processes = jax.process_index(), jax.process_count()
-    batch = batch_per_device * len(devices)
     starts = [s for b, s in enumerate(range(0, num_samples, batch)) if b % processes == process]
     done = finished_batches(target)
     todo = [s for s in starts if s not in done]
-    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh,
-                                                                                 PartitionSpec())
-    params = jax.device_put(params, replicated)
+    data = NamedSharding(mesh, PartitionSpec("data"))
+    params = jax.device_put(params, param_sharding(mesh, params))
     apply_fn = apply_fn or denoise_fn_for(model)
     images = len(input_shape(cfg.model)) == 4
     manifest = target / _manifest_name(process)
+    size = lambda s: min(batch, num_samples - s)  # noqa: E731
+    skipped = sum(size(s) for s in starts if s in done)
     bar = None
     if progress and process == 0:
         from tqdm import tqdm
-        bar = tqdm(total=sum(min(batch, num_samples - s) for s in starts), unit="sample",
-                   desc="generate", initial=sum(min(batch, num_samples - s)
-                                                for s in starts if s in done))
+        bar = tqdm(total=sum(size(s) for s in starts), unit="sample", desc="generate",
+                   initial=skipped, dynamic_ncols=True)
     t0 = time.perf_counter()
     generated = 0
-    for start in todo:
-        n = min(batch, num_samples - start)
-        padded = -(-n // len(devices)) * len(devices)  # the last batch, padded to the mesh
-        chunk = np.concatenate([labels[start:start + n], np.full(padded - n, labels[0],
-                                                                 np.int32)])
-        shape = input_shape(cfg.model, padded)
-        x_T = jax.device_put(initial_noise(seed, shape, start), data)
-        x = sample(apply_fn, params, sampler, chunk, seed=seed, cfg_scale=cfg_scale,
-                   null_label=null, shape=shape, share_cfg=share_cfg, sample_offset=start,
-                   x_T=x_T)
-        samples = np.asarray(jax.device_get(x))[:n]
-        names = _write_batch(target, start, samples, labels[start:start + n], images)
-        files.crash_point(f"generate-{start}-written")
-        _append(manifest, {"start": start, "stop": start + n,
-                           "labels": labels[start:start + n].tolist(), "files": names})
-        files.crash_point(f"generate-{start}-done")
-        generated += n
+    try:
+        for start in todo:
+            n = size(start)
+            padded = -(-n // data_size) * data_size  # the last batch, padded to the data axis
+            chunk = np.concatenate([labels[start:start + n],
+                                    np.full(padded - n, labels[0], np.int32)])
+            shape = input_shape(cfg.model, padded)
+            x_T = jax.device_put(initial_noise(seed, shape, start), data)
+            x = sample(apply_fn, params, sampler, chunk, seed=seed, cfg_scale=cfg_scale,
+                       null_label=null, shape=shape, share_cfg=share_cfg, sample_offset=start,
+                       x_T=x_T)
+            samples = np.asarray(jax.device_get(x))[:n]
+            try:
+                entry = _write_batch(target, start, samples, labels[start:start + n], seed,
+                                     images)
+                files.crash_point(f"generate-{start}-written")
+                _append(manifest, entry)
+            except OSError as e:
+                raise _stopped_by(e, pathlib.Path(e.filename or target), arg) from e
+            files.crash_point(f"generate-{start}-done")
+            generated += n
+            if bar is not None:
+                bar.update(n)
+    finally:
         if bar is not None:
-            bar.update(n)
-    if bar is not None:
-        bar.close()
+            bar.close()
     seconds = time.perf_counter() - t0
     return {"out": str(target), "num_samples": int(num_samples), "generated": generated,
-            "skipped": int(sum(min(batch, num_samples - s) for s in starts if s in done)),
-            "seconds": round(seconds, 3),
+            "skipped": int(skipped), "seconds": round(seconds, 3),
             "samples_per_s": round(generated / seconds, 3) if generated else None,
-            "devices": len(devices), "processes": processes}
+            "devices": len(mesh.devices.flat), "mesh": dict(mesh.shape),
+            "processes": processes}
 
 
 def load_generated(out) -> tuple[np.ndarray, np.ndarray]:
