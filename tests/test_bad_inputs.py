@@ -324,6 +324,14 @@ CLI_CASES = [
      "cfg plan num_steps: made for 5 sampling steps"),
     ("generate-backend-float", "generate --checkpoint {ws}/ck --num-samples 4 --backend fake "
      "--out {ws}/new", "--backend: only applies to --quantized"),
+    ("generate-coordinator-alone", "generate --checkpoint {ws}/ck --num-samples 4 "
+     "--coordinator 127.0.0.1:1 --out {ws}/new", "--coordinator: needs all of"),
+    ("generate-process-id-range", "generate --checkpoint {ws}/ck --num-samples 4 "
+     "--coordinator 127.0.0.1:1 --num-processes 2 --process-id 2 --out {ws}/new",
+     "--process-id: expected 0 .. 1 (--num-processes 2), got 2"),
+    ("generate-coordinator-port", "generate --checkpoint {ws}/ck --num-samples 4 "
+     "--coordinator somehost --num-processes 2 --process-id 0 --out {ws}/new",
+     "--coordinator: expected HOST:PORT, got 'somehost'"),
     # demo
     ("demo-unknown-model", "demo --model nope --out {ws}/new", "unknown bundled model 'nope'"),
     ("demo-out-foreign", "demo --out {ws}/mine --overwrite", "not written by trdq_jax"),

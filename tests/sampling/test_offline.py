@@ -181,18 +181,6 @@ def test_a_full_disk_stops_the_run_resumably(tmp_path, mounts):
         (i % 3, 2, f"images/{i:08d}.png") for i in range(8)}
 
 
-DIST_SCRIPT = """
-import sys, jax
-jax.distributed.initialize(f"127.0.0.1:{sys.argv[3]}", num_processes=2,
-                           process_id=int(sys.argv[1]))
-from tests.test_quant_cli import TINY, tiny_params
-from trdq_jax.models import build_model
-from trdq_jax.sampling.offline import generate_to_dir
-print(generate_to_dir(sys.argv[2], build_model(TINY.model), tiny_params(), TINY, num_samples=10,
-                      seed=5, batch_per_device=2, source="tiny")["generated"])
-"""
-
-
 @pytest.mark.slow
 def test_two_processes_write_disjoint_halves_of_the_single_process_output(tmp_path):
     import socket
@@ -200,13 +188,20 @@ def test_two_processes_write_disjoint_halves_of_the_single_process_output(tmp_pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    out = tmp_path / "two"
-    procs = [subprocess.Popen([sys.executable, "-c", DIST_SCRIPT, str(p), str(out), str(port)],
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for p in (0, 1)]
+    ck, out = tmp_path / "ck", tmp_path / "two"
+    checkpoint.save(ck, tiny_params(), TINY)
+    procs = [subprocess.Popen([sys.executable, "-m", "trdq_jax.cli", "generate", "--checkpoint",
+                               str(ck), "--num-samples", "10", "--seed", "5",
+                               "--batch-per-device", "2", "--out", str(out), "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                               str(p)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in (0, 1)]
     results = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
-    assert [int(r[0].strip().splitlines()[-1]) for r in results] == [6, 4]  # batches 0,2,4 / 1,3
+    summaries = [json.loads(r[0].strip().splitlines()[-1]) for r in results]
+    assert [s["generated"] for s in summaries] == [6, 4]  # batches 0, 2, 4 / 1, 3
+    assert [s["processes"] for s in summaries] == [2, 2]
+    assert "generate" in results[0][1] and "generate" not in results[1][1]  # one progress bar
     starts = [sorted(json.loads(line)["start"] for line in
                      (out / f"manifest-{p}.jsonl").read_text().splitlines()) for p in (0, 1)]
     assert starts == [[0, 4, 8], [2, 6]]

@@ -90,9 +90,35 @@ def _labels_arg(text: str, num_samples: int):
     return np.resize(np.asarray(values), num_samples)  # repeated in turn up to --num-samples
 
 
+def _join_processes(args) -> None:
+    """``jax.distributed.initialize`` from --distributed / --coordinator (before any JAX work)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if args.distributed and any(v is not None for v in explicit):
+        raise ValueError("--distributed: detects the cluster itself; give it alone, or "
+                         "--coordinator with --num-processes and --process-id")
+    import jax
+    if args.distributed:
+        jax.distributed.initialize()  # TPU slices, SLURM, Open MPI... set up by their runtime
+        return
+    if any(v is None for v in explicit):
+        raise ValueError("--coordinator: needs all of --coordinator HOST:PORT, --num-processes "
+                         "P and --process-id p")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator: expected HOST:PORT, got {args.coordinator!r}")
+    if args.process_id >= args.num_processes:
+        raise ValueError(f"--process-id: expected 0 .. {args.num_processes - 1} "
+                         f"(--num-processes {args.num_processes}), got {args.process_id}")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+
+
 def _generate(args) -> int:
     from trdq_jax.sampling.offline import check_out, generate_to_dir
     check_out(args.out, arg="--out")  # before the model loads
+    _join_processes(args)
     model, params, cfg, source, sampler, apply_fn = _denoiser(args)
     share = _share_cfg(args, cfg)
     labels = None if args.labels is None else _labels_arg(args.labels, args.num_samples)
@@ -168,7 +194,16 @@ def register(sub) -> None:
                    help="CFG sharing plan (none | all | trdq_release | a plan .json from trdq "
                         "cfg-analysis); default: the plan stored with --quantized")
     p.add_argument("--out", required=True,
-                   help="generation directory: created, or resumed when it holds this same run")
+                   help="generation directory: created, or resumed when it holds this same run "
+                        "(on a file system every process sees)")
+    hosts = p.add_argument_group("several processes (hosts); each writes only its own batches")
+    hosts.add_argument("--distributed", action="store_true",
+                       help="jax.distributed.initialize() from the cluster's environment (TPU "
+                            "slice, SLURM, Open MPI)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="the coordinator's address (the host of --process-id 0)")
+    hosts.add_argument("--num-processes", type=positive_int, metavar="P")
+    hosts.add_argument("--process-id", type=seed_int, metavar="p", help="0 .. P-1")
     add_debug(p)
     p.set_defaults(func=_generate)
 
