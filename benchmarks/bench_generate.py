@@ -10,7 +10,10 @@ ratio says what the sharding costs, not what it gains; on a TPU slice or a multi
 same script measures the real scaling.
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--model digits-dit] [--devices 1,4]
-        [--num-samples 512] [--batch-per-device 64] [--write BENCHMARKS.md]
+        [--model-parallel 2] [--num-samples 512] [--batch-per-device 64] [--write BENCHMARKS.md]
+
+``--model-parallel M`` adds, per setting, a run on the largest device count with a
+``(devices / M) x M`` mesh (parameters split along the model axis).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from trdq_jax.models import zoo, input_shape
 from trdq_jax.sampling import Sampler
 from trdq_jax.sampling.generate import null_label
 from trdq_jax.sampling.offline import generate_to_dir
-name, setting, n, bpd, root = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+name, setting, n, bpd, root, mp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 model, params, cfg = zoo.load(name)
 sampler, fn = Sampler.from_config(cfg.sampler), None
 if setting != "float":
@@ -49,20 +52,22 @@ if setting != "float":
                         null_label=null_label(cfg.model), shape=input_shape(cfg.model, len(labels)))
     params, fn = Q.quantize(params, calib, recipe), Q.QuantizedDenoiser(model, "xla")
     sampler = sampler.with_segments(calib.segment_of_step, calib.num_segments)
-kw = dict(batch_per_device=bpd, apply_fn=fn, sampler=sampler, source=name)
 import jax
-warm = generate_to_dir(f"{root}/warm", model, params, cfg, num_samples=bpd * len(jax.devices()), **kw)
+batch = bpd * len(jax.devices())  # the same global batch on every mesh
+kw = dict(batch_size=batch, apply_fn=fn, sampler=sampler, source=name, model_parallel=mp)
+warm = generate_to_dir(f"{root}/warm", model, params, cfg, num_samples=batch, **kw)
 run = generate_to_dir(f"{root}/run", model, params, cfg, num_samples=n, **kw)
 print(json.dumps(run))
 """
 
 
-def measure(model: str, setting: str, devices: int, num_samples: int, bpd: int) -> dict:
+def measure(model: str, setting: str, devices: int, num_samples: int, bpd: int,
+            model_parallel: int = 1) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     with tempfile.TemporaryDirectory() as root:
         done = subprocess.run([sys.executable, "-c", WORKER, model, setting, str(num_samples),
-                               str(bpd), root], env=env, capture_output=True, text=True,
+                               str(bpd), root, str(model_parallel)], env=env, capture_output=True, text=True,
                               check=False)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
@@ -74,16 +79,21 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="digits-dit")
     parser.add_argument("--devices", default="1,4")
     parser.add_argument("--settings", default="float,W8A8")
+    parser.add_argument("--model-parallel", type=int, default=1,
+                        help="also run the largest device count on a (D/M) x M mesh")
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--batch-per-device", type=int, default=64)
     parser.add_argument("--write", default=None)
     args = parser.parse_args(argv)
     devices = [int(d) for d in args.devices.split(",")]
+    runs = [(d, 1) for d in devices]
+    if args.model_parallel > 1:
+        runs.append((max(devices), args.model_parallel))
     rows = []
     for setting in args.settings.split(","):
-        for d in devices:
-            got = measure(args.model, setting, d, args.num_samples, args.batch_per_device)
-            rows.append((setting, d, got["samples_per_s"], got["seconds"]))
+        for d, mp in runs:
+            got = measure(args.model, setting, d, args.num_samples, args.batch_per_device, mp)
+            rows.append((setting, d, mp, got["samples_per_s"], got["seconds"]))
             print(rows[-1], flush=True)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "PYTHONPATH=. python benchmarks/bench_generate.py " + shlex.join(
@@ -94,10 +104,12 @@ def main(argv=None) -> None:
              f"{args.model}, {args.num_samples} samples, {args.batch_per_device} per device per "
              "batch, compiled beforehand. Emulated CPU devices share the same cores: the ratio "
              "is the cost of sharding here, not a speed-up.", "",
-             "| setting | devices | samples/s | x 1 device |", "|---|---|---|---|"]
-    base = {s: r for s, d, r, _ in rows if d == devices[0]}
-    for setting, d, rate, _ in rows:
-        lines.append(f"| {setting} | {d} | {rate:.1f} | {rate / base[setting]:.2f} |")
+             "| setting | devices | mesh (data x model) | samples/s | x 1 device |",
+             "|---|---|---|---|---|"]
+    base = {s: r for s, d, mp, r, _ in rows if (d, mp) == (devices[0], 1)}
+    for setting, d, mp, rate, _ in rows:
+        lines.append(f"| {setting} | {d} | {d // mp} x {mp} | {rate:.1f} | "
+                     f"{rate / base[setting]:.2f} |")
     lines.append(END)
     section = "\n".join(lines)
     print(section)

@@ -9,3 +9,22 @@ import jax  # noqa: E402
 _CACHE = pathlib.Path(os.environ.get("TRDQ_TEST_CACHE", pathlib.Path.home() / ".cache" / "trdq_jax_tests"))
 jax.config.update("jax_compilation_cache_dir", str(_CACHE / "xla"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+_SESSION_START = __import__("time").perf_counter()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The notebooks' share of the session (issue #14 asks for it to be reported)."""
+    import time
+
+    from tests.test_notebooks import TIMES
+    if not TIMES:
+        return
+    total = time.perf_counter() - _SESSION_START
+    spent = sum(sum(runs) for runs in TIMES.values())
+    terminalreporter.section("notebooks")
+    for name, runs in sorted(TIMES.items()):
+        terminalreporter.line(f"{name}: " + " + ".join(f"{s:.1f} s" for s in runs))
+    terminalreporter.line(f"notebooks: {spent:.0f} s of this session's {total:.0f} s "
+                          f"({100 * spent / total:.0f}%)")

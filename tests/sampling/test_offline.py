@@ -1,4 +1,5 @@
 """Offline generation: 1 vs 4 devices, kill and resume, refused runs, bad input."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -12,6 +13,7 @@ from tests.test_quant_cli import TINY, tiny_params
 from tests.test_files import _mount_tmpfs, mounts, tree_hash  # noqa: F401 (a fixture)
 from trdq_jax import checkpoint, files
 from trdq_jax.models import build_model
+from trdq_jax.sampling import Sampler
 from trdq_jax.sampling.generate import generate
 from trdq_jax.sampling.offline import finished_batches, generate_to_dir, load_generated
 
@@ -127,10 +129,13 @@ def test_a_torn_manifest_line_is_redone_and_other_runs_are_refused(tmp_path):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for change, field in ((dict(seed=1), "seed"), (dict(num_samples=5), "labels_sha256, num_samples"),
                           (dict(labels=[2, 2, 2, 2]), "labels_sha256"),
-                          (dict(source="other"), "source")):
-        kw = {**dict(num_samples=4, batch_per_device=2, source="tiny"), **change}
+                          (dict(source="other"), "source"),
+                          (dict(params=tiny_params(7)), "params_sha256"),
+                          (dict(sampler=Sampler.from_config(dataclasses.replace(
+                              TINY.sampler, num_steps=3))), "sampler")):
+        kw = {**dict(num_samples=4, batch_per_device=2, source="tiny", params=params), **change}
         with pytest.raises(ValueError, match=f"holds another run \\(differs in {field}\\)"):
-            generate_to_dir(out, model, params, TINY, **kw)
+            generate_to_dir(out, model, cfg=TINY, **kw)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     for bad, message in ((dict(num_samples=0), "^num_samples: expected a positive int"),
                          (dict(labels=[0, 1, 9, 0]), r"^labels: expected values in \[0, 3\]"),

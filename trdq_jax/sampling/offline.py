@@ -70,14 +70,31 @@ def _check_labels(labels, num_samples: int, null: int) -> np.ndarray:
     return labels.astype(np.int32)
 
 
+def _sampler_record(sampler) -> dict:
+    """The sampler's defining data: its steps and segments (ints, identical on every backend;
+    the float coefficients follow from them and the config's schedule)."""
+    return {"solver": sampler.solver, "num_train_steps": int(sampler.num_train_steps),
+            "stochastic": bool(sampler.stochastic), "num_segments": int(sampler.num_segments),
+            "train_timesteps": np.asarray(sampler.train_timesteps).astype(int).tolist(),
+            "segment_of_step": np.asarray(sampler.segment_of_step).astype(int).tolist()}
+
+
 def fingerprint(cfg, source: str, num_samples: int, labels: np.ndarray, seed: int,
-                cfg_scale: float, share_cfg) -> dict:
-    """What makes two runs the same run (a batch size or a device count does not)."""
+                cfg_scale: float, share_cfg, sampler=None, params=None) -> dict:
+    """What makes two runs the same run (a batch size or a device count does not): the
+    weights (``source`` and the sha256 of ``params``' bytes), the config, the sampler's steps
+    and segments, the seed, the labels, the guidance and the CFG plan."""
     plan = share_cfg if isinstance(share_cfg, bool) else {
         "name": share_cfg.name, "sha256": hashlib.sha256(share_cfg.dumps().encode()).hexdigest()}
-    return {"source": source, "config": to_dict(cfg), "num_samples": int(num_samples),
-            "seed": int(seed), "cfg_scale": float(cfg_scale), "share_cfg": plan,
-            "labels_sha256": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()}
+    run = {"source": source, "config": to_dict(cfg), "num_samples": int(num_samples),
+           "seed": int(seed), "cfg_scale": float(cfg_scale), "share_cfg": plan,
+           "labels_sha256": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()}
+    if sampler is not None:
+        run["sampler"] = _sampler_record(sampler)
+    if params is not None:
+        from trdq_jax.quant.pipeline import params_fingerprint
+        run["params_sha256"] = params_fingerprint(params)
+    return run
 
 
 def check_out(out, arg: str = "out") -> pathlib.Path:
@@ -294,7 +311,8 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
     sampler = sampler or Sampler.from_config(cfg.sampler)
     cfg_scale = cfg.sampler.cfg_scale if cfg_scale is None else float(cfg_scale)
     check_out(out, arg)
-    run = fingerprint(cfg, source, num_samples, labels, seed, cfg_scale, share_cfg)
+    run = fingerprint(cfg, source, num_samples, labels, seed, cfg_scale, share_cfg, sampler,
+                      params)
     target = _open_dir(out, run, arg)
     process, processes = jax.process_index(), jax.process_count()
     starts = [s for b, s in enumerate(range(0, num_samples, batch)) if b % processes == process]
