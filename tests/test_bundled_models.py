@@ -36,10 +36,11 @@ def test_classifier_heldout_accuracy(name):
     assert result.get("frame_accuracy", result["accuracy"]) >= 0.97
 
 
-# Videos are judged frame by frame (the acceptance bar: every frame classified); 60 videos are
-# 300 frames and take ~75 s on 2 cores.
-@pytest.mark.parametrize("name, per_class", [("digits-dit", 20), ("digits-unet", 20),
-                                             ("moving-digits-vdit", 6)])
+# Videos are judged frame by frame (the acceptance bar: every frame classified); 30 videos are
+# 150 frames. The sample counts are sized to the suite's time budget (a 0.9 bar on 100 images
+# or 150 frames still fails a model that lost a class).
+@pytest.mark.parametrize("name, per_class", [("digits-dit", 10), ("digits-unet", 10),
+                                             ("moving-digits-vdit", 3)])
 def test_conditional_samples_match_their_class(name, per_class):
     from trdq_jax.eval.judge import evaluate_generator
     _need(name)

@@ -45,7 +45,7 @@ def _kernel_env(tmp_path: pathlib.Path, name: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "TRDQ_"))}
     env.update({"JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT),
                 "JAX_COMPILATION_CACHE_DIR": str(_CACHE / "xla"),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                 "MPLBACKEND": "module://matplotlib_inline.backend_inline",
                 "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                 **EXTRA_ENV.get(name, {})})
