@@ -85,8 +85,26 @@ def test_committed_notebooks_are_stripped_and_end_with_their_assertion():
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         dirty = [i for i, c in enumerate(code) if c.get("outputs") or c.get("execution_count")]
         assert not dirty, f"{path.name}: code cells {dirty} have outputs; strip them before " \
-                          "committing (jupyter nbconvert --clear-output --inplace)"
+                          "committing (python scripts/strip_notebooks.py)"
         assert "assert " in "".join(code[-1]["source"]), f"{path.name}: the last code cell " \
                                                           "must assert the notebook's number"
         assert "find_spec(\"trdq_jax\")" in "".join(code[0]["source"]), \
             f"{path.name}: the first code cell must be the install cell"
+
+
+def test_the_strip_script_removes_outputs_and_keeps_the_source(tmp_path):
+    import importlib.util
+
+    import nbformat
+    spec = importlib.util.spec_from_file_location("strip_notebooks",
+                                                  ROOT / "scripts" / "strip_notebooks.py")
+    strip_notebooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(strip_notebooks)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb.cells[0].execution_count = 3
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    assert strip_notebooks.strip(path) is True and strip_notebooks.strip(path) is False
+    cell = nbformat.read(path, as_version=4).cells[0]
+    assert cell.source == "print(1)" and cell.outputs == [] and cell.execution_count is None
