@@ -2,7 +2,9 @@
 
 Each configuration runs in its own process (the device count is fixed when JAX starts:
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` on the CPU), generating
-``--num-samples`` samples of the bundled model into a fresh directory, float and ``trdq`` W8A8.
+``--num-samples`` samples of the bundled model into a fresh directory, float and ``trdq`` W8A8,
+in batches of ``--batch`` samples whatever the device count (so that the rows differ only in
+how the batch is spread).
 The rate counts steady batches only: a first run of one batch (its own directory) compiles,
 then the timed run generates into a second directory in the same process. Emulated CPU
 devices share the same cores, so on a CPU the
@@ -10,7 +12,7 @@ ratio says what the sharding costs, not what it gains; on a TPU slice or a multi
 same script measures the real scaling.
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--model digits-dit] [--devices 1,4]
-        [--model-parallel 2] [--num-samples 512] [--batch-per-device 64] [--write BENCHMARKS.md]
+        [--model-parallel 2] [--num-samples 512] [--batch 128] [--write BENCHMARKS.md]
 
 ``--model-parallel M`` adds, per setting, a run on the largest device count with a
 ``(devices / M) x M`` mesh (parameters split along the model axis).
@@ -42,7 +44,7 @@ from trdq_jax.models import zoo, input_shape
 from trdq_jax.sampling import Sampler
 from trdq_jax.sampling.generate import null_label
 from trdq_jax.sampling.offline import generate_to_dir
-name, setting, n, bpd, root, mp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+name, setting, n, batch, root, mp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 model, params, cfg = zoo.load(name)
 sampler, fn = Sampler.from_config(cfg.sampler), None
 if setting != "float":
@@ -52,8 +54,6 @@ if setting != "float":
                         null_label=null_label(cfg.model), shape=input_shape(cfg.model, len(labels)))
     params, fn = Q.quantize(params, calib, recipe), Q.QuantizedDenoiser(model, "xla")
     sampler = sampler.with_segments(calib.segment_of_step, calib.num_segments)
-import jax
-batch = bpd * len(jax.devices())  # the same global batch on every mesh
 kw = dict(batch_size=batch, apply_fn=fn, sampler=sampler, source=name, model_parallel=mp)
 warm = generate_to_dir(f"{root}/warm", model, params, cfg, num_samples=batch, **kw)
 run = generate_to_dir(f"{root}/run", model, params, cfg, num_samples=n, **kw)
@@ -61,13 +61,13 @@ print(json.dumps(run))
 """
 
 
-def measure(model: str, setting: str, devices: int, num_samples: int, bpd: int,
+def measure(model: str, setting: str, devices: int, num_samples: int, batch: int,
             model_parallel: int = 1) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     with tempfile.TemporaryDirectory() as root:
         done = subprocess.run([sys.executable, "-c", WORKER, model, setting, str(num_samples),
-                               str(bpd), root, str(model_parallel)], env=env, capture_output=True, text=True,
+                               str(batch), root, str(model_parallel)], env=env, capture_output=True, text=True,
                               check=False)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
@@ -82,7 +82,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model-parallel", type=int, default=1,
                         help="also run the largest device count on a (D/M) x M mesh")
     parser.add_argument("--num-samples", type=int, default=512)
-    parser.add_argument("--batch-per-device", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=128,
+                        help="samples per batch on every mesh (a multiple of each data axis)")
     parser.add_argument("--write", default=None)
     args = parser.parse_args(argv)
     devices = [int(d) for d in args.devices.split(",")]
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
     rows = []
     for setting in args.settings.split(","):
         for d, mp in runs:
-            got = measure(args.model, setting, d, args.num_samples, args.batch_per_device, mp)
+            got = measure(args.model, setting, d, args.num_samples, args.batch, mp)
             rows.append((setting, d, mp, got["samples_per_s"], got["seconds"]))
             print(rows[-1], flush=True)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -101,9 +102,10 @@ def main(argv=None) -> None:
     lines = [BEGIN, "## bench_generate: offline generation throughput", "",
              f"Command: `{command}`  ",
              f"Date: {now}; machine: {platform.machine()} CPU, {os.cpu_count()} cores. "
-             f"{args.model}, {args.num_samples} samples, {args.batch_per_device} per device per "
-             "batch, compiled beforehand. Emulated CPU devices share the same cores: the ratio "
-             "is the cost of sharding here, not a speed-up.", "",
+             f"{args.model}, {args.num_samples} samples in batches of {args.batch} on every "
+             "mesh, compiled beforehand (a first batch in its own directory). Emulated CPU "
+             "devices share the same cores: a ratio here is what spreading one batch over them "
+             "costs or gains on this CPU, not a multi-chip speed-up.", "",
              "| setting | devices | mesh (data x model) | samples/s | x 1 device |",
              "|---|---|---|---|---|"]
     base = {s: r for s, d, mp, r, _ in rows if (d, mp) == (devices[0], 1)}

@@ -108,3 +108,27 @@ def test_the_strip_script_removes_outputs_and_keeps_the_source(tmp_path):
     assert strip_notebooks.strip(path) is True and strip_notebooks.strip(path) is False
     cell = nbformat.read(path, as_version=4).cells[0]
     assert cell.source == "print(1)" and cell.outputs == [] and cell.execution_count is None
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_the_install_cell_installs_only_when_the_package_is_missing(path, monkeypatch):
+    """The first cell, run here with pip replaced by a recorder: nothing when trdq_jax imports,
+    ``pip install`` of TRDQ_JAX_SOURCE (default the package name) into the kernel's Python when
+    it does not (a fresh Colab runtime)."""
+    import importlib.util
+    import subprocess
+    source = "".join(json.loads(path.read_text())["cells"][1]["source"])
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: calls.append(argv))
+    exec(compile(source, f"{path.name}[install]", "exec"), {})
+    assert calls == []  # importable here: a no-op
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "trdq_jax" else real_find_spec(name, *a))
+    monkeypatch.delenv("TRDQ_JAX_SOURCE", raising=False)
+    exec(compile(source, f"{path.name}[install]", "exec"), {})
+    monkeypatch.setenv("TRDQ_JAX_SOURCE", "git+https://example.org/trdq_jax.git")
+    exec(compile(source, f"{path.name}[install]", "exec"), {})
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "trdq_jax"],
+                     [sys.executable, "-m", "pip", "install", "-q",
+                      "git+https://example.org/trdq_jax.git"]]
