@@ -40,6 +40,20 @@ def test_file_round_trip_consumes_every_key(tmp_path, state_dict, fmt):
                                    err_msg=k)
 
 
+def test_exported_state_dict_saves_to_safetensors_unscrambled(tmp_path):
+    """``to_official_state_dict`` of freshly initialized (C-order) params -> ``save_file`` ->
+    load: the same tensors. (safetensors writes a transposed numpy view's memory as it lies;
+    the export must be contiguous.)"""
+    from trdq_jax.models import init_params
+    params = init_params(CFG, jax.random.key(0))
+    exported = to_official_state_dict(params, CFG)
+    assert all(v.flags["C_CONTIGUOUS"] for v in exported.values())
+    save_file(exported, str(tmp_path / "export.safetensors"))
+    back = load_state_dict(tmp_path / "export.safetensors")
+    for k, v in exported.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
 def test_pt_file_through_torch_if_installed(tmp_path, state_dict):
     torch = pytest.importorskip("torch")
     path = tmp_path / "DiT-small.pt"

@@ -153,6 +153,25 @@ def test_a_torn_manifest_line_is_redone_and_other_runs_are_refused(tmp_path):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
 
 
+def test_an_interrupt_from_on_batch_keeps_the_finished_batches_and_resumes(tmp_path):
+    model, params, out = build_model(TINY.model), tiny_params(), tmp_path / "g"
+    seen = []
+
+    def interrupt(entry):  # what pressing "interrupt" in a notebook raises between batches
+        seen.append(entry["start"])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+    kw = dict(num_samples=6, batch_per_device=2, seed=3, source="tiny")
+    with pytest.raises(KeyboardInterrupt):
+        generate_to_dir(out, model, params, TINY, on_batch=interrupt, **kw)
+    assert seen == [0, 2] and sorted(finished_batches(out)) == [0, 2]
+    again = generate_to_dir(out, model, params, TINY, on_batch=interrupt, **kw)
+    assert (again["generated"], again["skipped"], seen) == (2, 4, [0, 2, 4])
+    samples, labels = load_generated(out)
+    np.testing.assert_allclose(samples, generate(model, params, TINY, labels, seed=3),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_a_full_disk_stops_the_run_resumably(tmp_path, mounts):
     """A real full disk (a 40 KiB tmpfs): the run stops naming the file, keeps what finished,
     refuses a read-only remount before any work, and resumes to the uninterrupted output."""

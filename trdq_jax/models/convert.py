@@ -285,8 +285,10 @@ def convert_dit_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
 
 
 def to_official_state_dict(params, cfg: DiTConfig) -> dict[str, np.ndarray]:
-    """Flax params -> official DiT state dict (float32 numpy), ``pos_embed`` included."""
-    out = {torch_key(path): np.asarray(_to_torch(np.asarray(v, np.float32), path[-1]))
+    """Flax params -> official DiT state dict (float32 numpy, C-contiguous), ``pos_embed``
+    included. Contiguous because ``safetensors.numpy.save_file`` writes an array's memory as it
+    lies: a transposed view would be saved scrambled, without an error."""
+    out = {torch_key(path): np.ascontiguousarray(_to_torch(np.asarray(v, np.float32), path[-1]))
            for path, v in _flat_paths(params).items()}
     grid = cfg.input_size // cfg.patch_size
     out["pos_embed"] = sincos_2d(cfg.hidden_size, grid)[None].astype(np.float32)

@@ -269,7 +269,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
                     batch_per_device: int | None = None, batch_size: int | None = None,
                     model_parallel: int = 1, cfg_scale: float | None = None, apply_fn=None,
                     sampler=None, share_cfg=False, source: str = "", progress: bool = False,
-                    arg: str = "out") -> dict:
+                    on_batch=None, arg: str = "out") -> dict:
     """Generate ``num_samples`` samples into ``out`` (see the module docstring); resumable.
 
     labels: ints ``[num_samples]`` (default ``i % num_classes``); batch_per_device: samples per
@@ -278,7 +278,9 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
     model_parallel: the ``"model"`` axis size (parameters split over it, for models that do not
     fit one device); ``apply_fn`` / ``sampler``: as in ``generate`` (a quantized denoiser and
     its segment-table sampler); ``share_cfg``: a bool or a ``CFGPlan``; ``source``: how the
-    weights are named in the fingerprint. Returns ``{"out", "num_samples", "generated",
+    weights are named in the fingerprint; ``on_batch(entry)``: called with each finished batch's
+    manifest entry once it is on disk (monitoring; whatever it raises, e.g. a
+    ``KeyboardInterrupt``, stops the run with every finished batch kept). Returns ``{"out", "num_samples", "generated",
     "skipped", "seconds", "samples_per_s", "devices", "mesh", "processes"}`` for this process.
     """
     from jax.sharding import NamedSharding, PartitionSpec
@@ -355,6 +357,8 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
             generated += n
             if bar is not None:
                 bar.update(n)
+            if on_batch is not None:
+                on_batch(entry)
     finally:
         if bar is not None:
             bar.close()
