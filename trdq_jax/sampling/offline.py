@@ -256,6 +256,24 @@ def param_sharding(mesh, params):
     return jax.tree.map(rule, params)
 
 
+def _batch(cfg, data_size: int, batch_per_device, batch_size) -> int:
+    """Samples per batch of this process: ``batch_size`` (a multiple of the data axis), else
+    ``batch_per_device x data_size`` (default: ``generation.batch_size`` spread over it)."""
+    if batch_per_device is not None and batch_size is not None:
+        raise ValueError("batch_size: give batch_per_device or batch_size, not both")
+    if batch_size is not None:
+        _check_positive(batch_size, "batch_size")
+        if batch_size % data_size:
+            raise ValueError(f"batch_size: expected a multiple of the data axis size "
+                             f"{data_size} (the batch is split evenly over its devices), got "
+                             f"{batch_size}")
+        return int(batch_size)
+    if batch_per_device is None:
+        batch_per_device = max(1, cfg.generation.batch_size // data_size)
+    _check_positive(batch_per_device, "batch_per_device")
+    return int(batch_per_device) * data_size
+
+
 def _stopped_by(e: OSError, path: pathlib.Path, arg: str) -> OSError:
     message = (f"{arg}: cannot write {str(path)!r}: {e.strerror or e}; the batches finished so "
                "far are kept and the same command resumes from them once the directory is "
@@ -278,10 +296,11 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
     model_parallel: the ``"model"`` axis size (parameters split over it, for models that do not
     fit one device); ``apply_fn`` / ``sampler``: as in ``generate`` (a quantized denoiser and
     its segment-table sampler); ``share_cfg``: a bool or a ``CFGPlan``; ``source``: how the
-    weights are named in the fingerprint; ``on_batch(entry)``: called with each finished batch's
-    manifest entry once it is on disk (monitoring; whatever it raises, e.g. a
-    ``KeyboardInterrupt``, stops the run with every finished batch kept). Returns ``{"out", "num_samples", "generated",
-    "skipped", "seconds", "samples_per_s", "devices", "mesh", "processes"}`` for this process.
+    weights are named in the fingerprint; ``on_batch(entry)``: called with each finished
+    batch's manifest entry once it is on disk (monitoring; whatever it raises, e.g. a
+    ``KeyboardInterrupt``, stops the run with every finished batch kept). Returns ``{"out",
+    "num_samples", "generated", "skipped", "seconds", "samples_per_s", "devices", "mesh",
+    "processes"}`` for this process.
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -296,20 +315,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
                            if labels is None else labels, num_samples, null)
     mesh = make_mesh(model_parallel)
     data_size = mesh.shape["data"]
-    if batch_per_device is not None and batch_size is not None:
-        raise ValueError("batch_size: give batch_per_device or batch_size, not both")
-    if batch_size is not None:
-        _check_positive(batch_size, "batch_size")
-        if batch_size % data_size:
-            raise ValueError(f"batch_size: expected a multiple of the data axis size "
-                             f"{data_size} (the batch is split evenly over its devices), got "
-                             f"{batch_size}")
-        batch = batch_size
-    else:
-        if batch_per_device is None:
-            batch_per_device = max(1, cfg.generation.batch_size // data_size)
-        _check_positive(batch_per_device, "batch_per_device")
-        batch = batch_per_device * data_size
+    batch = _batch(cfg, data_size, batch_per_device, batch_size)
     sampler = sampler or Sampler.from_config(cfg.sampler)
     cfg_scale = cfg.sampler.cfg_scale if cfg_scale is None else float(cfg_scale)
     check_out(out, arg)
