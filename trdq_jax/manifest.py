@@ -36,6 +36,18 @@ def array_digest(value) -> str:
     return hashlib.sha256(_as_numpy(value).tobytes()).hexdigest()
 
 
+def tree_digest(tree) -> str:
+    """sha256 over the dtype, shape and bytes of every leaf of ``tree`` (tree order): one
+    fingerprint of a parameter pytree."""
+    import jax
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        arr = _as_numpy(leaf)
+        digest.update(f"{arr.dtype}{arr.shape}".encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
 def flat_arrays(tree) -> dict[str, Any]:
     """``{keystr path: leaf}`` of a pytree (a flat ``{name: array}`` dict keys as ``['name']``)."""
     import jax

@@ -6,12 +6,10 @@ a seed the evaluation commands (seed 0 by default) do not use.
 """
 from __future__ import annotations
 
-import hashlib
-
-import jax
 import numpy as np
 
 from trdq_jax.config import ExperimentConfig
+from trdq_jax.manifest import tree_digest
 from trdq_jax.models.factory import input_shape
 from trdq_jax.quant.calibrate import calibrate
 from trdq_jax.quant.recipe import RECIPES, Recipe, get_recipe
@@ -51,12 +49,7 @@ def calibration_labels(num_classes: int, per_class: int) -> np.ndarray:
 
 def params_fingerprint(params) -> str:
     """sha256 over the bytes, shapes and dtypes of every leaf (tree order)."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        arr = np.asarray(leaf)
-        digest.update(f"{arr.dtype}{arr.shape}".encode())
-        digest.update(np.ascontiguousarray(arr).tobytes())
-    return digest.hexdigest()
+    return tree_digest(params)
 
 
 def run_calibration(model, params, cfg: ExperimentConfig, recipe: Recipe, *, per_class: int = 4,

@@ -41,7 +41,7 @@ import time
 import jax
 import numpy as np
 
-from trdq_jax import files
+from trdq_jax import files, manifest
 from trdq_jax._version import __version__
 from trdq_jax.config import to_dict
 
@@ -92,8 +92,7 @@ def fingerprint(cfg, source: str, num_samples: int, labels: np.ndarray, seed: in
     if sampler is not None:
         run["sampler"] = _sampler_record(sampler)
     if params is not None:
-        from trdq_jax.quant.pipeline import params_fingerprint
-        run["params_sha256"] = params_fingerprint(params)
+        run["params_sha256"] = manifest.tree_digest(params)
     return run
 
 
