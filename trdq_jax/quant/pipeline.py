@@ -6,6 +6,7 @@ a seed the evaluation commands (seed 0 by default) do not use.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from trdq_jax.config import ExperimentConfig

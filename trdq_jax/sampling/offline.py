@@ -41,7 +41,8 @@ import time
 import jax
 import numpy as np
 
-from trdq_jax import files, manifest
+from trdq_jax import files
+from trdq_jax.manifest import tree_digest
 from trdq_jax._version import __version__
 from trdq_jax.config import to_dict
 
@@ -92,7 +93,7 @@ def fingerprint(cfg, source: str, num_samples: int, labels: np.ndarray, seed: in
     if sampler is not None:
         run["sampler"] = _sampler_record(sampler)
     if params is not None:
-        run["params_sha256"] = manifest.tree_digest(params)
+        run["params_sha256"] = tree_digest(params)
     return run
 
 
