@@ -7,9 +7,9 @@ in batches of ``--batch`` samples whatever the device count (so that the rows di
 how the batch is spread).
 The rate counts steady batches only: a first run of one batch (its own directory) compiles,
 then the timed run generates into a second directory in the same process. Emulated CPU
-devices share the same cores, so on a CPU the
-ratio says what the sharding costs, not what it gains; on a TPU slice or a multi-GPU node the
-same script measures the real scaling.
+devices share the same cores, so on a CPU a ratio says how well one batch spread over them
+uses those cores, not a multi-chip speed-up; on a TPU slice or a multi-GPU node the same
+script measures the real scaling.
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--model digits-dit] [--devices 1,4]
         [--model-parallel 2] [--num-samples 512] [--batch 128] [--write BENCHMARKS.md]
@@ -67,8 +67,8 @@ def measure(model: str, setting: str, devices: int, num_samples: int, batch: int
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     with tempfile.TemporaryDirectory() as root:
         done = subprocess.run([sys.executable, "-c", WORKER, model, setting, str(num_samples),
-                               str(batch), root, str(model_parallel)], env=env, capture_output=True, text=True,
-                              check=False)
+                               str(batch), root, str(model_parallel)], env=env,
+                              capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,6 +1,7 @@
 """Shared test set-up: CPU backend, a persistent compilation cache, and small fixtures."""
 import os
 import pathlib
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -11,13 +12,11 @@ jax.config.update("jax_compilation_cache_dir", str(_CACHE / "xla"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-_SESSION_START = __import__("time").perf_counter()
+_SESSION_START = time.perf_counter()
 
 
 def pytest_terminal_summary(terminalreporter):
     """The notebooks' share of the session (issue #14 asks for it to be reported)."""
-    import time
-
     from tests.test_notebooks import TIMES
     if not TIMES:
         return

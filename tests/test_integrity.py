@@ -16,7 +16,8 @@ from trdq_jax.models import build_model, load_checkpoint
 from trdq_jax.quant import verify
 from trdq_jax.quant.calib_io import (CalibrationError, check_calibration_model, load_calibration,
                                      save_calibration)
-from trdq_jax.quant.pipeline import params_fingerprint, run_calibration
+from trdq_jax.manifest import tree_digest
+from trdq_jax.quant.pipeline import run_calibration
 from trdq_jax.sampling.sample_dir import load_sample_dir, save_sample_dir
 from tests.test_quant_cli import TINY, tiny_params
 
@@ -198,7 +199,7 @@ def test_segment_table_and_model_checks(tiny):
 
 def _save_calib(tiny, path):
     return save_calibration(path, tiny["calib"], tiny["recipe"], TINY, source={"model": "x"},
-                            params_sha256=params_fingerprint(tiny["params"]), per_class=1,
+                            params_sha256=tree_digest(tiny["params"]), per_class=1,
                             seed=1000, rows_per_step=16)
 
 
@@ -230,13 +231,13 @@ def test_corrupt_calibration_arrays_and_model_mismatch(tiny, tmp_path):
     with pytest.raises(CalibrationError, match="stats.npz': unreadable or truncated"):
         load_calibration(path)
     params = tiny["params"]
-    check_calibration_model(calib, cfg, meta, params, params_fingerprint(params), "c")
+    check_calibration_model(calib, cfg, meta, params, tree_digest(params), "c")
     with pytest.raises(CalibrationError, match="float weights at .* changed"):
         check_calibration_model(calib, cfg, meta, params, "1" * 64, "c")
     other = dataclasses.replace(cfg, model=DiTConfig(**{**dataclasses.asdict(cfg.model),
                                                         "depth": 2}))
     with pytest.raises(CalibrationError, match="calibrated for model"):
-        check_calibration_model(calib, other, meta, params, params_fingerprint(params), "c")
+        check_calibration_model(calib, other, meta, params, tree_digest(params), "c")
 
 
 def test_sample_directory_round_trip_and_corruption(tmp_path):

@@ -42,13 +42,13 @@ def _calibrate_from_args(args, recipe):
 def _calibrate(args) -> int:
     from trdq_jax.files import resolve_target
     from trdq_jax.quant.calib_io import save_calibration
-    from trdq_jax.quant.pipeline import params_fingerprint
+    from trdq_jax.manifest import tree_digest
     resolve_target(args.out, kind="calibration", overwrite=args.overwrite, is_dir=True,
                    arg="--out")
     recipe = _recipe(args.recipe, args.w_bits, args.a_bits, args.segments)
     _, params, cfg, calib, seconds = _calibrate_from_args(args, recipe)
     out = save_calibration(args.out, calib, recipe, cfg, source=source_of(args),
-                           params_sha256=params_fingerprint(params), per_class=args.per_class,
+                           params_sha256=tree_digest(params), per_class=args.per_class,
                            seed=args.seed, rows_per_step=args.rows_per_step, seconds=seconds,
                            overwrite=args.overwrite, arg="--out")
     print_json({"out": str(out), "layers": len(calib.stats),

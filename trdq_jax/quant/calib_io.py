@@ -157,12 +157,12 @@ def load_calibration_and_model(path: str | os.PathLike):
     the model it names (``meta["source"]``), checked against each other
     (``check_calibration_model``)."""
     from trdq_jax.models.zoo import load_float_model
-    from trdq_jax.quant.pipeline import params_fingerprint
+    from trdq_jax.manifest import tree_digest
     calib, recipe, cfg, meta = load_calibration(path)
     source = meta["source"]
     if not isinstance(source, dict) or not (set(source) <= {"model", "checkpoint"}):
         raise CalibrationError(f"{str(path)!r}: source {source!r} names no float model")
     _, params, source_cfg, _ = load_float_model(source.get("model"), source.get("checkpoint"))
-    check_calibration_model(calib, source_cfg, meta, params, params_fingerprint(params),
+    check_calibration_model(calib, source_cfg, meta, params, tree_digest(params),
                             str(path))
     return calib, recipe, cfg, meta, params

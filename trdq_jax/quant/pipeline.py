@@ -10,7 +10,6 @@ import jax
 import numpy as np
 
 from trdq_jax.config import ExperimentConfig
-from trdq_jax.manifest import tree_digest
 from trdq_jax.models.factory import input_shape
 from trdq_jax.quant.calibrate import calibrate
 from trdq_jax.quant.recipe import RECIPES, Recipe, get_recipe
@@ -46,11 +45,6 @@ def calibration_labels(num_classes: int, per_class: int) -> np.ndarray:
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ValueError(f"per_class: expected a positive int, got {per_class!r}")
     return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
-
-
-def params_fingerprint(params) -> str:
-    """sha256 over the bytes, shapes and dtypes of every leaf (tree order)."""
-    return tree_digest(params)
 
 
 def run_calibration(model, params, cfg: ExperimentConfig, recipe: Recipe, *, per_class: int = 4,

@@ -101,12 +101,13 @@ def check_out(out, arg: str = "out") -> pathlib.Path:
     """``out`` resolved, when it may become (or already is) a generation directory; else an
     ``OutputError`` naming ``arg`` (a file, a foreign directory, another output, an unwritable
     place...)."""
-    path = pathlib.Path(out).expanduser() if isinstance(out, (str, os.PathLike)) else out
-    found = files.dir_kind(path) if isinstance(path, pathlib.Path) and path.is_dir() else None
-    if found not in (None, KIND):
-        raise files.OutputError(f"{arg}: {str(path)!r} is {files.describe(found)}, not a "
-                                "generation directory; refusing to touch it: choose a new "
-                                "directory")
+    if isinstance(out, (str, os.PathLike)) and str(out):  # else resolve_target says what is wrong
+        path = pathlib.Path(out).expanduser()
+        found = files.dir_kind(path) if path.is_dir() else None
+        if found not in (None, KIND):
+            raise files.OutputError(f"{arg}: {str(path)!r} is {files.describe(found)}, not a "
+                                    "generation directory; refusing to touch it: choose a new "
+                                    "directory")
     return files.resolve_target(out, kind=KIND, overwrite=True, is_dir=True, arg=arg)
 
 
@@ -242,13 +243,13 @@ def param_sharding(mesh, params):
     along ``"model"``; scalars, vectors too small to split and a model axis of 1 replicate."""
     from jax.sharding import NamedSharding, PartitionSpec
     size = mesh.shape["model"]
+    replicated = NamedSharding(mesh, PartitionSpec())
 
     def rule(leaf):
         shape = np.shape(leaf)
-        dims = [d for d in range(len(shape)) if size > 1 and shape[d] % size == 0
-                and shape[d] >= 2 * size]
-        if not dims:
-            return NamedSharding(mesh, PartitionSpec())
+        dims = [d for d in range(len(shape)) if shape[d] % size == 0 and shape[d] >= 2 * size]
+        if size == 1 or not dims:
+            return replicated
         widest = max(dims, key=lambda d: shape[d])
         spec = [None] * len(shape)
         spec[widest] = "model"
