@@ -161,6 +161,10 @@ def finished_batches(out: pathlib.Path) -> dict[int, dict]:
 
 
 def _atomic(path: pathlib.Path, write) -> None:
+    """``write(tmp)``, fsync, rename over ``path``. Not ``files.replace_file``: that one scans
+    the directory for stale temporaries on every call, quadratic over tens of thousands of
+    PNGs in one directory. A kill mid-write can leave a hidden ``.NAME.tmpPID`` here; it is
+    never named by the manifest, and not removed (another host's writer may own it)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
