@@ -17,6 +17,7 @@ the tree against a model's abstract params.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -75,18 +76,37 @@ def _quiet_orbax():
 
 
 def _orbax_save(directory: pathlib.Path, tree) -> None:
+    """Write ``tree`` with orbax into ``directory``; a failed file-system write is raised as the
+    ``OSError`` it was (tensorstore reports ENOSPC / EROFS as a ValueError carrying the code).
+
+    After the first failure, tensorstore's other pending writes go on in its own threads for
+    a moment and re-create missing directories; ``files.write_dir`` removes the temporary until
+    it stays removed, so nothing of this write outlives the error."""
     import orbax.checkpoint as ocp
     with _quiet_orbax():
         ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         try:
             ckptr.save(directory, args=ocp.args.StandardSave(tree))
-        except Exception as e:  # orbax reports ENOSPC / EROFS as ValueError from tensorstore
+        except Exception as e:
             code = re.search(r"os_error_code='(\d+)'", str(e))
             if code:
                 raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+            if "No space left on device" in str(e):  # the code is missing from some messages
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
             raise
         finally:
             ckptr.close()
+
+
+# Beyond the arrays' bytes: orbax's _METADATA (about the size of metadata.json) and small files.
+_SAVE_OVERHEAD = 64 << 10
+
+
+def _bytes_needed(tree, meta: dict) -> int:
+    """About what ``save`` puts on disk: the arrays' bytes (orbax compresses little of trained
+    weights), ``metadata.json`` and orbax's own metadata of about the same size."""
+    arrays = sum(int(leaf.nbytes) for leaf in jax.tree.leaves(tree))
+    return arrays + 2 * len(json.dumps(meta, indent=1, default=float)) + _SAVE_OVERHEAD
 
 
 def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
@@ -100,6 +120,10 @@ def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
       kind: ``"float"`` or ``"quantized"``.
       extra: JSON-serialisable metadata stored alongside (digested like the rest).
       arg: the argument name used in error messages (``--out`` for the CLI).
+
+    A file system without room for about the arrays' bytes plus metadata is refused before
+    anything is written (an ``OSError`` with ``errno.ENOSPC`` naming the bytes needed and free);
+    a write that fails midway leaves nothing behind.
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
@@ -118,7 +142,8 @@ def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
         files.crash_point("arrays-written")
         files.write_json(tmp / METADATA_FILE, meta)
 
-    return files.write_dir(path, write, kind=kind, overwrite=overwrite, arg=arg)
+    return files.write_dir(path, write, kind=kind, overwrite=overwrite, arg=arg,
+                           needed_bytes=_bytes_needed(tree, meta))
 
 
 _LOADERS = {"float": "trdq_jax.models.load_checkpoint / --checkpoint",

@@ -17,6 +17,13 @@ The contract:
   is refused naming the path: a foreign non-empty directory, a file where a directory is
   expected (and vice versa), a path inside another output, the current directory, any of its
   parents, the home directory and ``/``.
+- A failed write removes its temporary before the error is raised, and keeps removing it until
+  it stays absent for a short quiet period (background writers such as orbax's tensorstore
+  threads may re-create it for a moment after the first failure; see ``_discard``); in the rare
+  case it is still there after ``_SETTLE_LIMIT_S``, the error names it. Errors read
+  ``ARG: cannot write 'PATH': <cause> (nothing was changed)``, with ``errno`` set but no
+  ``[Errno N]`` prefix. ``check_free_space`` (``write_dir(needed_bytes=...)``) refuses a write
+  that cannot fit before anything is written.
 - Temporaries whose writer is gone (its lock is free) are removed by the next write to the same
   target. With the two-rename fallback, a crash between the renames leaves the old output as
   ``.NAME.trdq-old.PID.RAND``; the next write (or ``recover``) moves it back, and a failure of
@@ -36,6 +43,7 @@ import os
 import pathlib
 import shutil
 import signal
+import time
 import uuid
 from typing import Callable
 
@@ -285,6 +293,41 @@ def _remove(path: pathlib.Path) -> None:
             path.unlink()
         except FileNotFoundError:
             pass
+        except OSError:  # e.g. it became a directory meanwhile: the caller checks again
+            pass
+
+
+# A failed write's temporary must stay absent this long before it counts as gone, and the
+# removal gives up after _SETTLE_LIMIT_S (then the error names the leftover).
+_QUIET_S, _SETTLE_LIMIT_S, _POLL_S = 0.25, 10.0, 0.005
+
+
+def _discard(path: pathlib.Path) -> bool:
+    """Remove the temporary ``path`` of a failed write and make sure it stays removed; returns
+    whether it is gone.
+
+    A writer's background threads can outlive the error they reported: tensorstore (under
+    orbax) goes on with its pending writes after the first one failed and re-creates missing
+    parent directories, so a single ``rmtree`` can be undone a few milliseconds later. Remove
+    again whenever it reappears, until it has stayed absent for ``_QUIET_S``; give up after
+    ``_SETTLE_LIMIT_S``."""
+    deadline = time.monotonic() + _SETTLE_LIMIT_S
+    absent_since = None
+    while True:
+        now = time.monotonic()
+        if os.path.lexists(path):
+            absent_since = None
+            if now >= deadline:
+                return False
+            _remove(path)
+            if os.path.lexists(path):  # a writer is still at work inside: let it run a moment
+                time.sleep(_POLL_S)
+            continue
+        if absent_since is None:
+            absent_since = now
+        elif now - absent_since >= _QUIET_S:
+            return True
+        time.sleep(_POLL_S)
 
 
 def recover(target: str | os.PathLike) -> None:
@@ -293,7 +336,7 @@ def recover(target: str | os.PathLike) -> None:
     target = pathlib.Path(target)
     for tmp, pid in _siblings(target, _TMP):
         if not _writer_alive(tmp, pid):
-            _remove(tmp)
+            _discard(tmp)  # its writer's threads may still be touching it (see ``_discard``)
     for old, pid in _siblings(target, _OLD):
         if _writer_alive(old, pid):
             continue
@@ -406,10 +449,77 @@ def _move_into_place(tmp: pathlib.Path, target: pathlib.Path, *, existed: bool, 
 # ----------------------------------------------------------------------------- writers
 
 
-def _write_error(arg: str, target: pathlib.Path, e: OSError) -> OSError:
+def os_error(code: int | None, message: str) -> OSError:
+    """An OSError whose ``str`` is exactly ``message`` (no ``[Errno N]`` prefix) while ``errno``
+    is ``code``; of the subclass ``OSError(code, ...)`` would pick (``FileNotFoundError``...)."""
+    cls = type(OSError(code, "")) if code is not None else OSError
+    error = cls(message)
+    error.errno = code
+    return error
+
+
+def _write_error(arg: str, target: pathlib.Path, e: OSError,
+                 leftover: pathlib.Path | None = None) -> OSError:
     """The OSError of a failed write, restated for the target (not the temporary)."""
-    message = f"{arg}: cannot write {str(target)!r}: {e.strerror or e} (nothing was changed)"
-    return OSError(e.errno, message) if e.errno is not None else OSError(message)
+    return os_error(e.errno, f"{arg}: cannot write {str(target)!r}: {e.strerror or e} "
+                             f"{_unchanged(target, leftover)}")
+
+
+def _unchanged(target: pathlib.Path, leftover: pathlib.Path | None) -> str:
+    """What a failed write left: nothing, or (rarely) a temporary it could not remove."""
+    if leftover is None:
+        return "(nothing was changed)"
+    return (f"({str(target)!r} was not changed, but the temporary {str(leftover)!r} could not "
+            "be removed: a background writer kept re-creating it; the next write to "
+            f"{str(target)!r} removes it, or delete it yourself)")
+
+
+def _format_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def free_bytes(path: str | os.PathLike) -> tuple[int, pathlib.Path] | None:
+    """``(bytes free, directory asked)`` on the file system that would hold ``path`` (asked at
+    its nearest existing parent); None where the platform cannot tell."""
+    path = pathlib.Path(path).expanduser().absolute()
+    where = next((p for p in path.parents if p.exists()), None)
+    if where is None or not hasattr(os, "statvfs"):
+        return None
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return None
+    root = hasattr(os, "geteuid") and os.geteuid() == 0  # root may use the reserved blocks
+    return st.f_frsize * (st.f_bfree if root else st.f_bavail), where
+
+
+def check_free_space(target: str | os.PathLike, needed_bytes: int, arg: str = "path") -> None:
+    """Refuse, before anything is written, an output of about ``needed_bytes`` that the file
+    system holding ``target`` has no room for.
+
+    ``needed_bytes`` is the caller's estimate of everything the write puts on disk (array
+    ``nbytes`` plus metadata and a margin); the temporary sibling lives on the target's file
+    system until it is renamed into place, so an existing output being replaced does not count
+    as free. Raises an ``OSError`` with ``errno`` ``ENOSPC`` in one line naming ``arg``, the
+    path, the bytes needed and free::
+
+        --out: cannot write '/d/q': No space left on device: needs about 4.4 MB, 1.0 MB free
+        on '/d' (nothing was changed)
+
+    Does nothing where the free space cannot be read (no ``statvfs``, an unreadable parent).
+    """
+    found = free_bytes(target)
+    if found is None:
+        return
+    free, where = found
+    if needed_bytes > free:
+        raise os_error(errno.ENOSPC, f"{arg}: cannot write {str(target)!r}: "
+                                     f"{os.strerror(errno.ENOSPC)}: needs about "
+                                     f"{_format_bytes(needed_bytes)}, {_format_bytes(free)} free "
+                                     f"on {str(where)!r} (nothing was changed)")
 
 
 def _make_parents(target: pathlib.Path) -> list[pathlib.Path]:
@@ -440,29 +550,53 @@ def _remove_empty(dirs: list[pathlib.Path]) -> None:
 @contextlib.contextmanager
 def _staging(target: pathlib.Path, tmp: pathlib.Path, arg: str):
     """Around writing ``tmp`` and moving it to ``target``: creates missing parents, restates an
-    OSError for the target, and on the way out removes ``tmp`` (and, unless the caller set
-    ``state["done"]``, the parents it created)."""
+    OSError for the target, and on the way out removes ``tmp`` (for good: ``_discard``) and,
+    unless the caller set ``state["done"]``, the parents it created."""
     created, state = [], {"done": False, "lock": None}
+    leftover = None
     try:
         created = _make_parents(target)
         yield state
     except OSError as e:
-        raise _write_error(arg, target, e) from None
+        leftover = _cleanup(tmp, state, created)
+        raise _write_error(arg, target, e, leftover) from None
+    except Exception as e:
+        leftover = _cleanup(tmp, state, created)
+        if leftover is not None:  # the cause, and what it left behind
+            raise OSError(f"{arg}: cannot write {str(target)!r}: {type(e).__name__}: {e} "
+                          f"{_unchanged(target, leftover)}") from e
+        raise
     finally:
-        if os.path.lexists(tmp):
-            _remove(tmp)
-        _unlock(state["lock"])
-        if not state["done"]:
-            _remove_empty(created)
+        if state.get("cleaned") is None:  # success, or an interrupt (BaseException)
+            _cleanup(tmp, state, created)
+
+
+def _cleanup(tmp: pathlib.Path, state: dict, created: list[pathlib.Path]) -> pathlib.Path | None:
+    """Remove ``tmp`` (which, after a successful swap, is already gone), release its lock and,
+    unless the write is done, the parents it created; returns ``tmp`` if it could not be
+    removed."""
+    state["cleaned"] = True
+    gone = _discard(tmp) if os.path.lexists(tmp) else True
+    _unlock(state["lock"])
+    state["lock"] = None
+    if not state["done"]:
+        _remove_empty(created)
+    return None if gone else tmp
 
 
 def write_dir(path: str | os.PathLike, write: Callable[[pathlib.Path], None], *, kind: str,
-              overwrite: bool = False, arg: str = "path") -> pathlib.Path:
+              overwrite: bool = False, arg: str = "path",
+              needed_bytes: int | None = None) -> pathlib.Path:
     """Write a directory of ``kind`` atomically: ``write(tmp)`` fills a fresh temporary
     sibling, which must end up holding a ``metadata.json`` with a ``trdq_jax.`` format and
     this ``kind``; it is then flushed and moved to ``path``. Returns the resolved path.
+
+    ``needed_bytes``: the caller's estimate of the output's size; when given, a file system
+    without that much room is refused before anything is written (``check_free_space``).
     """
     target = resolve_target(path, kind=kind, overwrite=overwrite, is_dir=True, arg=arg)
+    if needed_bytes is not None:
+        check_free_space(target, needed_bytes, arg)
     existed = os.path.lexists(target)
     tmp = _temp_sibling(target, _TMP)
     with _staging(target, tmp, arg) as state:

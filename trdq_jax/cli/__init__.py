@@ -39,8 +39,39 @@ def _one_line(e: BaseException) -> str:
     return message or type(e).__name__
 
 
+def _late_loop_callback(unraisable) -> bool:
+    """An ``asyncio`` ``call_soon_threadsafe`` onto a closed event loop: what tensorstore's
+    threads still deliver after orbax gave up on a failed save (its pending writes finish after
+    the first error was raised and reported; they change nothing)."""
+    if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != \
+            "Event loop is closed":
+        return False
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed" and \
+        os.path.basename(os.path.dirname(tb.tb_frame.f_code.co_filename)) == "asyncio"
+
+
+def _hide_late_loop_callbacks() -> None:
+    """Keep the one error line the last line: drop only ``_late_loop_callback`` tracebacks
+    from ``sys.unraisablehook`` (where CPython reports exceptions it cannot raise, e.g. in
+    tensorstore's threads); every other one still reaches the previous hook. Installed once per
+    process and left in place: those callbacks arrive after ``main`` has returned."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_trdq_hides_late_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if not _late_loop_callback(unraisable):
+            previous(unraisable)
+    hook._trdq_hides_late_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (usage errors and ``--help`` included)."""
+    _hide_late_loop_callbacks()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage error or the help

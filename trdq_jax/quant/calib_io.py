@@ -15,6 +15,7 @@ other and against the segment table, and the table against the stored sampler co
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import zipfile
@@ -71,7 +72,11 @@ def save_calibration(path, calib: Calibration, recipe, cfg: ExperimentConfig, *,
         np.savez(tmp / STATS_FILE, **arrays)
         files.crash_point("arrays-written")
         files.write_json(tmp / files.METADATA_FILE, meta)
-    return files.write_dir(path, write, kind="calibration", overwrite=overwrite, arg=arg)
+    # np.savez stores the arrays as they are, plus a header per array; metadata.json beside
+    needed = (sum(a.nbytes for a in arrays.values()) + 512 * len(arrays)
+              + len(json.dumps(meta, indent=1, default=float)) + (16 << 10))
+    return files.write_dir(path, write, kind="calibration", overwrite=overwrite, arg=arg,
+                           needed_bytes=needed)
 
 
 def _read_stats(path: pathlib.Path) -> dict[str, np.ndarray]:
