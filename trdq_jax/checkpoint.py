@@ -9,8 +9,9 @@ Layout of a checkpoint directory::
 A checkpoint is written through ``trdq_jax.files.write_dir``: into a temporary sibling, then
 swapped into place, so a crash never leaves a half-written ``DIR`` and an existing checkpoint is
 replaced only with ``overwrite=True`` and only by one of the same kind. ``restore`` checks the
-metadata against its recorded digests, every array against the manifest, and the stored config
-against the one you expect; each failure is one ``CheckpointError`` naming the cause.
+metadata against its recorded digests, every array against the manifest, float arrays for
+NaN / Inf, and the stored config against the one you expect; each failure is one
+``CheckpointError`` naming the cause.
 This module knows nothing about models: ``trdq_jax.models.load_checkpoint`` adds the check of
 the tree against a model's abstract params.
 """
@@ -26,6 +27,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax import files, manifest
@@ -175,7 +177,8 @@ def stored_config(meta: dict):
 
 
 def restore(path: str | os.PathLike, cfg=None):
-    """Restore ``(params, stored_cfg)`` from ``path``; arrays come back as numpy.
+    """Restore ``(params, stored_cfg)`` from ``path``; arrays come back as numpy, checked
+    against the manifest and, when float, for NaN / Inf (``CheckpointError`` naming the array).
 
     Args:
       cfg: if given, the stored config must equal it (an ``ExperimentConfig`` is compared by its
@@ -200,8 +203,13 @@ def restore(path: str | os.PathLike, cfg=None):
         raise CheckpointError(f"{str(path)!r}: cannot read the parameter tree "
                               f"(missing or truncated files?): {type(e).__name__}: "
                               f"{' '.join(str(e).split())[:300]}") from None
-    manifest.check_arrays(record["arrays"], manifest.flat_arrays(params), str(path),
-                          CheckpointError)
+    arrays = manifest.flat_arrays(params)
+    manifest.check_arrays(record["arrays"], arrays, str(path), CheckpointError)
+    for name, value in arrays.items():
+        if jnp.issubdtype(value.dtype, jnp.floating) and not np.isfinite(value).all():
+            raise CheckpointError(f"{str(path)!r}: array {name} holds {np.isnan(value).sum()} "
+                                  f"NaN and {np.isinf(value).sum()} infinite values; parameters "
+                                  "must be finite")
     return params, stored
 
 

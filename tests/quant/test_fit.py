@@ -1,7 +1,8 @@
 """The recipe layer against independent references: GPTQ vs a float64 numpy loop and vs
-round-to-nearest, the clipping and alpha searches vs brute force over their grids (each
-candidate simulated in numpy), per-segment activation parameters vs numpy over each segment's
-rows, and the similarity split as wired into ``calibrate`` vs brute force over all splits."""
+round-to-nearest, the clipping and alpha searches (pooled, or per segment with per-segment
+weights) vs brute force over their grids (each candidate simulated in numpy), per-segment
+activation parameters vs numpy over each segment's rows, and the similarity split as wired
+into ``calibrate`` vs brute force over all splits."""
 import dataclasses
 import itertools
 
@@ -193,6 +194,39 @@ def test_alpha_search_is_brute_force_over_finished_layers(gptq_on):
                               dataclasses.replace(base, alpha_grid=grid))
     assert max(each) > 1.05 * min(each), "the grid must hold a clearly worse alpha"
     assert _trajectory_error(searched, rows, table, kernel) == pytest.approx(min(each), rel=1e-6)
+
+
+def test_per_segment_weights_choose_each_segment_alpha_by_brute_force():
+    """``per_segment_weights`` (e.g. ``trdq_release``): each segment's alpha is the one whose
+    finished layer has the least error on that segment's rows, chosen independently."""
+    k, n, grid = 24, 16, (0.1, 0.5, 0.9)
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(8, 32, k)).astype(np.float32)
+    table = np.repeat(np.arange(2), 4).astype(np.int32)
+    rows[:4, :, :3] *= 1000.0  # segment 0: activation outlier channels (migrate them: alpha up)
+    kernel = rng.normal(size=(k, n)).astype(np.float32)
+    kernel[5:8] *= 30.0  # weight outlier channels, which segment 1's flat rows can take over
+    base = Q.Recipe("r", w_bits=4, a_bits=8, smoothing=True, num_segments=2,
+                    per_segment_weights=True, a_clip_search=False)
+    stats = _stats(rows, k)
+    fixed = [quantize_layer(kernel, None, stats, table, 2, dataclasses.replace(base, alpha=a))
+             for a in grid] + [  # the search's "no smoothing" candidate
+        quantize_layer(kernel, None, stats, table, 2, dataclasses.replace(base, smoothing=False))]
+    searched = quantize_layer(kernel, None, stats, table, 2,
+                              dataclasses.replace(base, alpha_grid=grid))
+    best = []
+    for s in range(2):  # brute force over this segment's rows, numpy reference layer
+        x = rows[table == s].reshape(-1, k)
+        err = [np.mean((numpy_layer(q, x, s) - x.astype(np.float64) @ kernel) ** 2)
+               for q in fixed]
+        b = int(np.argmin(err))
+        assert sorted(err)[1] > 1.03 * err[b], "the choice must be clear"
+        best.append(b)
+        want = np.asarray(fixed[b].smooth)[s] if b < len(grid) else np.ones(k, np.float32)
+        np.testing.assert_array_equal(np.asarray(searched.smooth)[s], want)
+        assert np.mean((numpy_layer(searched, x, s) - x.astype(np.float64) @ kernel) ** 2) \
+            == pytest.approx(err[b], rel=1e-6)
+    assert best[0] != best[1], "the segments were planted to want different alphas"
 
 
 def test_rtn_alpha_search_picks_by_round_to_nearest_then_fits_gptq_once():

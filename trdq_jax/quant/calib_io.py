@@ -9,7 +9,9 @@ Layout (written through ``trdq_jax.files.write_dir``: a temporary sibling, then 
     DIR/stats.npz      "<i>.<field>": float32 ``LayerStats`` arrays of ``layers[i]``
 
 ``load_calibration`` checks the manifest, the shapes of every layer's statistics against each
-other and against the segment table, and the table against the stored sampler config;
+other and against the segment table, their values against their definitions (finite, ranges
+and abs-maxima that agree with each other and with the sampled rows), and the table against
+the stored sampler config;
 ``check_calibration_model`` checks a calibration against the float model it names.
 """
 from __future__ import annotations
@@ -97,9 +99,57 @@ def _check_layer(p: str, s: LayerStats, num_steps: int, where: str) -> None:
             raise CalibrationError(f"{where}: layer {p!r} {field} has shape "
                                    f"{getattr(s, field).shape}, expected {shape} ({num_steps} "
                                    "steps of the segment table)")
-    if s.rows.ndim != 3 or s.rows.shape[0] != num_steps or s.rows.shape[2] != k:
+    if (s.rows.ndim != 3 or s.rows.shape[0] != num_steps or not s.rows.shape[2]
+            or s.rows.shape[2] % k):
         raise CalibrationError(f"{where}: layer {p!r} rows has shape {s.rows.shape}, expected "
-                               f"[{num_steps}, R, {k}]")
+                               f"[{num_steps}, R, taps * {k}] (taps = 1 for a Dense)")
+
+
+def _first_step(bad: np.ndarray) -> int:
+    """The first step (leading index) where the boolean ``bad [S, ...]`` holds."""
+    return int(np.argmax(bad.reshape(len(bad), -1).any(axis=1)))
+
+
+def _check_values(p: str, s: LayerStats, where: str) -> None:
+    """Refuse statistics that contradict their definitions (``LayerStats``, shapes checked):
+    non-finite values, negative magnitudes, ``tensor_min > tensor_max``, a step whose largest
+    absmax is not ``max(-tensor_min, tensor_max)``, sampled rows beyond their step's per-channel
+    absmax or range (relative rounding 1e-6 allowed)."""
+    def fail(field: str, what: str, bad: np.ndarray):
+        step = f" (step {_first_step(bad)})" if field != "weight_absmax" else ""
+        raise CalibrationError(f"{where}: layer {p!r} {field}: {what}{step}")
+
+    for field in _STAT_FIELDS:
+        value = getattr(s, field)
+        for what, bad in (("NaN", np.isnan(value)), ("infinite", np.isinf(value))):
+            if bad.any():
+                fail(field, f"{np.count_nonzero(bad)} {what} values", bad)
+    for field in ("absmax", "weight_absmax"):
+        bad = getattr(s, field) < 0
+        if bad.any():
+            fail(field, f"{np.count_nonzero(bad)} negative values (magnitudes are >= 0)", bad)
+    bad = s.tensor_min > s.tensor_max
+    if bad.any():
+        i = _first_step(bad)
+        fail("tensor_min", f"{s.tensor_min[i]} > tensor_max {s.tensor_max[i]}", bad)
+    peak = np.maximum(-s.tensor_min, s.tensor_max)  # [S] the largest |x| of each step
+    tol = 1e-6 * peak
+    bad = np.abs(s.absmax.max(axis=1) - peak) > tol
+    if bad.any():
+        i = _first_step(bad)
+        fail("absmax", f"largest value {s.absmax[i].max()} is not max(-tensor_min, tensor_max) "
+             f"= {peak[i]}", bad)
+    k = s.absmax.shape[1]
+    rows = s.rows.reshape(len(s.rows), -1, k)  # [S, R * taps, K]: a conv's patch taps as rows
+    bad = np.abs(rows) - s.absmax[:, None, :] > tol[:, None, None]
+    if bad.any():
+        fail("rows", f"{np.count_nonzero(bad)} values exceed their channel's absmax", bad)
+    lo, hi = s.tensor_min, s.tensor_max
+    if s.rows.shape[2] > k:  # conv patches: padding taps hold zeros
+        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+    bad = (rows < (lo - tol)[:, None, None]) | (rows > (hi + tol)[:, None, None])
+    if bad.any():
+        fail("rows", f"{np.count_nonzero(bad)} values outside [tensor_min, tensor_max]", bad)
 
 
 def load_calibration(path: str | os.PathLike):
@@ -128,6 +178,7 @@ def load_calibration(path: str | os.PathLike):
                  for i, p in enumerate(body["layers"])}
         for p, s in stats.items():
             _check_layer(p, s, len(table), where)
+            _check_values(p, s, str(path / STATS_FILE))
         calib = Calibration(stats=stats, segment_of_step=table, num_segments=num_segments,
                             keep_float={k: list(v) for k, v in body["keep_float"].items()})
     except (KeyError, TypeError, AttributeError, ConfigError, QuantizedModelError) as e:

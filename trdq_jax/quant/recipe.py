@@ -9,6 +9,7 @@ kept in float by regex. ``RECIPES`` holds the named methods; adding a method is 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Literal
 
@@ -22,6 +23,21 @@ DEFAULT_KEEP_FLOAT = (r"(^|/)(x|y)_embedder(/|$)", r"^final_layer/linear$", r"^c
 # their weights are a third of a DiT's parameters. Quantized weight-only (W{w_bits}A16).
 DEFAULT_WEIGHT_ONLY = (r"adaLN_modulation", r"(^|/)emb_proj$", r"(^|/)t_embedder/")
 
+_BOOL_FIELDS = ("w_symmetric", "w_clip_search", "a_symmetric", "a_clip_search", "smoothing",
+                "per_segment_weights", "gptq")
+_CHOICES = {"a_mode": ("static", "dynamic"),
+            "rotation": ("none", "hadamard", "block_hadamard", "duquant"),
+            "segment_split": ("uniform", "similarity"), "search_weights": ("final", "rtn")}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -30,6 +46,7 @@ class Recipe:
     Fields:
       w_bits, a_bits: 2..8; 16 means that side stays float (w16a16 = every transform applied
         with quantization disabled: the output must equal the float model's).
+      w_symmetric: symmetric per-output-channel weight codes, the only kind implemented (True).
       w_clip_search: per-output-channel search of the weight clipping ratio over
         ``w_clip_grid`` (must hold 1.0), judged by the layer output error of the codes really
         used (GPTQ-fitted when ``gptq``).
@@ -40,8 +57,8 @@ class Recipe:
         alpha is searched (per segment when ``per_segment_weights``) to minimise layer output error.
       rotation: "none" | "hadamard" (full width, random signs) | "block_hadamard" |
         "duquant" (greedy block rotation, zigzag permutation, greedy block rotation).
-      rotation_block: block width for block rotations (a divisor of every quantized width is
-        chosen automatically when this one does not divide).
+      rotation_block: widest block (>= 2) of block rotations (a divisor of every quantized width
+        is chosen automatically when this one does not divide).
       num_segments, segment_split: time segments over the sampling trajectory ("uniform" over the
         training-time axis, or "similarity": contiguous DP split of similar steps).
       per_segment_weights: each segment has its own smoothing/rotation AND its own quantized
@@ -58,6 +75,7 @@ class Recipe:
         weights (exact, alphas x clip ratios GPTQ runs per layer); "rtn": alphas are compared
         with round-to-nearest weights and GPTQ runs once, at the chosen alpha (the clip grid
         only): several times cheaper at DiT-XL/2 widths, no longer a brute-force search.
+      seed: an int in [0, 2**32 - 1] seeding the Hadamard signs and DuQuant rotations.
     """
 
     name: str
@@ -84,41 +102,48 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self):
+        def fail(field: str, expected: str):
+            raise ConfigError(f"Recipe.{field}: expected {expected}, got {getattr(self, field)!r}")
+
+        if not isinstance(self.name, str) or not self.name:
+            fail("name", "a non-empty str")
+        for field in _BOOL_FIELDS:
+            if not isinstance(getattr(self, field), bool):
+                fail(field, "a bool")
         for field in ("w_bits", "a_bits"):
-            value = getattr(self, field)
-            ok = isinstance(value, int) and not isinstance(value, bool) and (
-                2 <= value <= 8 or value == 16)
-            if not ok:
-                raise ConfigError(f"Recipe.{field}: expected bits in 2..8 (or 16 = float), "
-                                  f"got {value!r}")
-        if self.a_mode not in ("static", "dynamic"):
-            raise ConfigError(f"Recipe.a_mode: expected 'static' or 'dynamic', got {self.a_mode!r}")
-        if self.rotation not in ("none", "hadamard", "block_hadamard", "duquant"):
-            raise ConfigError(f"Recipe.rotation: expected none|hadamard|block_hadamard|duquant, "
-                              f"got {self.rotation!r}")
-        if self.segment_split not in ("uniform", "similarity"):
-            raise ConfigError(f"Recipe.segment_split: expected 'uniform' or 'similarity', "
-                              f"got {self.segment_split!r}")
-        if not isinstance(self.num_segments, int) or self.num_segments < 1:
-            raise ConfigError(f"Recipe.num_segments: expected a positive int, got {self.num_segments!r}")
-        if not 0.0 <= self.alpha <= 1.0 or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
-            raise ConfigError(f"Recipe.alpha/alpha_grid: expected values in [0, 1], got "
-                              f"{self.alpha}, {self.alpha_grid}")
-        if self.search_weights not in ("final", "rtn"):
-            raise ConfigError(f"Recipe.search_weights: expected 'final' or 'rtn', got "
-                              f"{self.search_weights!r}")
-        grid = self.w_clip_grid
-        if (not isinstance(grid, tuple) or 1.0 not in grid
-                or not all(isinstance(r, (int, float)) and 0.0 < r <= 1.0 for r in grid)):
-            raise ConfigError(f"Recipe.w_clip_grid: expected a tuple of ratios in (0, 1] holding "
-                              f"1.0 (no clipping), got {grid!r}")
+            bits = getattr(self, field)
+            if not _is_int(bits) or not (2 <= bits <= 8 or bits == 16):
+                fail(field, "bits in 2..8 (or 16 = float)")
+        if not self.w_symmetric:
+            fail("w_symmetric", "True (only symmetric weight codes are implemented)")
+        for field, options in _CHOICES.items():
+            if not isinstance(getattr(self, field), str) or getattr(self, field) not in options:
+                fail(field, " or ".join(map(repr, options)))
+        if not _is_int(self.num_segments) or self.num_segments < 1:
+            fail("num_segments", "a positive int")
         if self.per_segment_weights and self.num_segments == 1:
             raise ConfigError("Recipe.per_segment_weights: needs num_segments > 1")
+        if not _is_int(self.rotation_block) or self.rotation_block < 2:
+            fail("rotation_block", "an int >= 2 (the widest block a block rotation may use; "
+                 "a block of 1 rotates nothing and DuQuant needs 2)")
+        if not _is_number(self.alpha) or not 0 <= self.alpha <= 1:
+            fail("alpha", "a finite number in [0, 1]")
+        if not isinstance(self.alpha_grid, tuple) or not all(
+                _is_number(a) and 0 <= a <= 1 for a in self.alpha_grid):
+            fail("alpha_grid", "a tuple of numbers in [0, 1] (empty: alpha is not searched)")
+        if not isinstance(self.w_clip_grid, tuple) or 1.0 not in self.w_clip_grid or not all(
+                _is_number(r) and 0 < r <= 1 for r in self.w_clip_grid):
+            fail("w_clip_grid", "a tuple of ratios in (0, 1] holding 1.0 (no clipping)")
+        if not _is_int(self.seed) or not 0 <= self.seed <= 2 ** 32 - 1:
+            fail("seed", "an int in [0, 2**32 - 1]")
         for field in ("keep_float", "weight_only"):
-            for pattern in getattr(self, field):
+            patterns = getattr(self, field)
+            if not isinstance(patterns, tuple) or not all(isinstance(p, str) for p in patterns):
+                fail(field, "a tuple of str regexes")
+            for pattern in patterns:
                 try:
                     re.compile(pattern)
-                except (re.error, TypeError) as e:
+                except re.error as e:
                     raise ConfigError(f"Recipe.{field}: invalid regex {pattern!r}: {e}") from None
 
     def is_weight_only(self, path: str) -> bool:

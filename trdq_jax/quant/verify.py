@@ -2,8 +2,10 @@
 table against the sampler and the recipe, the layers against the model config.
 
 These run when a quantized checkpoint is restored (``trdq_jax.quant.io.load_quantized``), so a
-directory whose metadata and arrays disagree is refused naming the field instead of sampling
-garbage. Each check raises ``QuantizedModelError`` (a ``ValueError``).
+directory whose metadata and arrays disagree, or whose values cannot be right (a NaN or
+negative scale, a clipping ratio above 1, a sign of 0, a perm that is no permutation, a rotation
+that is not orthogonal), is refused naming the layer and field instead of sampling garbage.
+Each check raises ``QuantizedModelError`` (a ``ValueError``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from trdq_jax.quant import quantizers, segments
 from trdq_jax.quant.qlinear import QLinear
 
 ROTATIONS = ("none", "hadamard", "block_hadamard", "duquant")
+ORTHOGONAL_TOL = 1e-4  # max |R R^T - I| of a stored rotation block (float32 rounding: ~1e-6)
 _ROTATION_ARRAYS = {"none": (), "hadamard": ("signs",), "block_hadamard": ("signs",),
                     "duquant": ("r1", "perm", "r2")}
 
@@ -30,6 +33,49 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
+def _require(label: str, value: np.ndarray, ok: np.ndarray, expected: str) -> None:
+    """Fail naming how many entries of ``value`` are not ``expected`` (``ok``: a boolean mask of
+    ``value``'s shape) and the first of them."""
+    if not ok.all():
+        first = np.unravel_index(np.argmin(ok), ok.shape)
+        raise QuantizedModelError(f"{label}: {ok.size - np.count_nonzero(ok)} of {ok.size} "
+                                  f"values are not {expected} (first: {value[first]:.6g} at "
+                                  f"{[int(i) for i in first]})")
+
+
+def _check_values(q: QLinear, where: str) -> None:
+    """The values of a layer's arrays (shapes already checked), vectorised: scales and
+    smoothing divisors finite and > 0, clipping ratios in (0, 1], signs +-1, each segment's
+    perm a permutation and r1 / r2 orthogonal, bias and float weights finite."""
+    positive = (lambda v: (v > 0) & (v < np.inf), "finite and > 0")
+    rules = {"w_scale": positive, "a_scale": positive, "smooth": positive,
+             "a_clip": (lambda v: (v > 0) & (v <= 1), "in (0, 1]"),
+             "signs": (lambda v: (v == 1) | (v == -1), "exactly +1 or -1"),
+             "bias": (np.isfinite, "finite")}
+    if q.w_bits == 16:
+        rules["w_q"] = (np.isfinite, "finite (float weights)")
+    for name, (test, expected) in rules.items():
+        if getattr(q, name) is not None:
+            value = np.asarray(getattr(q, name))
+            _require(f"{where}.{name}", value, test(value), expected)
+    if q.perm is not None:
+        perm = np.asarray(q.perm)  # [S, K]
+        if not np.issubdtype(perm.dtype, np.integer):
+            _fail(where, "perm", f"expected integer indices, got {perm.dtype}")
+        bad = np.flatnonzero((np.sort(perm, axis=1) != np.arange(perm.shape[1])).any(axis=1))
+        if bad.size:
+            _fail(where, "perm", f"segment(s) {bad.tolist()} not a permutation of "
+                  f"0..{perm.shape[1] - 1}")
+    for name in ("r1", "r2"):
+        if getattr(q, name) is not None:
+            r = np.asarray(getattr(q, name), np.float64)  # [S, B, B]
+            error = np.abs(r @ r.transpose(0, 2, 1) - np.eye(r.shape[-1])).max(axis=(1, 2))
+            bad = np.flatnonzero(~(error <= ORTHOGONAL_TOL))
+            if bad.size:
+                _fail(where, name, f"segment(s) {bad.tolist()} not orthogonal: max |R R^T - I| "
+                      f"= {error[bad[0]]:.3g}, tolerance {ORTHOGONAL_TOL}")
+
+
 def weight_codes(q: QLinear) -> np.ndarray:
     """The integer weight codes ``[Sw, K, N]`` of a layer (int4 unpacked), as int8 numpy."""
     w = np.asarray(q.w_q)
@@ -37,7 +83,8 @@ def weight_codes(q: QLinear) -> np.ndarray:
 
 
 def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> None:
-    """Check one layer's static fields (bits, modes, rotation) against its arrays."""
+    """Check one layer's static fields (bits, modes, rotation) against its arrays, and the
+    arrays' values (``_check_values``)."""
     w = np.asarray(q.w_q)
     if w.ndim != 3:
         _fail(where, "w_q", f"expected [copies, K, N] codes, got shape {w.shape}")
@@ -123,6 +170,7 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
             if value is not None and _shape(value)[0] not in (1, num_segments):
                 _fail(where, name, f"leading axis {_shape(value)[0]} is not 1 or the "
                       f"{num_segments} segments")
+    _check_values(q, where)
 
 
 def check_segment_table(table, num_segments: int, num_steps: int, where: str) -> np.ndarray:
@@ -179,6 +227,7 @@ def check_against_model(qparams, model_cfg, where: str) -> None:
 
 def check_quantized(qparams, recipe, segment_of_step, cfg, where: str) -> np.ndarray:
     """All checks of a restored quantized model; returns the validated segment table."""
+    from trdq_jax.manifest import flat_arrays
     from trdq_jax.quant.fit import weight_only_recipe
     from trdq_jax.quant.transform import quantized_layer_paths
     num_steps = cfg.sampler.num_steps if isinstance(cfg, ExperimentConfig) else len(
@@ -197,6 +246,9 @@ def check_quantized(qparams, recipe, segment_of_step, cfg, where: str) -> np.nda
                 raise QuantizedModelError(f"{where}: layer {path}.{field} is "
                                           f"{getattr(node, field)!r}, the recipe says "
                                           f"{getattr(layer_recipe, field)!r}")
+    for name, value in flat_arrays(qparams["float"]).items():
+        value = np.asarray(value)
+        _require(f"{where}: float param {name}", value, np.isfinite(value), "finite")
     model_cfg = cfg.model if isinstance(cfg, ExperimentConfig) else cfg
     check_against_model(qparams, model_cfg, where)
     return table
