@@ -228,7 +228,8 @@ def test_corrupt_calibration_arrays_and_model_mismatch(tiny, tmp_path):
     with pytest.raises(manifest.IntegrityError, match="0.absmax: .*(checksum|stored)"):
         load_calibration(path)
     (path / "stats.npz").write_bytes((path / "stats.npz").read_bytes()[:100])
-    with pytest.raises(CalibrationError, match="stats.npz': unreadable or truncated"):
+    with pytest.raises(CalibrationError,
+                       match="stats.npz' is truncated: the zip archive stops after 100 bytes"):
         load_calibration(path)
     params = tiny["params"]
     check_calibration_model(calib, cfg, meta, params, tree_digest(params), "c")

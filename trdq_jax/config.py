@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import numbers
+import os
 import pathlib
 import typing
 from typing import Any, Literal, Union
@@ -489,17 +490,53 @@ def _replace_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
     return dataclasses.replace(obj, **{head: _replace_path(child, parts[1:], raw, key)})
 
 
+def _user_line(path: pathlib.Path, tb) -> int | None:
+    """The line of ``path`` in traceback ``tb`` closest to where the exception was raised."""
+    line, name = None, os.path.abspath(path)
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == name:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _in_file(path: pathlib.Path, line: int | None) -> str:
+    return f"--config: {str(path)!r}" + (f", line {line}" if line is not None else "")
+
+
 def load_config_file(path: str | pathlib.Path) -> ExperimentConfig:
-    """Import a ``configs/*.py`` file and call its ``get_config()``."""
+    """Import a ``configs/*.py`` file and call its ``get_config()``.
+
+    Every failure is a ``ConfigError`` naming the file (and the line, where there is one): no
+    such file, a syntax error, an exception while the file runs or inside ``get_config()``
+    (a bad config value there keeps its own message, prefixed with the file and line), no
+    ``get_config``, or one that returns something else than an ``ExperimentConfig``.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: no such file {str(path)!r}")
     spec = importlib.util.spec_from_file_location(f"_trdq_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:  # IndentationError too; possibly in a file it imports
+        where = (path if not e.filename or os.path.abspath(e.filename) == os.path.abspath(path)
+                 else pathlib.Path(e.filename))
+        text = f" ({' '.join(e.text.split())!r})" if e.text and e.text.strip() else ""
+        raise ConfigError(f"{_in_file(where, e.lineno)}: syntax error: {e.msg}{text}") from None
+    except Exception as e:  # noqa: BLE001 (the user's code may raise anything)
+        raise ConfigError(f"{_in_file(path, _user_line(path, e.__traceback__))}: running the "
+                          f"file raised {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config {path}: the file defines no get_config()")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except ConfigError as e:
+        raise ConfigError(f"{_in_file(path, _user_line(path, e.__traceback__))}: "
+                          f"{e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{_in_file(path, _user_line(path, e.__traceback__))}: get_config() "
+                          f"raised {type(e).__name__}: {e}") from None
     if not isinstance(cfg, ExperimentConfig):
         raise ConfigError(f"--config {path}: get_config() returned {type(cfg).__name__}, "
                           "expected ExperimentConfig")

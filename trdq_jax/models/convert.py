@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax.config import DiTConfig
+from trdq_jax.models import weight_files
 from trdq_jax.models.dit import DIT_SIZES
 from trdq_jax.models.factory import abstract_params
 from trdq_jax.models.layers import sincos_2d
@@ -45,8 +46,10 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     ``ml_dtypes.bfloat16``).
 
     Raises ``FileNotFoundError`` for a missing file, ``ConversionError`` naming the path for an
-    empty, truncated or corrupt file or one holding non-numeric (e.g. pickled object) arrays, and
-    ``ImportError`` for ``.pt`` files without torch.
+    empty or truncated file, one of another format than its suffix says, a pickle under a
+    ``.safetensors``/``.npz`` name (never unpickled: ``trdq_jax.models.weight_files`` checks
+    the bytes before any reader runs), a damaged one, or one holding non-numeric (e.g. pickled
+    object) arrays; ``ImportError`` for ``.pt`` files without torch.
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -57,7 +60,7 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
                          f"got {path.name!r}")
     if path.stat().st_size == 0:
         raise ConversionError(f"path: {str(path)!r} is empty (0 bytes); expected a {suffix} "
-                              "checkpoint (an interrupted download or copy?)")
+                              "checkpoint: truncated (an interrupted download or copy?)")
     if suffix == ".safetensors":
         return _load_safetensors(path)
     if suffix == ".npz":
@@ -65,34 +68,36 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     return _load_torch(path, suffix)
 
 
-def _corrupt(path: pathlib.Path, kind: str, reason: str) -> ConversionError:
-    return ConversionError(f"path: {str(path)!r} is not a readable {kind} file ({reason}); it "
-                           "may be truncated or corrupt: download or save it again")
+def _damaged(path: pathlib.Path, kind: str, reason: str) -> ConversionError:
+    """A file whose structure checked out but whose reader failed further in."""
+    return ConversionError(f"path: {str(path)!r} is a damaged {kind} file ({reason}); download "
+                           "or save it again")
 
 
 def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
+        weight_files.check_safetensors(path)
+    except weight_files.WeightFileError as e:
+        raise ConversionError(f"path: {e}") from None
+    try:
         out = dict(load_file(str(path)))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise _corrupt(path, ".safetensors", str(e)) from None
+        raise _damaged(path, ".safetensors", str(e)) from None
     _check_numeric(path, out)
     return out
 
 
 def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
+        weight_files.check_npz(path)
+    except weight_files.WeightFileError as e:
+        raise ConversionError(f"path: {e}") from None
+    try:
         data = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e):  # numpy falls back to "pickled data" for any non-zip, non-.npy file
-            raise _corrupt(path, ".npz", "neither a zip archive nor a .npy array") from None
-        raise _corrupt(path, ".npz", str(e)) from None
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
-        raise _corrupt(path, ".npz", f"{type(e).__name__}: {e}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ConversionError(f"path: {str(path)!r} holds a single .npy array, not a .npz archive "
-                              "of named arrays (np.savez(path, **state_dict))")
+    except (ValueError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise _damaged(path, ".npz", f"{type(e).__name__}: {e}") from None
     out = {}
     with data:
         for key in data.files:
@@ -103,9 +108,9 @@ def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
                     raise ConversionError(
                         f"path: {str(path)!r}: array {key!r} is an object array (pickled Python "
                         "objects), which is never unpickled; expected numeric arrays") from None
-                raise _corrupt(path, ".npz", f"array {key!r}: {e}") from None
+                raise _damaged(path, ".npz", f"array {key!r}: {e}") from None
             except (zipfile.BadZipFile, EOFError, OSError) as e:
-                raise _corrupt(path, ".npz", f"array {key!r}: {type(e).__name__}: {e}") from None
+                raise _damaged(path, ".npz", f"array {key!r}: {type(e).__name__}: {e}") from None
     _check_numeric(path, out)
     return out
 

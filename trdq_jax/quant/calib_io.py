@@ -82,11 +82,18 @@ def save_calibration(path, calib: Calibration, recipe, cfg: ExperimentConfig, *,
 
 
 def _read_stats(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """The arrays of ``stats.npz``; a missing, empty, truncated or foreign file (a pickle is
+    never unpickled) is a ``CalibrationError`` in ``weight_files``' words."""
+    from trdq_jax.models.weight_files import WeightFileError, check_npz
+    try:
+        check_npz(path / STATS_FILE)
+    except WeightFileError as e:
+        raise CalibrationError(str(e)) from None
     try:
         with np.load(path / STATS_FILE, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise CalibrationError(f"{str(path / STATS_FILE)!r}: unreadable or truncated "
+        raise CalibrationError(f"{str(path / STATS_FILE)!r} is damaged "
                                f"({type(e).__name__}: {e})") from None
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from trdq_jax import files, manifest
 from trdq_jax._version import __version__
 from trdq_jax.config import to_dict
+from trdq_jax.sampling.generation_dir import nonfinite_rows
 
 FORMAT = "trdq_jax.samples/1"
 SAMPLES_FILE, GRID_FILE = "samples.npz", "grid.png"
@@ -33,6 +34,12 @@ def save_sample_dir(path: str | os.PathLike, samples: np.ndarray, labels: np.nda
     samples, labels = np.asarray(samples, np.float32), np.asarray(labels)
     if labels.shape != samples.shape[:1]:
         raise ValueError(f"labels: expected shape ({samples.shape[0]},), got {labels.shape}")
+    bad = nonfinite_rows(samples)
+    if len(bad):
+        listed = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        raise ValueError(f"samples: {len(bad)} of {len(samples)} samples are NaN or infinite "
+                         f"(indices {listed}); nothing was written: the model (or its "
+                         "quantization) diverged on them")
     arrays = {"samples": samples, "labels": labels}
     body = {"format": FORMAT, "kind": "samples", "library_version": __version__,
             "source": source, "config": to_dict(cfg), "num_samples": int(len(labels)),
@@ -54,11 +61,16 @@ def load_sample_dir(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, di
     path = pathlib.Path(path).expanduser()
     meta, _, record = manifest.read_record(path, formats={"samples": FORMAT},
                                            noun="sample directory")
+    from trdq_jax.models.weight_files import WeightFileError, check_npz
+    try:  # missing, empty, truncated or foreign (a pickle is never unpickled)
+        check_npz(path / SAMPLES_FILE)
+    except WeightFileError as e:
+        raise manifest.IntegrityError(str(e)) from None
     try:
         with np.load(path / SAMPLES_FILE, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise manifest.IntegrityError(f"{str(path / SAMPLES_FILE)!r}: unreadable or truncated "
+        raise manifest.IntegrityError(f"{str(path / SAMPLES_FILE)!r} is damaged "
                                       f"({type(e).__name__}: {e})") from None
     manifest.check_arrays(record["arrays"], arrays, str(path / SAMPLES_FILE))
     return arrays["samples"], arrays["labels"], meta
