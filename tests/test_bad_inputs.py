@@ -38,6 +38,9 @@ def ws(tmp_path_factory):
                  "--out", str(root / "samples")]) == 0
     assert main(["generate", "--checkpoint", str(ck), "--num-samples", "2",
                  "--out", str(root / "gen")]) == 0
+    import shutil
+    shutil.copytree(root / "gen", root / "gen_corrupt")
+    (root / "gen_corrupt" / "metadata.json").write_text('{"format": "trdq_jax.generation/2", ')
     foreign = root / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
@@ -332,6 +335,19 @@ CLI_CASES = [
     ("generate-coordinator-port", "generate --checkpoint {ws}/ck --num-samples 4 "
      "--coordinator somehost --num-processes 2 --process-id 0 --out {ws}/new",
      "--coordinator: expected HOST:PORT, got 'somehost'"),
+    ("generate-shard-size-0", "generate --checkpoint {ws}/ck --num-samples 4 --shard-size 0 "
+     "--out {ws}/new", "argument --shard-size: expected a positive int, got '0'"),
+    ("generate-shard-size-other", "generate --checkpoint {ws}/ck --num-samples 2 --shard-size 2 "
+     "--out {ws}/gen", "--shard-size: '{ws}/gen' was made with shard_size 64, got 2"),
+    ("generate-num-samples-int32", "generate --checkpoint {ws}/ck --num-samples 3000000000 "
+     "--out {ws}/new", "--num-samples: expected at most 2**31 = 2147483648 (sample indices are "
+     "int32)"),
+    ("generate-num-samples-resources", "generate --checkpoint {ws}/ck --num-samples 2147483648 "
+     "--out {ws}/new", "2147483648 samples"),  # the host memory, or the disk, it would need
+    ("generate-corrupt-metadata", "generate --checkpoint {ws}/ck --num-samples 2 "
+     "--out {ws}/gen_corrupt", "metadata.json': corrupt metadata"),
+    ("generate-distributed-no-cluster", "generate --checkpoint {ws}/ck --num-samples 2 "
+     "--distributed --out {ws}/new", "--distributed: found no cluster to join"),
     # demo
     ("demo-unknown-model", "demo --model nope --out {ws}/new", "unknown bundled model 'nope'"),
     ("demo-out-foreign", "demo --out {ws}/mine --overwrite", "not written by trdq_jax"),
@@ -353,6 +369,8 @@ def test_cli_bad_input(ws, argv, message, capsys, monkeypatch):
     assert len(errors) == 1 and err.endswith(errors[0] + "\n"), err  # progress bars may precede
     assert errors[0].startswith(f"trdq {command}: error: "), err
     assert message.format(ws=ws) in err, err
+    if command == "generate":  # generate has no --overwrite: its messages never hint at it
+        assert "--overwrite" not in err, err
     assert tree_hash(ws) == before  # nothing changed, nothing partial left (hidden files too)
 
 
@@ -406,6 +424,11 @@ def _api_cases(ws):
         ("sample-dir-labels", lambda: save_sample_dir(
             ws / "new", np.zeros((2, 8, 8, 1)), np.zeros(3), cfg=TINY, source="x", grid_rows=[],
             row_labels=[], title="t"), ValueError, "labels: expected shape (2,)"),
+        ("sample-dir-nonfinite", lambda: save_sample_dir(
+            ws / "new", np.where(np.arange(4)[:, None, None, None] == 2, np.nan,
+                                 np.zeros((4, 8, 8, 1))), np.zeros(4, int), cfg=TINY,
+            source="x", grid_rows=[], row_labels=[], title="t"), ValueError,
+         "samples: 1 of 4 samples are NaN or infinite (indices 2); nothing was written"),
         ("write-dir-cwd", lambda: files.write_dir(".", lambda t: None, kind="samples",
                                                   overwrite=True),
          files.OutputError, "it is the current directory"),
@@ -422,6 +445,7 @@ API_IDS = ["save-empty-tree", "save-non-array-leaf", "save-bad-kind", "save-extr
            "save-not-a-config", "save-over-foreign", "restore-missing", "restore-other-config",
            "load-quantized-float", "load-calibration-quantized", "load-both-sources",
            "zoo-unknown", "recipe-unknown", "recipe-bits", "calib-labels-0", "sample-dir-labels",
+           "sample-dir-nonfinite",
            "write-dir-cwd", "sampler-negative-cfg", "dit-mlp-ratio", "quantized-model-backend"]
 
 

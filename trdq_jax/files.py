@@ -474,7 +474,8 @@ def _unchanged(target: pathlib.Path, leftover: pathlib.Path | None) -> str:
             f"{str(target)!r} removes it, or delete it yourself)")
 
 
-def _format_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``n`` bytes for messages: "4.4 MB", "512 bytes"."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
@@ -518,7 +519,7 @@ def check_free_space(target: str | os.PathLike, needed_bytes: int, arg: str = "p
     if needed_bytes > free:
         raise os_error(errno.ENOSPC, f"{arg}: cannot write {str(target)!r}: "
                                      f"{os.strerror(errno.ENOSPC)}: needs about "
-                                     f"{_format_bytes(needed_bytes)}, {_format_bytes(free)} free "
+                                     f"{format_bytes(needed_bytes)}, {format_bytes(free)} free "
                                      f"on {str(where)!r} (nothing was changed)")
 
 

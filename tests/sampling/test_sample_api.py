@@ -105,6 +105,13 @@ def test_sample_does_not_depend_on_its_batch():
     other_seed = np.asarray(sample(apply_fn, PARAMS, sampler, labels, seed=12, cfg_scale=2.5,
                                    null_label=NULL, shape=(4, 3)))
     assert np.abs(other_seed - whole).min() > 1e-4
+    picked = np.array([3, 0, 2])  # any subset, in any order, in one batch (stochastic solver)
+    subset = np.asarray(sample(apply_fn, PARAMS, sampler, labels[picked], seed=11,
+                               cfg_scale=2.5, null_label=NULL, shape=(3, 3),
+                               sample_indices=picked))
+    np.testing.assert_allclose(subset, whole[picked], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(initial_noise(11, (3, 3), sample_indices=picked)),
+                                  np.asarray(initial_noise(11, (4, 3)))[picked])
 
 
 def test_cfg_scale_and_other_traced_inputs_do_not_recompile():
@@ -188,6 +195,12 @@ def test_progress_reporting_only_when_asked():
      r"^x_T: expected finite values, got 1 NaN and 1 infinite of 6$"),
     (dict(x_T=jnp.zeros((2, 3)).at[0, 0].set(jnp.nan)), r"^x_T: expected finite values, got 1 NaN"),
     (dict(x_T="noise"), r"^x_T: expected an array of shape \(2, 3\)"),
+    (dict(x_T=np.full((2, 3), 1e30, np.float32)),
+     r"^x_T: expected noise-scale values \(\|x\| <= 10000; .*got max \|x\| = 1e\+30: the model "
+     "would overflow to NaN$"),
+    (dict(sample_indices=[0, 1], sample_offset=3), "^sample_indices: give sample_indices or"),
+    (dict(sample_indices=[0, -1]), r"^sample_indices: expected 2 ints in \[0, 2147483647\]"),
+    (dict(sample_indices=[0, 1, 2]), r"^sample_indices: expected 2 ints"),
     (dict(params={}), "params"),
     (dict(seed=-1), "seed"),
     (dict(seed=1.5), "seed"),

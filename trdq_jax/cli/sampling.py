@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -100,7 +101,15 @@ def _join_processes(args) -> None:
                          "--coordinator with --num-processes and --process-id")
     import jax
     if args.distributed:
-        jax.distributed.initialize()  # TPU slices, SLURM, Open MPI... set up by their runtime
+        try:  # TPU slices, SLURM, Open MPI... set up by their runtime
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            detail = " ".join(str(e).split())[:120]
+            raise ValueError(f"--distributed: found no cluster to join ({detail}): it works "
+                             "where JAX detects the cluster from its "
+                             "environment (a TPU pod slice, SLURM, Open MPI); elsewhere give "
+                             "--coordinator HOST:PORT --num-processes P --process-id p on every "
+                             "process") from None
         return
     if any(v is None for v in explicit):
         raise ValueError("--coordinator: needs all of --coordinator HOST:PORT, --num-processes "
@@ -124,14 +133,19 @@ def _generate(args) -> int:
     labels = None if args.labels is None else _labels_arg(args.labels, args.num_samples)
     with blame(None, labels="--labels", num_samples="--num-samples",
                batch_per_device="--batch-per-device", batch_size="--batch-size",
-               model_parallel="--model-parallel", out="--out"):
+               model_parallel="--model-parallel", shard_size="--shard-size", out="--out"):
         summary = generate_to_dir(args.out, model, params, cfg, num_samples=args.num_samples,
                                   labels=labels, seed=args.seed, cfg_scale=args.cfg_scale,
                                   batch_per_device=args.batch_per_device,
                                   batch_size=args.batch_size,
                                   model_parallel=args.model_parallel, apply_fn=apply_fn,
                                   sampler=sampler, share_cfg=share, source=source,
-                                  progress=True, arg="--out")
+                                  shard_size=args.shard_size,
+                                  allow_nonfinite=args.allow_nonfinite, progress=True,
+                                  arg="--out")
+    if summary["redone"]:
+        print(f"trdq generate: note: redid {len(summary['redone'])} shard(s) whose files or "
+              "manifest lines did not verify (see \"redone\")", file=sys.stderr)
     print_json(summary)
     return 0
 
@@ -187,6 +201,12 @@ def register(sub) -> None:
     p.add_argument("--model-parallel", type=positive_int, default=1, metavar="M",
                    help="size of the mesh's model axis: parameters are split over M devices "
                         "(a divisor of the local device count; default 1, data parallel only)")
+    p.add_argument("--shard-size", type=positive_int, default=None, metavar="S",
+                   help="samples per shard file, fixed when the directory is made (default 64; "
+                        "a resume takes the directory's own)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write NaN/Inf samples (listed in the summary and the manifest) instead "
+                        "of stopping with their indices")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--cfg-scale", type=cfg_scale, default=None)
     p.add_argument("--share-cfg", action="store_true", help="CFG attention sharing everywhere")

@@ -1,34 +1,26 @@
 """Large-batch offline generation into a resumable directory, sharded over the local devices.
 
-``generate_to_dir(out, model, params, cfg, num_samples=N, ...)`` draws samples ``0 .. N-1`` in
-batches of ``batch_per_device x data-axis size`` (or ``batch_size``). Each batch is sharded over
-a ``jax.sharding.Mesh`` of this process's devices with axes ``("data", "model")``: the batch
-along ``"data"``, each parameter's widest dimension divisible by the ``"model"`` size along
-``"model"`` (``model_parallel=1``, the default, replicates the parameters), and sampled by the
-same jitted scan as ``sample``: sample ``i`` depends only on
-``(seed, i, label_i)``, not on the device count, the batch size or the process count. With
-several processes (``jax.distributed.initialize()`` beforehand) process ``p`` of ``P`` takes
-the batches ``b`` with ``b % P == p`` and writes only those.
+``generate_to_dir(out, model, params, cfg, num_samples=N, ...)`` draws samples ``0 .. N-1``.
+Their files follow a fixed grid of ``shard_size`` samples per shard (the layout and its checks
+are ``trdq_jax.sampling.generation_dir``). Samples are computed in batches of
+``batch_per_device x data-axis size`` (or ``batch_size``), each sharded over a
+``jax.sharding.Mesh`` of this process's devices with axes ``("data", "model")``: the batch along
+``"data"``, each parameter's widest dimension divisible by the ``"model"`` size along
+``"model"`` (``model_parallel=1``, the default, replicates the parameters). Sample ``i`` depends
+only on ``(seed, i, label_i)``: not on the batch it landed in, the device count or the process
+count (up to float rounding: XLA may block a matmul differently for another batch size). With
+several processes (``jax.distributed.initialize()`` beforehand) process ``p`` of ``P`` owns the
+shards ``k`` with ``k % P == p`` and writes only those.
 
-Layout of ``out`` (kind ``generation``)::
-
-    metadata.json            format, kind, the run's fingerprint (source, config, seed, labels,
-                             number of samples, guidance scale, CFG plan)
-    shards/00000000.npz      per batch: "samples" float32 [n, ...] (videos [n, F, H, W, C]),
-                             "labels" int32 [n], "indices" int64 [n]
-    images/00000000.png      per image sample (uint8, [-1, 1] mapped to 0..255); not for videos
-    manifest-P.jsonl         per process: one line per finished batch, appended only after every
-                             file of the batch is complete on disk:
-                             {"start", "stop", "shard", "samples": [{"index", "label", "seed",
-                             "file"}, ...]} ("file": the PNG, or the shard for a video)
-
-Every file is written to a temporary name and renamed into place; a batch counts as done only
-once its manifest line is there (a torn last line is ignored). Re-running the same call after a
-crash or a kill therefore redoes only unfinished batches and ends with exactly the files of an
-uninterrupted run. A directory made by a different run (another model, seed, label list...)
-is refused, naming what differs; nothing in it is touched. A failed write (a full disk, a file
-system gone read-only) stops the run with an ``OSError`` naming the file; what was finished
-stays, and the same call resumes once the disk has room.
+Which samples exist and what each holds depends only on the run's identity. A run (or a
+resumed one, with any batch size, device count or process count) computes exactly the samples
+of its shards that do not verify: a torn or edited manifest line, a truncated or deleted shard
+or PNG is done again, and stale temporaries of this host's dead writers are removed first. A
+directory made by a different run (another model, seed, label list...) is refused, naming what
+differs; nothing in it is touched. A failed write (a full disk, a file system gone read-only)
+stops the run with an ``OSError`` naming the file; what was finished stays, and the same call
+resumes once the disk has room. Non-finite samples stop the run naming their indices, unless
+``allow_nonfinite`` (then they are written and listed in the manifest line and the summary).
 """
 from __future__ import annotations
 
@@ -45,14 +37,15 @@ from trdq_jax import files
 from trdq_jax.manifest import tree_digest
 from trdq_jax._version import __version__
 from trdq_jax.config import to_dict
+from trdq_jax.sampling import generation_dir as gd
+from trdq_jax.sampling.generation_dir import KIND
 
-FORMAT = "trdq_jax.generation/1"
-KIND = "generation"
-SHARDS, IMAGES = "shards", "images"
+MAX_SAMPLES = 2 ** 31  # sample indices are int32
+_HOST_BYTES_PER_SAMPLE = 24  # labels (int32 + int64 for the digest) and a batch's indices
 
 
-def _manifest_name(process: int) -> str:
-    return f"manifest-{process}.jsonl"
+class NonFiniteSamplesError(ValueError):
+    """Samples came out NaN or infinite; the message names their indices."""
 
 
 def default_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -99,128 +92,63 @@ def fingerprint(cfg, source: str, num_samples: int, labels: np.ndarray, seed: in
 
 def check_out(out, arg: str = "out") -> pathlib.Path:
     """``out`` resolved, when it may become (or already is) a generation directory; else an
-    ``OutputError`` naming ``arg`` (a file, a foreign directory, another output, an unwritable
-    place...)."""
+    ``OutputError`` naming ``arg`` and the cause (a file, a directory with other contents,
+    another output, a damaged generation directory, an unwritable place...)."""
     if isinstance(out, (str, os.PathLike)) and str(out):  # else resolve_target says what is wrong
         path = pathlib.Path(out).expanduser()
-        found = files.dir_kind(path) if path.is_dir() else None
-        if found not in (None, KIND):
-            raise files.OutputError(f"{arg}: {str(path)!r} is {files.describe(found)}, not a "
-                                    "generation directory; refusing to touch it: choose a new "
-                                    "directory")
+        if path.is_dir():
+            found = files.dir_kind(path)
+            if found == KIND or (found is None and gd.looks_like_generation(path)):
+                try:
+                    gd.read_metadata(path, arg)
+                except gd.GenerationDirError as e:
+                    raise files.OutputError(str(e)) from None
+            elif found is not None:
+                raise files.OutputError(f"{arg}: {str(path)!r} is {files.describe(found)}, not "
+                                        "a generation directory; refusing to touch it: choose "
+                                        "a new directory")
+            elif any(path.iterdir()):
+                raise files.OutputError(f"{arg}: {str(path)!r} holds files not written by "
+                                        "trdq_jax; refusing to touch them: choose a new (or "
+                                        "empty) directory")
     return files.resolve_target(out, kind=KIND, overwrite=True, is_dir=True, arg=arg)
 
 
-def _open_dir(out, run: dict, arg: str) -> pathlib.Path:
-    """The output directory for ``run``: created (metadata only) or checked to be this run's."""
-    target = pathlib.Path(out).expanduser().resolve()
-    if files.dir_kind(target) is None:
-        meta = {"format": FORMAT, "kind": KIND, "library_version": __version__, "run": run}
-
-        def write(tmp: pathlib.Path) -> None:
-            (tmp / SHARDS).mkdir()
-            (tmp / IMAGES).mkdir()
-            files.write_json(tmp / files.METADATA_FILE, meta)
-
+def _open_dir(target: pathlib.Path, run: dict, labels: np.ndarray, images: bool,
+              shard_size: int | None, arg: str) -> tuple[dict, np.ndarray]:
+    """``(metadata, labels)`` of the generation directory ``target`` for ``run``: created
+    (metadata, labels and empty folders only) or checked to be this run's."""
+    if files.dir_kind(target) != KIND:
+        meta = gd.new_metadata(run, shard_size or gd.DEFAULT_SHARD_SIZE, labels, images,
+                               __version__)
         try:
-            files.write_dir(target, write, kind=KIND, arg=arg)
+            files.write_dir(target, lambda tmp: gd.write_new(tmp, meta, labels), kind=KIND,
+                            arg=arg)
         except files.OutputError:
             if files.dir_kind(target) != KIND:  # not another process of this run creating it
                 raise
-    if files.dir_kind(target) != KIND:
-        raise files.OutputError(f"{arg}: {str(target)!r} is "
-                                f"{files.describe(files.dir_kind(target))}, not a generation "
-                                "directory")
-    stored = json.loads((target / files.METADATA_FILE).read_text()).get("run", {})
+    try:
+        meta, stored_labels = gd.read_metadata(target, arg)
+    except gd.GenerationDirError as e:
+        raise files.OutputError(str(e)) from None
+    stored = meta["run"]
     differs = sorted(k for k in set(stored) | set(run) if stored.get(k) != run.get(k))
     if differs:
         raise ValueError(f"{arg}: {str(target)!r} holds another run (differs in "
                          f"{', '.join(differs)}); use a new directory, nothing was changed")
-    return target
+    if shard_size is not None and shard_size != meta["shard_size"]:
+        raise ValueError(f"shard_size: {str(target)!r} was made with shard_size "
+                         f"{meta['shard_size']}, got {shard_size}; leave it out to resume with "
+                         "the directory's own (it fixes which files hold which samples)")
+    return meta, stored_labels
 
 
-def _entry_files(entry: dict) -> set[str]:
-    return {entry["shard"], *(s["file"] for s in entry["samples"])}
-
-
-def finished_batches(out: pathlib.Path) -> dict[int, dict]:
-    """``{start: manifest entry}`` of every batch whose manifest line is complete and whose
-    files exist (a torn last line, from a kill mid-append, is ignored)."""
-    done = {}
-    for manifest in sorted(out.glob("manifest-*.jsonl")):
-        for line in manifest.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-                complete = all((out / f).is_file() for f in _entry_files(entry))
-                start = int(entry["start"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue  # the torn tail of a killed append (or an edited line): redone
-            if complete:
-                done[start] = entry
-    return done
-
-
-def _atomic(path: pathlib.Path, write) -> None:
-    """``write(tmp)``, fsync, rename over ``path``. Not ``files.replace_file``: that one scans
-    the directory for stale temporaries on every call, quadratic over tens of thousands of
-    PNGs in one directory. A kill mid-write can leave a hidden ``.NAME.tmpPID`` here; it is
-    never named by the manifest, and not removed (another host's writer may own it)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # named for the file it was meant to be, not the temporary
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_batch(out: pathlib.Path, start: int, samples: np.ndarray, labels: np.ndarray,
-                 seed: int, images: bool) -> dict:
-    """Write one batch's shard (and PNGs); returns its manifest entry."""
-    from PIL import Image
-
-    from trdq_jax.viz import to_uint8
-    shard = f"{SHARDS}/{start:08d}.npz"
-    indices = np.arange(start, start + len(samples), dtype=np.int64)
-
-    def save_npz(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, samples=samples, labels=labels, indices=indices)
-
-    _atomic(out / shard, save_npz)
-    names = [shard] * len(samples)
-    if images:
-        pixels = to_uint8(samples)
-        for k, (i, img) in enumerate(zip(indices, pixels)):
-            names[k] = f"{IMAGES}/{i:08d}.png"
-            mode = "L" if img.shape[-1] == 1 else "RGB"
-            data = img[..., 0] if img.shape[-1] == 1 else img
-            _atomic(out / names[k], lambda tmp, d=data, m=mode: Image.fromarray(d, m).save(
-                tmp, format="PNG"))
-    return {"start": start, "stop": start + len(samples), "shard": shard,
-            "samples": [{"index": int(i), "label": int(l), "seed": int(seed), "file": f}
-                        for i, l, f in zip(indices, labels, names)]}
-
-
-def _append(manifest: pathlib.Path, entry: dict) -> None:
-    """One manifest line, flushed to disk; after a torn tail (a kill mid-append) the line
-    starts on a new line, so the torn one stays the only unreadable line."""
-    torn = False
-    if manifest.exists() and manifest.stat().st_size:
-        with open(manifest, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-    try:
-        with open(manifest, "a") as f:
-            f.write(("\n" if torn else "") + json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:  # a partly written line is a torn tail: ignored, the batch redone
-        raise OSError(e.errno, e.strerror or str(e), str(manifest)) from e
+def finished_shards(out) -> dict[int, dict]:
+    """``{shard start: manifest entry}`` of every shard of the generation directory ``out``
+    whose manifest line and files verify (``generation_dir.verify``)."""
+    out = pathlib.Path(out)
+    meta, labels = gd.read_metadata(out, "out")
+    return gd.verify(out, meta, labels).done
 
 
 def _check_positive(value, arg: str) -> None:
@@ -280,7 +208,7 @@ def _batch(cfg, data_size: int, batch_per_device, batch_size) -> int:
 
 
 def _stopped_by(e: OSError, path: pathlib.Path, arg: str) -> OSError:
-    message = (f"{arg}: cannot write {str(path)!r}: {e.strerror or e}; the batches finished so "
+    message = (f"{arg}: cannot write {str(path)!r}: {e.strerror or e}; the shards finished so "
                "far are kept and the same command resumes from them once the directory is "
                "writable again")
     stopped = OSError(message)  # str() is the message alone, so the CLI can rename ``arg``
@@ -288,11 +216,60 @@ def _stopped_by(e: OSError, path: pathlib.Path, arg: str) -> OSError:
     return stopped
 
 
+def _check_num_samples(num_samples) -> None:
+    """Refuse a sample count this machine cannot even index: above the int32 sample indices,
+    or more labels and indices than the host memory holds."""
+    _check_positive(num_samples, "num_samples")
+    if num_samples > MAX_SAMPLES:
+        raise ValueError(f"num_samples: expected at most 2**31 = {MAX_SAMPLES} (sample indices "
+                         f"are int32), got {num_samples}")
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return
+    needed = num_samples * _HOST_BYTES_PER_SAMPLE
+    if needed > available:
+        raise ValueError(f"num_samples: {num_samples} samples need about "
+                         f"{files.format_bytes(needed)} of host memory for their labels and indices, "
+                         f"{files.format_bytes(available)} are available; generate fewer per directory")
+
+
+def _disk_bytes(num_samples: int, sample_shape: tuple, images: bool, shard_size: int,
+                block: int) -> int:
+    """An upper estimate of the bytes ``num_samples`` samples take on disk: float32 shards and
+    PNGs (at most their raw bytes plus headers), each rounded up to the file system's
+    ``block``, and manifest lines."""
+    values = int(np.prod(sample_shape))
+    ceil = lambda n: -(-n // block) * block  # noqa: E731
+    shards = -(-num_samples // shard_size)
+    png = ceil(values + 300) if images else 0
+    return (shards * ceil(4 * values * shard_size + 2000) + num_samples * (png + 300))
+
+
+def _pending_batches(starts, shard_size: int, num_samples: int, batch: int):
+    """Int64 index arrays of ``batch`` samples (the last one fewer) of the shards ``starts``,
+    in index order: a batch may span shards, and the shards need not be adjacent."""
+    chunk, held = [], 0
+    for start in starts:
+        indices = np.asarray(gd.shard_range(start, shard_size, num_samples), np.int64)
+        while len(indices):
+            taken = indices[:batch - held]
+            chunk.append(taken)
+            held += len(taken)
+            indices = indices[len(taken):]
+            if held == batch:
+                yield np.concatenate(chunk)
+                chunk, held = [], 0
+    if chunk:
+        yield np.concatenate(chunk)
+
+
 def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, seed: int = 0,
                     batch_per_device: int | None = None, batch_size: int | None = None,
                     model_parallel: int = 1, cfg_scale: float | None = None, apply_fn=None,
-                    sampler=None, share_cfg=False, source: str = "", progress: bool = False,
-                    on_batch=None, arg: str = "out") -> dict:
+                    sampler=None, share_cfg=False, source: str = "",
+                    shard_size: int | None = None, allow_nonfinite: bool = False,
+                    progress: bool = False, on_shard=None, arg: str = "out") -> dict:
     """Generate ``num_samples`` samples into ``out`` (see the module docstring); resumable.
 
     labels: ints ``[num_samples]`` (default ``i % num_classes``); batch_per_device: samples per
@@ -301,11 +278,16 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
     model_parallel: the ``"model"`` axis size (parameters split over it, for models that do not
     fit one device); ``apply_fn`` / ``sampler``: as in ``generate`` (a quantized denoiser and
     its segment-table sampler); ``share_cfg``: a bool or a ``CFGPlan``; ``source``: how the
-    weights are named in the fingerprint; ``on_batch(entry)``: called with each finished
-    batch's manifest entry once it is on disk (monitoring; whatever it raises, e.g. a
-    ``KeyboardInterrupt``, stops the run with every finished batch kept). Returns ``{"out",
-    "num_samples", "generated", "skipped", "seconds", "samples_per_s", "devices", "mesh",
-    "processes"}`` for this process.
+    weights are named in the fingerprint; ``shard_size``: samples per file of the shard grid,
+    fixed when the directory is made (default 64; a resume may leave it out);
+    ``allow_nonfinite``: write NaN/Inf samples (listed in the summary and their shard's
+    manifest line) instead of stopping; ``on_shard(entry)``: called with each finished shard's
+    manifest entry once it is on disk (monitoring; whatever it raises, e.g. a
+    ``KeyboardInterrupt``, stops the run with every finished shard kept). Returns ``{"out",
+    "num_samples", "shard_size", "generated", "skipped", "redone", "unreadable_lines",
+    "removed_temporaries", "nonfinite", "seconds", "samples_per_s", "devices", "mesh",
+    "processes"}`` for this process (``redone``: ``{shard file: why}`` of this process's shards
+    whose files or manifest lines did not verify).
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -314,7 +296,9 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
     from trdq_jax.sampling.generate import null_label
     from trdq_jax.sampling.scan_sampler import initial_noise
 
-    _check_positive(num_samples, "num_samples")
+    _check_num_samples(num_samples)
+    if shard_size is not None:
+        _check_positive(shard_size, "shard_size")
     null = null_label(cfg.model)
     labels = _check_labels(default_labels(num_samples, cfg.model.num_classes)
                            if labels is None else labels, num_samples, null)
@@ -323,81 +307,131 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
     batch = _batch(cfg, data_size, batch_per_device, batch_size)
     sampler = sampler or Sampler.from_config(cfg.sampler)
     cfg_scale = cfg.sampler.cfg_scale if cfg_scale is None else float(cfg_scale)
-    check_out(out, arg)
+    target = check_out(out, arg)
+    sample_shape = input_shape(cfg.model, 1)[1:]
+    images = len(sample_shape) == 3
+    block = gd.block_size(target)
+    if files.dir_kind(target) != KIND:  # a new directory: every sample is to be written
+        gd.no_space(target, _disk_bytes(num_samples, sample_shape, images,
+                                        shard_size or gd.DEFAULT_SHARD_SIZE, block),
+                    arg, f"{num_samples} samples of shape {list(sample_shape)}")
     run = fingerprint(cfg, source, num_samples, labels, seed, cfg_scale, share_cfg, sampler,
                       params)
-    target = _open_dir(out, run, arg)
+    meta, _ = _open_dir(target, run, labels, images, shard_size, arg)
+    size = meta["shard_size"]
     process, processes = jax.process_index(), jax.process_count()
-    starts = [s for b, s in enumerate(range(0, num_samples, batch)) if b % processes == process]
-    done = finished_batches(target)
-    todo = [s for s in starts if s not in done]
+    grid = range(0, num_samples, size)
+    mine = [s for k, s in enumerate(grid) if k % processes == process]
+    removed = gd.clean_stale_temporaries(target)
+    found = gd.verify(target, meta, labels, mine)
+    todo = [s for s in mine if s not in found.done]
+    count = lambda starts: sum(len(gd.shard_range(s, size, num_samples))  # noqa: E731
+                               for s in starts)
+    pending, skipped = count(todo), count(found.done)
+    gd.no_space(target, _disk_bytes(pending, sample_shape, images, size, block), arg,
+                f"the {pending} samples still to generate")
     data = NamedSharding(mesh, PartitionSpec("data"))
     params = jax.device_put(params, param_sharding(mesh, params))
     apply_fn = apply_fn or denoise_fn_for(model)
-    images = len(input_shape(cfg.model)) == 4
-    manifest = target / _manifest_name(process)
-    size = lambda s: min(batch, num_samples - s)  # noqa: E731
-    skipped = sum(size(s) for s in starts if s in done)
+    manifest = target / gd.manifest_name(process)
     bar = None
     if progress and process == 0:
         from tqdm import tqdm
-        bar = tqdm(total=sum(size(s) for s in starts), unit="sample", desc="generate",
-                   initial=skipped, dynamic_ncols=True)
+        bar = tqdm(total=pending + skipped, unit="sample", desc="generate", initial=skipped,
+                   dynamic_ncols=True)
+    buffers = {}  # shard start -> [samples of it computed so far]
     t0 = time.perf_counter()
-    generated = 0
+    generated, nonfinite = 0, []
     try:
-        for start in todo:
-            n = size(start)
-            padded = -(-n // data_size) * data_size  # the last batch, padded to the data axis
-            chunk = np.concatenate([labels[start:start + n],
-                                    np.full(padded - n, labels[0], np.int32)])
-            shape = input_shape(cfg.model, padded)
-            x_T = jax.device_put(initial_noise(seed, shape, start), data)
-            x = sample(apply_fn, params, sampler, chunk, seed=seed, cfg_scale=cfg_scale,
-                       null_label=null, shape=shape, share_cfg=share_cfg, sample_offset=start,
-                       x_T=x_T)
+        for indices in _pending_batches(todo, size, num_samples, batch):
+            n = len(indices)
+            padded = -(-n // data_size) * data_size  # padded to the data axis
+            chosen = np.concatenate([indices, np.full(padded - n, indices[-1])])
+            shape = (padded, *sample_shape)
+            x_T = jax.device_put(initial_noise(seed, shape, sample_indices=chosen), data)
+            x = sample(apply_fn, params, sampler, labels[chosen], seed=seed,
+                       cfg_scale=cfg_scale, null_label=null, shape=shape, share_cfg=share_cfg,
+                       sample_indices=chosen, x_T=x_T)
             samples = np.asarray(jax.device_get(x))[:n]
-            try:
-                entry = _write_batch(target, start, samples, labels[start:start + n], seed,
-                                     images)
-                files.crash_point(f"generate-{start}-written")
-                _append(manifest, entry)
-            except OSError as e:
-                raise _stopped_by(e, pathlib.Path(e.filename or target), arg) from e
-            files.crash_point(f"generate-{start}-done")
-            generated += n
-            if bar is not None:
-                bar.update(n)
-            if on_batch is not None:
-                on_batch(entry)
+            for start, rows in _by_shard(indices, samples, size):
+                buffers.setdefault(start, []).append(rows)
+                want = len(gd.shard_range(start, size, num_samples))
+                if sum(len(r) for r in buffers[start]) < want:
+                    continue
+                shard = np.concatenate(buffers.pop(start))
+                bad = [start + int(i) for i in gd.nonfinite_rows(shard)]
+                if bad and not allow_nonfinite:
+                    raise NonFiniteSamplesError(
+                        f"samples {_listed(bad)} came out NaN or infinite; their shard "
+                        f"{gd.shard_name(start)} was not written (the shards finished before it "
+                        "are kept): check the model and x_T, or pass allow_nonfinite=True "
+                        "(--allow-nonfinite) to write them anyway")
+                nonfinite += bad
+                entry = _finish_shard(target, manifest, start, shard, labels, seed, images,
+                                      process, arg)
+                generated += len(shard)
+                if bar is not None:
+                    bar.update(len(shard))
+                if on_shard is not None:
+                    on_shard(entry)
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    return {"out": str(target), "num_samples": int(num_samples), "generated": generated,
-            "skipped": int(skipped), "seconds": round(seconds, 3),
+    return {"out": str(target), "num_samples": int(num_samples), "shard_size": size,
+            "generated": generated, "skipped": int(skipped),
+            "redone": {gd.shard_name(s): why for s, why in sorted(found.redo.items())},
+            "unreadable_lines": found.unreadable, "removed_temporaries": removed,
+            "nonfinite": nonfinite, "seconds": round(seconds, 3),
             "samples_per_s": round(generated / seconds, 3) if generated else None,
             "devices": len(mesh.devices.flat), "mesh": dict(mesh.shape),
             "processes": processes}
 
 
+def _listed(indices: list[int], limit: int = 10) -> str:
+    return ", ".join(map(str, indices[:limit])) + (
+        f" (+{len(indices) - limit} more)" if len(indices) > limit else "")
+
+
+def _by_shard(indices: np.ndarray, samples: np.ndarray, size: int):
+    """``(shard start, rows)`` runs of a batch's samples (``indices`` ascending)."""
+    starts = indices - indices % size
+    cuts = np.flatnonzero(np.diff(starts)) + 1
+    for rows, first in zip(np.split(samples, cuts), np.split(starts, cuts)):
+        yield int(first[0]), rows
+
+
+def _finish_shard(target, manifest, start, shard, labels, seed, images, process, arg) -> dict:
+    """Write one complete shard, its PNGs and then its manifest line; an ``OSError`` becomes
+    the resumable-stop message."""
+    try:
+        entry = gd.write_shard(target, start, shard, labels[start:start + len(shard)], seed,
+                               images, process)
+        files.crash_point(f"generate-{start}-written")
+        gd.append_entry(manifest, entry, f"generate-{start}-manifest")
+    except OSError as e:
+        raise _stopped_by(e, pathlib.Path(e.filename or target), arg) from e
+    files.crash_point(f"generate-{start}-done")
+    return entry
+
+
 def load_generated(out) -> tuple[np.ndarray, np.ndarray]:
-    """``(samples [N, ...], labels [N])`` of a finished generation directory, in index order;
-    ValueError when samples are missing."""
+    """``(samples [N, ...], labels [N])`` of a finished generation directory, in index order,
+    every shard verified; ``ValueError`` naming the missing or damaged samples otherwise."""
     out = pathlib.Path(out)
-    if files.dir_kind(out) != KIND:
-        raise ValueError(f"out: {str(out)!r} is not a generation directory")
-    run = json.loads((out / files.METADATA_FILE).read_text())["run"]
-    done = finished_batches(out)
-    got, labels, covered = [], [], 0
-    for start in sorted(done):
-        if start != covered:
-            break
-        with np.load(out / f"{SHARDS}/{start:08d}.npz") as data:
+    meta, labels = gd.read_metadata(out, "out")
+    found = gd.verify(out, meta, labels)
+    n, size = meta["run"]["num_samples"], meta["shard_size"]
+    missing = [s for s in range(0, n, size) if s not in found.done]
+    if missing:
+        ranges = ", ".join(f"{s}..{gd.shard_range(s, size, n).stop - 1}"
+                           + (f" ({found.redo[s]})" if s in found.redo else "")
+                           for s in missing[:5])
+        raise ValueError(f"out: {str(out)!r} lacks samples {ranges}"
+                         + (f" and {len(missing) - 5} more shards" if len(missing) > 5 else "")
+                         + ": resume the run to finish it")
+    got = []
+    for start in range(0, n, size):
+        with np.load(out / gd.shard_name(start), allow_pickle=False) as data:
             got.append(data["samples"])
-            labels.append(data["labels"])
-        covered = done[start]["stop"]
-    if covered != run["num_samples"]:
-        raise ValueError(f"out: {str(out)!r} holds samples 0..{covered - 1} of "
-                         f"{run['num_samples']}: resume the run to finish it")
-    return np.concatenate(got), np.concatenate(labels)
+    return np.concatenate(got), labels.astype(np.int32)
