@@ -243,3 +243,47 @@ def test_cli_full_disk_prints_one_line(tmp_path, mounts, capsys):  # noqa: F811
     assert err.count("\n") == 1 and "[Errno" not in err, err
     assert err.startswith("trdq convert: error: --out: cannot write ") and "needs about" in err
     assert sorted(os.listdir(disk)) == ["filler"]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A float checkpoint and a calibration of the tiny DiT, off the full disk."""
+    from trdq_jax.cli import main
+    from tests.test_quant_cli import tiny_params
+    root = tmp_path_factory.mktemp("src")
+    checkpoint.save(root / "ck", tiny_params(), TINY)
+    assert main(["calibrate", "--checkpoint", str(root / "ck"), "--recipe", "minmax",
+                 "--per-class", "1", "--rows-per-step", "8", "--out", str(root / "calib")]) == 0
+    return root
+
+
+WRITERS = {  # every command that writes, each onto a full disk ({d}); {s}: the sources
+    "calibrate": "calibrate --checkpoint {s}/ck --per-class 1 --rows-per-step 8 --out {d}/c",
+    "quantize": "quantize --calib {s}/calib --out {d}/q",
+    "sample": "sample --checkpoint {s}/ck --per-class 1 --out {d}/s",
+    "generate": "generate --checkpoint {s}/ck --num-samples 64 --out {d}/g",
+    "plot-ranges": "plot-ranges --checkpoint {s}/ck --per-class 1 --out {d}/r.png",
+    "cfg-analysis": "cfg-analysis --checkpoint {s}/ck --per-class 1 --out {d}/a",
+    "eval": "eval --model digits-classifier --out {d}/e.json",
+}
+
+
+@pytest.mark.slow
+def test_every_writer_on_a_full_disk_fails_in_one_line_leaving_nothing(tmp_path, mounts,
+                                                                     sources, capsys):
+    """A tmpfs filled to its last byte: each command exits 2 with one line naming the
+    full disk, and the disk holds afterwards exactly what it held before (the filler)."""
+    from trdq_jax.cli import main
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "size=256k")
+    mounts.append(disk)
+    free, _ = files.free_bytes(disk / "x")
+    (disk / "filler").write_bytes(b"\0" * free)
+    before = tree_hash(disk)
+    for name, argv in WRITERS.items():
+        code = main(argv.format(s=sources, d=disk).split())
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("trdq ")]
+        assert code == 2 and len(lines) == 1 and err.endswith(lines[0] + "\n"), (name, err)
+        assert "No space left on device" in lines[0] and "[Errno" not in lines[0], (name, err)
+        assert tree_hash(disk) == before, name  # no output, no temporary, hidden ones included

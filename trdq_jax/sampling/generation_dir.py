@@ -396,7 +396,8 @@ def no_space(path: pathlib.Path, needed: int, arg: str, what: str) -> None:
     than ``needed`` bytes free; ``what`` says what the bytes are for."""
     found = files.free_bytes(path)
     if found is not None and needed > found[0]:
-        raise files.os_error(errno.ENOSPC, f"{arg}: writing {what} needs about "
-                                           f"{files.format_bytes(needed)} on disk, "
-                                           f"{files.format_bytes(found[0])} are free on "
-                                           f"{str(found[1])!r}; nothing was written")
+        raise files.os_error(errno.ENOSPC, f"{arg}: cannot write {str(path)!r}: "
+                                           f"{os.strerror(errno.ENOSPC)}: {what} need about "
+                                           f"{files.format_bytes(needed)}, "
+                                           f"{files.format_bytes(found[0])} free on "
+                                           f"{str(found[1])!r} (nothing was written)")
