@@ -220,7 +220,8 @@ def _sampler_flops(cfg, share):
     fn = denoise_fn_for(model)
     lowered = _sample_scan.lower(
         fn, params, sampler, jnp.arange(2, dtype=jnp.int32), jnp.uint32(0), jnp.float32(3.0),
-        jnp.int32(cfg.num_classes), jnp.int32(0), None, shape=input_shape(cfg, 2),
+        jnp.int32(cfg.num_classes), jnp.arange(2, dtype=jnp.int32), None,
+        shape=input_shape(cfg, 2),
         phases=_phases(share, fn, sampler), report=None, unroll=True)
     return lowered.compile().cost_analysis()["flops"], model, params
 
