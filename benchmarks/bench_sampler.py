@@ -81,8 +81,9 @@ def quantize_random(params, w_bits: int, a_bits: int = 8) -> dict:
     ``w_bits`` weights and float activations (``a_bits=16``), as ``trdq_jax.quant.quantize``
     gives them; the other selected layers get ``a_bits`` dynamic per-token activations.
     """
-    recipe = Q.Recipe("bench", w_bits=w_bits, a_bits=a_bits)
-    paths, _ = Q.select_layers(_dense_paths(params), recipe)
+    recipe = Q.Recipe("bench", w_bits=w_bits, a_bits=a_bits, keep_float=Q.DEFAULT_KEEP_FLOAT,
+                      weight_only=Q.DEFAULT_WEIGHT_ONLY)  # no calibration: the DiT's names
+    paths = Q.select_layers(_dense_paths(params), recipe).quantized
     layers = {}
     for path in paths:
         dense = _get(params, path)

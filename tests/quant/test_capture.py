@@ -38,7 +38,7 @@ def setup():
     sampler = Sampler.from_config(SamplerConfig(solver="ddim", num_steps=STEPS))
     traj = capture.calibration_trajectory(model, params, sampler, LABELS, NULL,
                                           (len(LABELS), 8, 8, 1), seed=0, cfg_scale=3.0)
-    stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.labels, NULL,
+    stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.cond, NULL,
                                   rows_per_step=ROWS, progress=False)
     return model, params, traj, stats
 
@@ -87,7 +87,7 @@ def _cfg_batch(traj, step):
     x = np.asarray(traj.xs[step], np.float64)
     n = x.shape[0]
     return (np.concatenate([x, x]), np.full(2 * n, float(traj.timesteps[step])),
-            np.concatenate([traj.labels, np.full(n, NULL)]))
+            np.concatenate([traj.cond, np.full(n, NULL)]))
 
 
 def test_layer_paths_by_module_path(setup):
@@ -154,7 +154,7 @@ def test_other_layers_match_an_independent_route(setup):
 
 def test_conv_layers_when_asked(setup):
     model, params, traj, _ = setup
-    stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.labels, NULL,
+    stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.cond, NULL,
                                   paths=["x_embedder/proj"], kinds=("Dense", "Conv"),
                                   rows_per_step=6, progress=False)
     conv = stats["x_embedder/proj"]
@@ -176,11 +176,11 @@ def test_one_compile_for_all_steps_and_seeded_rows(setup):
     model, params, traj, stats = setup
     kw = dict(rows_per_step=ROWS, progress=False)
     before = capture._step_statistics._cache_size()
-    capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.labels, NULL,
+    capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.cond, NULL,
                           rows_per_step=5, progress=False)  # a new static configuration
     assert capture._step_statistics._cache_size() == before + 1  # one program for all 4 steps
-    again = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.labels, NULL, **kw)
-    other = capture.collect_stats(model, params, traj.xs[::-1], traj.timesteps[::-1], traj.labels,
+    again = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.cond, NULL, **kw)
+    other = capture.collect_stats(model, params, traj.xs[::-1], traj.timesteps[::-1], traj.cond,
                                   NULL, seed=1, **kw)
     assert capture._step_statistics._cache_size() == before + 1
     np.testing.assert_array_equal(again["blocks_0/attn/qkv"].rows, stats["blocks_0/attn/qkv"].rows)
@@ -201,9 +201,9 @@ def test_trajectory_comes_from_the_sampler(setup):
 
 def test_errors_name_the_problem(setup):
     model, params, traj, _ = setup
-    args = (traj.timesteps, traj.labels, NULL)
+    args = (traj.timesteps, traj.cond, NULL)
     with pytest.raises(ValueError, match="xs"):
-        capture.collect_stats(model, params, traj.xs[:0], traj.timesteps[:0], traj.labels, NULL,
+        capture.collect_stats(model, params, traj.xs[:0], traj.timesteps[:0], traj.cond, NULL,
                               progress=False)
     with pytest.raises(ValueError, match=r"blocks_9/\.\*.*available.*blocks_0/attn/qkv"):
         capture.collect_stats(model, params, traj.xs, *args,

@@ -166,7 +166,8 @@ def test_unet_convolutions_are_quantized_by_default():
     cfg = get_config().model
     params = abstract_params(cfg)
     paths = layer_paths(build_model(cfg), params, dummy_inputs(cfg, 2), kinds=("Dense", "Conv"))
-    quantized, kept = Q.select_layers(paths, Q.get_recipe("trdq"))
+    quantized, _, kept = Q.select_layers(paths, Q.get_recipe(
+        "trdq", keep_float=Q.DEFAULT_KEEP_FLOAT, weight_only=Q.DEFAULT_WEIGHT_ONLY))
     assert sorted(p for ps in kept.values() for p in ps) == ["conv_in", "conv_out"]
     assert "down_0_res_0/conv_in" in quantized and "down_0_downsample" in quantized
 

@@ -74,7 +74,7 @@ def _assert_transforms_leave_output_unchanged(model, params, cfg, labels, block_
             fields = {**fields, "rotation_block": block_of(fields)}
         if cfg.family == "unet" and fields.get("rotation") == "duquant":
             # DuQuant's greedy search on every conv is slow; convs: tests/quant/test_qconv.py
-            fields = {**fields, "keep_float": Q.Recipe("t").keep_float + (_UNET_CONVS,)}
+            fields = {**fields, "keep_float": Q.DEFAULT_KEEP_FLOAT + (_UNET_CONVS,)}
         recipe = Q.Recipe("t", w_bits=16, a_bits=16, **fields)
         qparams = Q.quantize(params, derive_calibration(shared, recipe, SAMPLER), recipe)
         assert Q.quantized_layer_paths(qparams)
@@ -170,7 +170,7 @@ def test_cfg_sharing_runs_quantized_on_every_backend(dit):
 
 def test_recipe_keep_float_survives_calibrate_then_quantize(dit):
     model, params = dit
-    recipe = Q.Recipe("k", keep_float=Q.Recipe("x").keep_float + ("mlp/fc2$",))
+    recipe = Q.Recipe("k", keep_float=Q.DEFAULT_KEEP_FLOAT + ("mlp/fc2$",))
     calib = _calib(model, params, recipe)
     assert not any(p.endswith("mlp/fc2") for p in calib.stats)
     qparams = Q.quantize(params, calib, recipe)
@@ -183,7 +183,7 @@ def test_derive_calibration_reuses_statistics(dit):
     from trdq_jax.quant.calibrate import derive_calibration
     model, params = dit
     calib = _calib(model, params, Q.Recipe("all"))
-    fewer = Q.Recipe("k", num_segments=3, keep_float=Q.Recipe("x").keep_float + ("mlp/fc2$",))
+    fewer = Q.Recipe("k", num_segments=3, keep_float=Q.DEFAULT_KEEP_FLOAT + ("mlp/fc2$",))
     derived = derive_calibration(calib, fewer, SAMPLER)
     assert sorted(derived.stats) == sorted(p for p in calib.stats if not p.endswith("mlp/fc2"))
     assert derived.num_segments == 3 and set(np.asarray(derived.segment_of_step)) == {0, 1, 2}

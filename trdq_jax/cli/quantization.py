@@ -114,7 +114,7 @@ def _quantize(args) -> int:
 def _plot_ranges(args) -> int:
     from trdq_jax import plots
     from trdq_jax.files import resolve_target
-    from trdq_jax.quant import quantize_layer, select_layers
+    from trdq_jax.quant import calibrated_selection, quantize_layer
     from trdq_jax.quant.ranges import layer_ranges, plot_layers
     if not str(args.out).lower().endswith(".png"):
         raise ValueError(f"--out: expected a .png file name, got {args.out!r}")
@@ -126,7 +126,8 @@ def _plot_ranges(args) -> int:
             raise ValueError(f"--layers: invalid regex {args.layers!r}: {e}") from None
     recipe = _recipe(args.recipe, args.w_bits, args.a_bits, args.segments)
     model, params, cfg, calib, _ = _calibrate_from_args(args, recipe)
-    quantized, _ = select_layers(list(calib.stats), recipe)
+    selection = calibrated_selection(calib, recipe)
+    quantized = [p for p in selection.quantized if p not in selection.weight_only]
     try:
         layers = plot_layers(quantized, args.layers)
     except ValueError as e:

@@ -3,7 +3,8 @@
 Layout (written through ``trdq_jax.files.write_dir``: a temporary sibling, then one swap)::
 
     DIR/metadata.json  format, kind "calibration", recipe, num_segments, segment_of_step,
-                       keep_float, layers (paths in model order), source, config, per_class, seed,
+                       keep_float, weight_only, roles (the structural layer roles),
+                       layers (paths in model order), source, config, per_class, seed,
                        rows_per_step, params_sha256 (of the float weights calibrated), seconds,
                        manifest (every array of stats.npz + digests of these fields)
     DIR/stats.npz      "<i>.<field>": float32 ``LayerStats`` arrays of ``layers[i]``
@@ -30,6 +31,7 @@ from trdq_jax.config import ConfigError, ExperimentConfig, experiment_from_dict,
 from trdq_jax.quant.calibrate import Calibration
 from trdq_jax.quant.capture import LayerStats
 from trdq_jax.quant.io import recipe_from_dict
+from trdq_jax.quant.roles import ROLES
 from trdq_jax.quant.verify import QuantizedModelError, check_segment_table
 
 CALIB_FORMAT = "trdq_jax.calibration/2"
@@ -63,6 +65,7 @@ def save_calibration(path, calib: Calibration, recipe, cfg: ExperimentConfig, *,
             "recipe": dataclasses.asdict(recipe), "num_segments": int(calib.num_segments),
             "segment_of_step": [int(v) for v in calib.segment_of_step],
             "keep_float": {k: list(v) for k, v in calib.keep_float.items()}, "layers": layers,
+            "weight_only": list(calib.weight_only), "roles": calib.roles,
             "source": source, "config": to_dict(cfg), "params_sha256": params_sha256,
             "per_class": per_class, "seed": seed, "rows_per_step": rows_per_step,
             "seconds": round(seconds, 3)}
@@ -186,12 +189,33 @@ def load_calibration(path: str | os.PathLike):
         for p, s in stats.items():
             _check_layer(p, s, len(table), where)
             _check_values(p, s, str(path / STATS_FILE))
+        roles, weight_only = _roles(body, recipe, list(stats), where)
         calib = Calibration(stats=stats, segment_of_step=table, num_segments=num_segments,
-                            keep_float={k: list(v) for k, v in body["keep_float"].items()})
+                            keep_float={k: list(v) for k, v in body["keep_float"].items()},
+                            weight_only=weight_only, roles=roles)
     except (KeyError, TypeError, AttributeError, ConfigError, QuantizedModelError) as e:
         message = f"missing {e}" if isinstance(e, KeyError) else str(e)
         raise CalibrationError(f"{where}: inconsistent calibration: {message}") from None
     return calib, recipe, cfg, meta
+
+
+def _roles(body: dict, recipe, layers: list[str], where: str):
+    """``(roles or None, weight-only paths)`` of a stored calibration; one saved before the
+    structural roles existed has none, and its recipe's regexes name the weight-only layers."""
+    roles = body.get("roles")
+    if roles is not None and (not isinstance(roles, dict) or sorted(roles) != sorted(ROLES)
+                              or not all(isinstance(v, list) and all(isinstance(p, str)
+                                                                     for p in v)
+                                         for v in roles.values())):
+        raise CalibrationError(f"{where}: roles: expected {{{', '.join(ROLES)}: [paths]}}, got "
+                               f"{roles!r}")
+    weight_only = body.get("weight_only")
+    if weight_only is None:
+        return roles, [p for p in layers if recipe.is_weight_only(p)]
+    if not isinstance(weight_only, list) or not set(weight_only) <= set(layers):
+        raise CalibrationError(f"{where}: weight_only: expected paths among the calibrated "
+                               f"layers, got {weight_only!r}")
+    return roles, weight_only
 
 
 def check_calibration_model(calib: Calibration, cfg: ExperimentConfig, meta: dict, params,

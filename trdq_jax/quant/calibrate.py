@@ -9,6 +9,7 @@ import numpy as np
 
 from trdq_jax.quant import capture, segments, timing
 from trdq_jax.quant.recipe import Recipe
+from trdq_jax.quant.roles import layer_roles
 from trdq_jax.quant.transform import calibrated_selection, select_layers
 
 QUANTIZABLE_KINDS = ("Dense", "Conv")
@@ -18,25 +19,35 @@ QUANTIZABLE_KINDS = ("Dense", "Conv")
 class Calibration:
     """What ``quantize`` needs.
 
-    stats: ``{module path: LayerStats}`` of the layers the recipe quantizes.
+    stats: ``{module path: LayerStats}`` of the layers the recipe quantizes (weight-only ones
+      included).
     segment_of_step: int32 ``[num_steps]`` time segment of each sampling step (sampling order).
     num_segments: S.
-    keep_float: ``{regex: matched paths}`` report of layers left in float.
+    keep_float: ``{regex, or the structural reason: paths}`` report of layers left in float.
+    weight_only: paths of the quantized layers that are quantized weight-only.
+    roles: ``{"input", "output", "conditioning": paths}`` of every Dense / Conv, found from the
+      data flow (``trdq_jax.quant.roles``); None for a calibration saved before they existed.
     """
 
     stats: dict
     segment_of_step: np.ndarray
     num_segments: int
     keep_float: dict
+    weight_only: list = dataclasses.field(default_factory=list)
+    roles: dict | None = None
 
 
-def calibrate(model, params, recipe: Recipe, sampler, *, labels, null_label: int,
-              shape: tuple[int, ...], seed: int = 0, cfg_scale: float | None = None,
-              rows_per_step: int = 64, progress: bool = False) -> Calibration:
-    """Run the float model through the real sampler on calibration labels and collect stats.
+def calibrate(model, params, recipe: Recipe, sampler, *, labels=None, null_label=None,
+              cond=None, null_cond=None, shape: tuple[int, ...], seed: int = 0,
+              cfg_scale: float | None = None, rows_per_step: int = 64,
+              progress: bool = False) -> Calibration:
+    """Run the float model through the real sampler on calibration inputs and collect stats.
 
     Args:
-      labels: ``[N]`` class labels of the calibration samples (e.g. a few per class).
+      labels, null_label: ``[N]`` class labels of the calibration samples (e.g. a few per class)
+        and the null label of the uncond branch; or
+      cond, null_cond: any conditioning pytree with leading axis N and its null conditioning
+        (``trdq_jax.sampling.conditioning``), or None and None for an unconditional model.
       shape: batch shape ``(N, ...spatial, C)``.
       sampler: the ``Sampler`` that will be used for generation (same steps -> same segments).
     Segments are uniform over the training-time axis or a data-driven contiguous split
@@ -44,27 +55,32 @@ def calibrate(model, params, recipe: Recipe, sampler, *, labels, null_label: int
     """
     if not isinstance(recipe, Recipe):
         raise ValueError(f"recipe: expected a Recipe, got {type(recipe).__name__}")
-    labels = np.asarray(labels)
-    if labels.size == 0:
-        raise ValueError("labels: the calibration set is empty; pass at least one label")
+    if labels is not None or null_label is not None:
+        if cond is not None or null_cond is not None:
+            raise ValueError("labels: give labels and null_label, or cond and null_cond, not both")
+        labels = np.asarray(labels)
+        if labels.size == 0:
+            raise ValueError("labels: the calibration set is empty; pass at least one label")
+        cond, null_cond = labels, null_label
     if recipe.num_segments > sampler.num_steps:
         raise ValueError(f"recipe.num_segments: {recipe.num_segments} segments but the sampler "
                          f"has only {sampler.num_steps} steps")
-    n = len(labels)
-    example = (jnp.zeros((2 * n, *shape[1:]), jnp.float32), jnp.zeros((2 * n,), jnp.float32),
-               jnp.zeros((2 * n,), jnp.int32))
-    paths = capture.layer_paths(model, params, example, kinds=QUANTIZABLE_KINDS)
-    quantized, kept = select_layers(paths, recipe)
     with timing.stage("trajectory"):
-        traj = capture.calibration_trajectory(model, params, sampler, labels, null_label, shape,
+        traj = capture.calibration_trajectory(model, params, sampler, cond, null_cond, shape,
                                               seed, cfg_scale)
+    example = capture.example_inputs(traj, null_cond)
+    paths = capture.layer_paths(model, params, example, kinds=QUANTIZABLE_KINDS)
+    roles = layer_roles(model, params, capture.example_inputs(traj, null_cond, n=1))
+    selection = select_layers(paths, recipe, roles)
     with timing.stage("statistics"):
-        stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.labels,
-                                      null_label, paths=[f"^{re.escape(p)}$" for p in quantized],
+        stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.cond,
+                                      null_cond,
+                                      paths=[f"^{re.escape(p)}$" for p in selection.quantized],
                                       kinds=QUANTIZABLE_KINDS, rows_per_step=rows_per_step,
                                       seed=seed, progress=progress)
     return Calibration(stats=stats, segment_of_step=_segment_table(stats, recipe, sampler),
-                       num_segments=recipe.num_segments, keep_float=kept)
+                       num_segments=recipe.num_segments, keep_float=selection.keep_float,
+                       weight_only=selection.weight_only, roles=roles)
 
 
 def derive_calibration(calib: Calibration, recipe: Recipe, sampler) -> Calibration:
@@ -79,10 +95,11 @@ def derive_calibration(calib: Calibration, recipe: Recipe, sampler) -> Calibrati
     if recipe.num_segments > sampler.num_steps:
         raise ValueError(f"recipe.num_segments: {recipe.num_segments} segments but the sampler "
                          f"has only {sampler.num_steps} steps")
-    quantized, kept = calibrated_selection(calib, recipe)
-    stats = {p: calib.stats[p] for p in quantized}
+    selection = calibrated_selection(calib, recipe)
+    stats = {p: calib.stats[p] for p in selection.quantized}
     return Calibration(stats=stats, segment_of_step=_segment_table(stats, recipe, sampler),
-                       num_segments=recipe.num_segments, keep_float=kept)
+                       num_segments=recipe.num_segments, keep_float=selection.keep_float,
+                       weight_only=selection.weight_only, roles=calib.roles)
 
 
 def _segment_table(stats: dict, recipe: Recipe, sampler) -> np.ndarray:

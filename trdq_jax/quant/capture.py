@@ -6,10 +6,11 @@ input inside ``jit`` and ``sow``s the result into the ``'trdq_calibration'`` col
 small tensors leave the device. One compiled program serves every step: the step index and the
 time are data.
 
-Statistics are taken over all tokens of the CFG batch ``[x; x]`` with labels ``[y; null]``. The
-input of a layer is flattened to rows ``[M, K]`` (all leading axes, C order); the first ``M / 2``
-rows are the conditional half, which holds whenever the batch axis stays outermost in the model's
-reshapes (true for the DiT, video DiT and UNet of ``trdq_jax.models``).
+Statistics are taken over all tokens of the CFG batch ``[x; x]`` with the conditioning
+``[cond; null]`` (``trdq_jax.sampling.conditioning``; an unconditional model runs ``x`` alone).
+The input of a layer is flattened to rows ``[M, K]`` (all leading axes, C order); under CFG the
+first ``M / 2`` rows are the conditional half, which holds whenever the batch axis stays outermost
+in the model's reshapes (true for the DiT, video DiT and UNet of ``trdq_jax.models``).
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: it warns "IProgress not found" without ipywidgets
 
 from trdq_jax.quant.qconv import conv_patches, module_geometry, output_size
-from trdq_jax.sampling import Sampler, denoise_fn_for, sample
+from trdq_jax.sampling import Sampler, conditioning, denoise_fn_for, sample
+from trdq_jax.sampling.conditioning import apply_model
 
 _COLLECTION = "trdq_calibration"
 _KINDS = {"Dense": nn.Dense, "Conv": nn.Conv}
@@ -69,13 +71,13 @@ class CalibrationTrajectory(NamedTuple):
 
     xs: float32 ``[num_steps, N, ...spatial, C]`` model inputs in sampling order.
     timesteps: float32 ``[num_steps]`` model time of each step (training units).
-    labels: int32 ``[N]``.
+    cond: the conditioning of the N samples (class labels int32 ``[N]``, a pytree, or None).
     x_final: float32 ``[N, ...spatial, C]`` the finished samples.
     """
 
     xs: np.ndarray
     timesteps: np.ndarray
-    labels: np.ndarray
+    cond: Any
     x_final: np.ndarray
 
 
@@ -138,11 +140,12 @@ def _layer_key(path: str) -> int:
 
 
 def _input_statistics(x: jax.Array, path: str, num_rows: int, step_key: jax.Array,
-                      conv=None) -> dict:
+                      conv=None, halves: int = 2) -> dict:
     """Reductions of one layer input ``[..., K]`` (see ``LayerStats``), all float32.
 
     ``conv``: ``(kernel_size, strides, pads)`` of a convolution: its rows are im2col patches
-    ``[taps * K]`` at sampled output positions instead of input tokens."""
+    ``[taps * K]`` at sampled output positions instead of input tokens. ``halves``: 2 for the
+    CFG batch ``[cond; uncond]`` (rows sampled from each half), 1 without guidance."""
     k = x.shape[-1]
     flat = x.astype(jnp.float32).reshape(-1, k)
     positions = flat.shape[0]
@@ -150,15 +153,19 @@ def _input_statistics(x: jax.Array, path: str, num_rows: int, step_key: jax.Arra
         (kh, kw), strides, pads = conv
         positions = x.shape[0] * output_size(x.shape[1], kh, strides[0], pads[0]) * \
             output_size(x.shape[2], kw, strides[1], pads[1])
-    if positions % 2:
+    if positions % halves:
         raise ValueError(f"layer {path!r}: expected an even number of input rows "
                          f"([cond; uncond]), got {positions}")
-    half = positions // 2
     take = min(num_rows, positions)
-    key_cond, key_uncond = jax.random.split(jax.random.fold_in(step_key, _layer_key(path)))
-    cond = jnp.sort(jax.random.permutation(key_cond, half)[:(take + 1) // 2])
-    uncond = half + jnp.sort(jax.random.permutation(key_uncond, half)[:take // 2])
-    index = jnp.concatenate([cond, uncond])
+    key = jax.random.fold_in(step_key, _layer_key(path))
+    if halves == 1:
+        index = jnp.sort(jax.random.permutation(key, positions)[:take])
+    else:
+        half = positions // 2
+        key_cond, key_uncond = jax.random.split(key)
+        cond = jnp.sort(jax.random.permutation(key_cond, half)[:(take + 1) // 2])
+        uncond = half + jnp.sort(jax.random.permutation(key_uncond, half)[:take // 2])
+        index = jnp.concatenate([cond, uncond])
     rows = flat[index] if conv is None else conv_patches(x.astype(jnp.float32), *conv, index)
     return {"absmax": jnp.max(jnp.abs(flat), axis=0), "tensor_min": jnp.min(flat),
             "tensor_max": jnp.max(flat), "rows": rows}
@@ -166,10 +173,12 @@ def _input_statistics(x: jax.Array, path: str, num_rows: int, step_key: jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("model", "paths", "classes", "num_rows"))
 def _step_statistics(model, params, x, t, y, step, seed, *, paths, classes, num_rows):
-    """One CFG forward of ``[x; x]`` (x ``[N, ...]``) at model time ``t`` (scalar) with labels
-    ``y`` ``[2N]``; returns ``{path: {stat: array}}`` for the selected layers."""
+    """One CFG forward of ``[x; x]`` (x ``[N, ...]``) at model time ``t`` (scalar) with the
+    conditioning ``y`` ``[cond; null]`` (leading axis 2N), or of ``x`` alone when ``y`` is None;
+    returns ``{path: {stat: array}}`` for the selected layers."""
     step_key = jax.random.fold_in(jax.random.key(seed), step)
-    x = jnp.concatenate([x, x])
+    halves = 1 if y is None else 2
+    x = jnp.concatenate([x] * halves)
     t = jnp.full((x.shape[0],), t, jnp.float32)
 
     def record(next_fn, args, kwargs, context):
@@ -181,12 +190,12 @@ def _step_statistics(model, params, x, t, y, step, seed, *, paths, classes, num_
                     conv = (tuple(context.module.kernel_size),
                             *module_geometry(context.module, args[0].shape))
                 for name, value in _input_statistics(args[0], path, num_rows, step_key,
-                                                     conv).items():
+                                                     conv, halves).items():
                     context.module.sow(_COLLECTION, name, value)
         return next_fn(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        _, state = model.apply({"params": params}, x, t, y, mutable=[_COLLECTION])
+        _, state = apply_model(model, {"params": params}, x, t, y, mutable=[_COLLECTION])
     grouped: dict[str, dict] = {}
     for key, calls in traverse_util.flatten_dict(state[_COLLECTION]).items():
         grouped.setdefault("/".join(key[:-1]), {})[key[-1]] = calls
@@ -218,7 +227,7 @@ def _weight_absmax(params: Any, path: str, channels: int) -> np.ndarray:
     return out
 
 
-def _check_trajectory(xs, timesteps, labels, null_label):
+def _check_trajectory(xs, timesteps, cond, null_cond):
     xs = jnp.asarray(xs)
     if xs.ndim < 3 or not jnp.issubdtype(xs.dtype, jnp.floating):
         raise ValueError("xs: expected a float trajectory [steps, N, ...spatial, C], "
@@ -229,25 +238,48 @@ def _check_trajectory(xs, timesteps, labels, null_label):
     if timesteps.shape != (xs.shape[0],) or not np.all(np.isfinite(timesteps)):
         raise ValueError(f"timesteps: expected {xs.shape[0]} finite model times [steps], "
                          f"got shape {timesteps.shape}")
-    if isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer)) \
-            or null_label < 0:
-        raise ValueError(f"null_label: expected a non-negative int, got {null_label!r}")
-    labels = np.asarray(labels)
-    if labels.shape != (xs.shape[1],) or not np.issubdtype(labels.dtype, np.integer) \
-            or labels.min() < 0 or labels.max() > null_label:
-        raise ValueError(f"labels: expected {xs.shape[1]} ints in [0, {null_label}], "
-                         f"got {labels.dtype} {labels.shape}")
-    return xs, timesteps.astype(np.float32), labels.astype(np.int32)
+    if _is_labels(cond, null_cond):  # class labels and their null label: ranges checked
+        if isinstance(null_cond, bool) or null_cond < 0:
+            raise ValueError(f"null_label: expected a non-negative int, got {null_cond!r}")
+        labels = np.asarray(cond)
+        if labels.shape != (xs.shape[1],) or labels.min() < 0 or labels.max() > null_cond:
+            raise ValueError(f"labels: expected {xs.shape[1]} ints in [0, {null_cond}], "
+                             f"got {labels.dtype} {labels.shape}")
+        return xs, timesteps.astype(np.float32), labels.astype(np.int32), np.int32(null_cond)
+    cond = conditioning.check_cond(cond, n=xs.shape[1])
+    return xs, timesteps.astype(np.float32), cond, conditioning.check_null(null_cond, cond)
 
 
-def collect_stats(model: nn.Module, params: Any, xs, timesteps, labels, null_label: int, *,
+def _is_labels(cond, null_cond) -> bool:
+    return (isinstance(null_cond, (int, np.integer)) and not isinstance(cond, dict)
+            and np.issubdtype(np.asarray(cond).dtype, np.integer) and np.ndim(cond) == 1)
+
+
+def example_inputs(traj: CalibrationTrajectory, null_cond, n: int | None = None) -> tuple:
+    """The model inputs ``(x, t[, cond])`` of the trajectory's first step (its first ``n``
+    samples), as the statistics forward sees them: the CFG batch ``[x; x]`` with
+    ``[cond; null]``, or ``x`` alone (at least two samples: repeated if there is one)."""
+    x = jnp.asarray(traj.xs[0][:n])
+    if traj.cond is None:
+        x = jnp.concatenate([x, x]) if len(x) == 1 else x
+        return x, jnp.full((len(x),), traj.timesteps[0], jnp.float32)
+    cond = conditioning.take(traj.cond, slice(0, n))
+    null = np.int32(null_cond) if _is_labels(traj.cond, null_cond) else conditioning.take_null(
+        null_cond, traj.cond, slice(0, n))
+    return (jnp.concatenate([x, x]), jnp.full((2 * len(x),), traj.timesteps[0], jnp.float32),
+            conditioning.with_null(cond, null))
+
+
+def collect_stats(model: nn.Module, params: Any, xs, timesteps, cond, null_cond, *,
                   paths: Sequence[str] | None = None, kinds: Sequence[str] = ("Dense",),
                   rows_per_step: int = 64, seed: int = 0,
                   progress: bool = True) -> dict[str, LayerStats]:
     """Per-step input statistics of the selected layers along a trajectory.
 
     xs: float ``[steps, N, ...spatial, C]`` model inputs (``calibration_trajectory``).
-    timesteps: ``[steps]`` model time per step (training units). labels: ints ``[N]``.
+    timesteps: ``[steps]`` model time per step (training units). cond, null_cond: the
+    conditioning of the N samples and of the uncond branch (class labels ints ``[N]`` and the
+    null label; a pytree; None and None for an unconditional model).
     paths: regexes over module paths (``layer_paths``); ``None`` takes every layer of ``kinds``.
     rows_per_step: rows sampled per step and layer (fewer when the input has fewer rows);
       the sample derives from ``(seed, step, path)``.
@@ -260,11 +292,12 @@ def collect_stats(model: nn.Module, params: Any, xs, timesteps, labels, null_lab
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
             or not 0 <= seed < 2 ** 32:
         raise ValueError(f"seed: expected an int in [0, 2**32), got {seed!r}")
-    xs, timesteps, labels = _check_trajectory(xs, timesteps, labels, null_label)
+    xs, timesteps, cond, null_cond = _check_trajectory(xs, timesteps, cond, null_cond)
     num_steps, n = xs.shape[0], xs.shape[1]
-    y_both = jnp.asarray(np.concatenate([labels, np.full(n, null_label, np.int32)]))
-    available = layer_paths(model, params, (jnp.zeros((2 * n, *xs.shape[2:]), xs.dtype),
-                                            jnp.zeros((2 * n,), jnp.float32), y_both),
+    y_both = conditioning.with_null(cond, null_cond)
+    rows = n * (1 if cond is None else 2)
+    example = (jnp.zeros((rows, *xs.shape[2:]), xs.dtype), jnp.zeros((rows,), jnp.float32))
+    available = layer_paths(model, params, example + (() if cond is None else (y_both,)),
                             kinds=kinds)
     selected = select_paths(available, paths)
     buffers: dict[str, dict[str, np.ndarray]] = {}
@@ -289,13 +322,15 @@ def collect_stats(model: nn.Module, params: Any, xs, timesteps, labels, null_lab
             for path in selected}
 
 
-def calibration_trajectory(model: nn.Module, params: Any, sampler: Sampler, labels,
-                           null_label: int, shape: tuple[int, ...], seed: int,
+def calibration_trajectory(model: nn.Module, params: Any, sampler: Sampler, cond, null_cond,
+                           shape: tuple[int, ...], seed: int,
                            cfg_scale: float | None) -> CalibrationTrajectory:
     """Run the real sampler (``sample(denoise_fn_for(model), ..., return_trajectory=True)``)
-    and return its per-step model inputs for ``collect_stats``."""
-    x_final, xs = sample(denoise_fn_for(model), params, sampler, labels, seed=seed,
-                         cfg_scale=cfg_scale, null_label=null_label, shape=shape,
-                         return_trajectory=True)
+    and return its per-step model inputs for ``collect_stats``. ``cond``, ``null_cond``: class
+    labels and the null label, a conditioning pytree and its null, or None and None."""
+    null = ({"null_label": null_cond} if _is_labels(cond, null_cond)
+            else {"null_cond": null_cond})
+    x_final, xs = sample(denoise_fn_for(model), params, sampler, cond, seed=seed,
+                         cfg_scale=cfg_scale, shape=shape, return_trajectory=True, **null)
     return CalibrationTrajectory(xs=np.asarray(xs), timesteps=np.asarray(sampler.model_time),
-                                 labels=np.asarray(labels, np.int32), x_final=np.asarray(x_final))
+                                 cond=conditioning.to_numpy(cond), x_final=np.asarray(x_final))

@@ -346,16 +346,18 @@ def _prepare(kernel, bias, stats, table, num_segments, recipe, path) -> _Layer:
 
 
 def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segments: int,
-                   recipe: Recipe, path: str = "?") -> QLinear:
+                   recipe: Recipe, path: str = "?", weight_only: bool | None = None) -> QLinear:
     """Quantize one Dense (kernel ``[K, N]``) or Conv (HWIO ``[kh, kw, K, N]``).
 
     ``stats``: ``LayerStats`` with ``absmax [steps, K]``, ``tensor_min/max [steps]``, ``rows
     [steps, R, taps * K]`` (im2col rows for a conv). ``segment_of_step`` int ``[steps]``. With
     ``recipe.per_segment_weights`` each segment has its own alpha, rotation and weight copy;
     otherwise one transform and one weight serve every segment and only the activation
-    parameters vary per segment. See the module doc for the order of the searches.
+    parameters vary per segment. ``weight_only``: quantize the weights alone (float
+    activations, no smoothing or rotation); None asks the recipe's regexes
+    (``Recipe.is_weight_only``). See the module doc for the order of the searches.
     """
-    if recipe.is_weight_only(path):
+    if recipe.is_weight_only(path) if weight_only is None else weight_only:
         recipe = weight_only_recipe(recipe)
     layer = _prepare(kernel, bias, stats, segment_of_step, num_segments, recipe, path)
     groups = list(range(num_segments)) if recipe.per_segment_weights else [None]

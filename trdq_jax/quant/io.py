@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax import checkpoint
-from trdq_jax.config import ConfigError, ExperimentConfig, apply_overrides
+from trdq_jax.config import ConfigError, ExperimentConfig, apply_overrides, override_label
 from trdq_jax.quant.qlinear import BACKENDS, QLinear
 from trdq_jax.quant.recipe import Recipe
 from trdq_jax.quant.transform import QuantizedDenoiser, quantized_layer_paths
@@ -51,12 +51,17 @@ def recipe_from_dict(d: dict) -> Recipe:
 
 
 def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segment_of_step,
-                   *, cfg_plan=None, overwrite: bool = False, arg: str = "path") -> pathlib.Path:
+                   *, weight_only=None, cfg_plan=None, overwrite: bool = False,
+                   arg: str = "path") -> pathlib.Path:
     """Write a quantized model: arrays via orbax, static layer fields/recipe/segments as JSON.
     The model is checked first (``check_quantized``), so an inconsistent one is never written.
-    ``cfg_plan``: an optional ``CFGPlan`` stored with it (``stored_cfg_plan`` restores it),
-    checked against the model and the sampler's step count."""
-    check_quantized(qparams, recipe, segment_of_step, cfg, "qparams")
+    ``weight_only``: the paths quantized weight-only (``Calibration.weight_only``; None: the
+    layers whose fields say so, see ``weight_only_layers``). ``cfg_plan``: an optional
+    ``CFGPlan`` stored with it (``stored_cfg_plan`` restores it), checked against the model and
+    the sampler's step count."""
+    weight_only = sorted(weight_only_layers(qparams, recipe) if weight_only is None
+                         else weight_only)
+    check_quantized(qparams, recipe, segment_of_step, cfg, "qparams", weight_only)
     if cfg_plan is not None:
         _check_plan(cfg_plan, cfg, len(np.asarray(segment_of_step)), "cfg_plan")
     layers = {p: {f: getattr(_layer(qparams, p), f) for f in _STATIC}
@@ -68,12 +73,27 @@ def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segmen
         for name in p.split("/")[:-1]:
             node = node.setdefault(name, {})
         node[p.split("/")[-1]] = {f: getattr(q, f) for f in _ARRAYS if getattr(q, f) is not None}
-    extra = {"recipe": dataclasses.asdict(recipe), "layers": layers,
+    extra = {"recipe": dataclasses.asdict(recipe), "layers": layers, "weight_only": weight_only,
              "segment_of_step": [int(v) for v in np.asarray(segment_of_step)]}
     if cfg_plan is not None:
         extra["cfg_plan"] = cfg_plan.to_json()
     return checkpoint.save(path, tree, cfg, kind="quantized", extra=extra, overwrite=overwrite,
                            arg=arg)
+
+
+def weight_only_layers(qparams, recipe: Recipe) -> list[str]:
+    """The layers of ``qparams`` quantized weight-only: float activations and no rotation where
+    ``recipe`` itself would quantize or rotate the activations."""
+    from trdq_jax.quant.fit import weight_only_recipe
+    alone = weight_only_recipe(recipe)
+    fields = ("a_bits", "rotation")
+    found = []
+    for path in quantized_layer_paths(qparams):
+        q = _layer(qparams, path)
+        if all(getattr(q, f) == getattr(alone, f) for f in fields) and any(
+                getattr(recipe, f) != getattr(alone, f) for f in fields):
+            found.append(path)
+    return found
 
 
 def load_quantized(path: str | os.PathLike, cfg=None):
@@ -106,8 +126,12 @@ def load_quantized(path: str | os.PathLike, cfg=None):
             target[p.split("/")[-1]] = QLinear(**arrays, **static)
         recipe = recipe_from_dict(extra["recipe"])
         qparams = {"float": jax.tree.map(jnp.asarray, tree.get("float", {})), "layers": layers}
+        weight_only = extra.get("weight_only")  # absent: saved before, the regexes name them
+        if weight_only is not None and (not isinstance(weight_only, list) or not all(
+                isinstance(p, str) for p in weight_only)):
+            raise ConfigError(f"weight_only: expected a list of layer paths, got {weight_only!r}")
         table = check_quantized(qparams, recipe, extra["segment_of_step"], stored,
-                                str(path))
+                                str(path), weight_only)
     except (KeyError, TypeError, ConfigError, QuantizedModelError) as e:
         message = f"missing {e}" if isinstance(e, KeyError) else str(e)
         raise checkpoint.CheckpointError(f"{str(path)!r}: inconsistent quantized checkpoint: "
@@ -141,12 +165,14 @@ def stored_cfg_plan(path: str | os.PathLike):
     return plan
 
 
-def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", overrides=()):
+def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", overrides=(),
+                         arg: str = "overrides"):
     """``(model, qparams, cfg, source, sampler, apply_fn)`` of a ``save_quantized`` directory.
 
     Restored without the float weights; the sampler uses the stored step -> segment table.
     ``overrides`` (``section.field=value``) may change ``sampler.cfg_scale`` and
     ``generation.*`` only: everything else of the sampler shaped the calibrated trajectory.
+    Errors about them name ``arg`` (the command line passes ``--set``).
     """
     from trdq_jax.models.factory import build_model
     from trdq_jax.sampling.solvers import Sampler
@@ -159,10 +185,11 @@ def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", override
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not (key in _FREE_SAMPLER_FIELDS or key.startswith("generation.")):
-            raise ValueError(f"--set {key}: fixed by the quantized checkpoint (its scales and "
-                             "segment table were calibrated on that sampling trajectory); only "
+            raise ValueError(f"{override_label(arg, key)}: fixed by the quantized checkpoint "
+                             "(its scales and segment table were calibrated on that sampling "
+                             "trajectory); only "
                              f"{', '.join(_FREE_SAMPLER_FIELDS)} and generation.* may change")
-    cfg = apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides, arg)
     sampler = Sampler.from_config(cfg.sampler).with_segments(table, recipe.num_segments)
     model = build_model(cfg.model)
     source = f"{qdir} ({recipe.name} W{recipe.w_bits}A{recipe.a_bits}, {backend})"

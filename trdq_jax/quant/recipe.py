@@ -15,12 +15,13 @@ from typing import Literal
 
 from trdq_jax.config import ConfigError
 
-# The first and last layers stay in float, as in Q-Diffusion / PTQ4DM / TR-DQ: the patch or
-# pixel embedding (DiT x_embedder, UNet conv_in), the label table and the output projection.
+# By default (``keep_float`` / ``weight_only`` None) the layers are chosen by the model's data
+# flow (``trdq_jax.quant.roles``): the first and last layers stay in float, as in Q-Diffusion /
+# PTQ4DM / TR-DQ, and the layers whose input is one conditioning vector per sample (adaLN
+# modulation, a UNet's scale-shift projections, the timestep MLP: activations that cost nothing
+# to keep in float, weights a third of a DiT's parameters) are quantized weight-only.
+# The same choice by the bundled models' layer names, for recipes that name their layers:
 DEFAULT_KEEP_FLOAT = (r"(^|/)(x|y)_embedder(/|$)", r"^final_layer/linear$", r"^conv_(in|out)$")
-# Layers whose input is one conditioning vector per sample (adaLN modulation, the UNet's
-# scale-shift projections, the timestep MLP): their activations cost nothing to keep in float,
-# their weights are a third of a DiT's parameters. Quantized weight-only (W{w_bits}A16).
 DEFAULT_WEIGHT_ONLY = (r"adaLN_modulation", r"(^|/)emb_proj$", r"(^|/)t_embedder/")
 
 _BOOL_FIELDS = ("w_symmetric", "w_clip_search", "a_symmetric", "a_clip_search", "smoothing",
@@ -63,9 +64,13 @@ class Recipe:
         training-time axis, or "similarity": contiguous DP split of similar steps).
       per_segment_weights: each segment has its own smoothing/rotation AND its own quantized
         weight copy (TR-DQ as released); else one shared weight, activation-side params per segment.
-      keep_float: regexes over module paths ("blocks_0/attn/qkv") of layers kept in float.
-      weight_only: regexes of layers quantized weight-only: ``w_bits`` weights, float
-        activations, no smoothing or rotation (keep_float wins where both match).
+      keep_float: None (default): the layers that read the model input or write its output
+        (found from the data flow at calibration, ``trdq_jax.quant.roles``) stay in float; or
+        regexes over module paths ("blocks_0/attn/qkv") of the layers kept in float instead.
+      weight_only: None (default): the layers whose input is one vector per sample
+        (conditioning, found the same way) are quantized weight-only (``w_bits`` weights, float
+        activations, no smoothing or rotation); or regexes of those layers instead (keep_float
+        wins where both apply).
       gptq: quantize weights with GPTQ (rounding errors spread onto the remaining input channels
         through the inverse Gram matrix of the transformed calibration rows: pooled over the
         trajectory for a shared weight, per segment for per-segment weights); else
@@ -95,8 +100,8 @@ class Recipe:
     num_segments: int = 1
     segment_split: Literal["uniform", "similarity"] = "uniform"
     per_segment_weights: bool = False
-    keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
-    weight_only: tuple[str, ...] = DEFAULT_WEIGHT_ONLY
+    keep_float: tuple[str, ...] | None = None
+    weight_only: tuple[str, ...] | None = None
     gptq: bool = False
     search_weights: Literal["final", "rtn"] = "final"
     seed: int = 0
@@ -138,8 +143,10 @@ class Recipe:
             fail("seed", "an int in [0, 2**32 - 1]")
         for field in ("keep_float", "weight_only"):
             patterns = getattr(self, field)
+            if patterns is None:
+                continue
             if not isinstance(patterns, tuple) or not all(isinstance(p, str) for p in patterns):
-                fail(field, "a tuple of str regexes")
+                fail(field, "None (chosen by the data flow) or a tuple of str regexes")
             for pattern in patterns:
                 try:
                     re.compile(pattern)
@@ -147,8 +154,9 @@ class Recipe:
                     raise ConfigError(f"Recipe.{field}: invalid regex {pattern!r}: {e}") from None
 
     def is_weight_only(self, path: str) -> bool:
-        """Whether the layer at module path ``path`` is quantized weight-only."""
-        return any(re.search(p, path) for p in self.weight_only)
+        """Whether ``weight_only``'s regexes name the layer at module path ``path`` (False when
+        the weight-only layers are found from the data flow: a calibration knows them)."""
+        return self.weight_only is not None and any(re.search(p, path) for p in self.weight_only)
 
     @property
     def float_activations(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,40 +24,73 @@ from trdq_jax.quant.fit import quantize_layer
 from trdq_jax.quant.qconv import module_geometry, qconv_apply
 from trdq_jax.quant.qlinear import QLinear, output_columns, qlinear_apply
 from trdq_jax.quant.recipe import DEFAULT_KEEP_FLOAT, DEFAULT_WEIGHT_ONLY, Recipe
+from trdq_jax.quant.roles import REASONS
+from trdq_jax.sampling.conditioning import apply_model
 
 # The keep-float defaults before weight-only layers and convolutions were quantized: recipes
 # stored with them (calibrations, checkpoints) are not asked to match every one.
 _PREVIOUS_KEEP_FLOAT = (r"(^|/)(x|t|y)_embedder(/|$)", r"adaLN_modulation",
                         r"(^|/)final_layer(/|$)", r"(^|/)emb_proj$", r"(^|/)conv_(in|out)$")
 
-__all__ = ["QuantizedDenoiser", "calibrated_selection", "float_bytes_of", "quantize",
-           "quantize_layer", "quantized_layer_paths", "select_layers", "weight_bytes"]
+__all__ = ["QuantizedDenoiser", "Selection", "calibrated_selection", "float_bytes_of",
+           "quantize", "quantize_layer", "quantized_layer_paths", "select_layers", "weight_bytes"]
 
 
 # ----------------------------------------------------------------------------- layer selection
 
 
-def select_layers(paths: list[str], recipe: Recipe) -> tuple[list[str], dict[str, list[str]]]:
-    """Split calibrated Dense / Conv paths into (quantized, {keep-float regex: matched paths}).
+class Selection(NamedTuple):
+    """Which calibrated layers a recipe quantizes.
 
-    The recipe's keep_float regexes apply where they match (the quantized list includes the
-    weight-only layers); every regex the recipe adds to the defaults (keep_float or
-    weight_only) must match at least one layer, else ``ValueError`` naming it.
+    quantized: module paths of the layers that become ``QLinear`` (weight-only ones included),
+      in model order. weight_only: those of them quantized weight-only. keep_float: report
+      ``{regex, or the structural reason: [paths]}`` of the layers left in float.
     """
-    user = [p for p in recipe.keep_float if p not in DEFAULT_KEEP_FLOAT + _PREVIOUS_KEEP_FLOAT]
-    matched = {pat: [p for p in paths if re.search(pat, p)] for pat in recipe.keep_float}
-    dead = [pat for pat in user if not matched[pat]]
-    if dead:
-        raise ValueError(f"recipe.keep_float: regex(es) {dead} match no layer; layers: {paths}")
-    dead = [pat for pat in recipe.weight_only if pat not in DEFAULT_WEIGHT_ONLY
-            and not any(re.search(pat, p) for p in paths)]
-    if dead:
-        raise ValueError(f"recipe.weight_only: regex(es) {dead} match no layer; layers: {paths}")
-    kept = {p for ps in matched.values() for p in ps}
-    quantized = [p for p in paths if p not in kept]
+
+    quantized: list[str]
+    weight_only: list[str]
+    keep_float: dict[str, list[str]]
+
+
+def select_layers(paths: list[str], recipe: Recipe, roles: dict | None = None) -> Selection:
+    """Split calibrated Dense / Conv ``paths`` by ``recipe``: its regexes where it gives them,
+    else the structural ``roles`` (``trdq_jax.quant.roles.layer_roles``: input and output
+    layers stay float, conditioning layers are weight-only). Every regex the recipe adds to
+    the bundled models' defaults must match a layer (``ValueError`` naming it)."""
+    def needs_roles(field):
+        if roles is None:
+            raise ValueError(f"roles: recipe.{field} is None (layers chosen by the data flow), "
+                             "so the structural roles are needed (trdq_jax.quant.roles."
+                             "layer_roles; a calibration made before they existed has none: "
+                             "calibrate again, or give the recipe regexes)")
+        return roles
+
+    if recipe.keep_float is None:
+        found = needs_roles("keep_float")
+        kept = {REASONS[r]: [p for p in paths if p in found[r]] for r in ("input", "output")}
+    else:
+        user = [p for p in recipe.keep_float if p not in DEFAULT_KEEP_FLOAT + _PREVIOUS_KEEP_FLOAT]
+        kept = {pat: [p for p in paths if re.search(pat, p)] for pat in recipe.keep_float}
+        dead = [pat for pat in user if not kept[pat]]
+        if dead:
+            raise ValueError(f"recipe.keep_float: regex(es) {dead} match no layer; layers: "
+                             f"{paths}")
+    kept = {k: v for k, v in kept.items() if v}
+    left = {p for ps in kept.values() for p in ps}
+    quantized = [p for p in paths if p not in left]
     if not quantized:
         raise ValueError("recipe.keep_float: every layer is kept in float; nothing to quantize")
-    return quantized, {k: v for k, v in matched.items() if v}
+    if recipe.weight_only is None:
+        conditioning = needs_roles("weight_only")["conditioning"]
+        weight_only = [p for p in quantized if p in conditioning]
+    else:
+        dead = [pat for pat in recipe.weight_only if pat not in DEFAULT_WEIGHT_ONLY
+                and not any(re.search(pat, p) for p in paths)]
+        if dead:
+            raise ValueError(f"recipe.weight_only: regex(es) {dead} match no layer; layers: "
+                             f"{paths}")
+        weight_only = [p for p in quantized if recipe.is_weight_only(p)]
+    return Selection(quantized, weight_only, kept)
 
 
 def _get(tree, path: str):
@@ -90,18 +123,19 @@ def _to_dict(tree):
         tree, "items") else tree
 
 
-def calibrated_selection(calib, recipe: Recipe) -> tuple[list[str], dict[str, list[str]]]:
-    """``select_layers`` over every layer ``calib`` saw (with statistics or kept in float), so a
-    recipe's own keep_float regexes, already applied by ``calibrate``, match again; the layers
-    ``recipe`` quantizes must all have statistics (ValueError naming the missing ones)."""
+def calibrated_selection(calib, recipe: Recipe) -> Selection:
+    """``select_layers`` over every layer ``calib`` saw (with statistics or kept in float) and
+    its structural roles, so a recipe's own choice, already applied by ``calibrate``, is made
+    again; the layers ``recipe`` quantizes must all have statistics (ValueError naming the
+    missing ones)."""
     paths = list(calib.stats) + [p for ps in calib.keep_float.values() for p in ps
                                  if p not in calib.stats]
-    quantized, kept = select_layers(paths, recipe)
-    missing = [p for p in quantized if p not in calib.stats]
+    selection = select_layers(paths, recipe, calib.roles)
+    missing = [p for p in selection.quantized if p not in calib.stats]
     if missing:
         raise ValueError(f"calib: layers {missing} have no statistics; calibrate with a recipe "
                          f"that quantizes them")
-    return quantized, kept
+    return selection
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -118,18 +152,19 @@ def quantize(params, calib, recipe: Recipe, *, progress: bool = False) -> dict:
     if calib.num_segments != recipe.num_segments:
         raise ValueError(f"calib: calibrated for {calib.num_segments} segments, recipe wants "
                          f"{recipe.num_segments}; re-run calibrate with this recipe")
-    quantized, _ = calibrated_selection(calib, recipe)
+    selection = calibrated_selection(calib, recipe)
     layers: dict = {}
-    items = quantized
+    items = selection.quantized
     if progress:
         from tqdm import tqdm
-        items = tqdm(quantized, desc=f"quantize {recipe.name}", unit="layer")
+        items = tqdm(items, desc=f"quantize {recipe.name}", unit="layer")
     for path in items:
         dense = _get(params, path)
         q = quantize_layer(dense["kernel"], dense.get("bias"), calib.stats[path],
-                           np.asarray(calib.segment_of_step), calib.num_segments, recipe, path)
+                           np.asarray(calib.segment_of_step), calib.num_segments, recipe, path,
+                           weight_only=path in selection.weight_only)
         _set(layers, path, q)
-    return {"float": _without(params, quantized), "layers": layers}
+    return {"float": _without(params, selection.quantized), "layers": layers}
 
 
 def quantized_layer_paths(qparams) -> list[str]:
@@ -193,4 +228,4 @@ class QuantizedDenoiser:
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
-            return self.model.apply({"params": qparams["float"]}, x, t, y, share_cfg=share_cfg)
+            return apply_model(self.model, {"params": qparams["float"]}, x, t, y, share_cfg)

@@ -225,8 +225,10 @@ def check_against_model(qparams, model_cfg, where: str) -> None:
                                   + "; ".join(problems[:10]))
 
 
-def check_quantized(qparams, recipe, segment_of_step, cfg, where: str) -> np.ndarray:
-    """All checks of a restored quantized model; returns the validated segment table."""
+def check_quantized(qparams, recipe, segment_of_step, cfg, where: str,
+                    weight_only=None) -> np.ndarray:
+    """All checks of a restored quantized model; returns the validated segment table.
+    ``weight_only``: the paths quantized weight-only (None: the recipe's regexes name them)."""
     from trdq_jax.manifest import flat_arrays
     from trdq_jax.quant.fit import weight_only_recipe
     from trdq_jax.quant.transform import quantized_layer_paths
@@ -238,7 +240,8 @@ def check_quantized(qparams, recipe, segment_of_step, cfg, where: str) -> np.nda
         for name in path.split("/"):
             node = node[name]
         check_qlinear(node, f"{where}: layer {path}", recipe.num_segments)
-        layer_recipe = weight_only_recipe(recipe) if recipe.is_weight_only(path) else recipe
+        alone = recipe.is_weight_only(path) if weight_only is None else path in weight_only
+        layer_recipe = weight_only_recipe(recipe) if alone else recipe
         for field in ("w_bits", "a_bits", "a_mode", "rotation"):
             if field in ("w_bits", "a_bits") and getattr(node, field) == 16:
                 continue

@@ -2,10 +2,12 @@
 
 ``apply_fn(params, x, t, y, segment, share_cfg) -> out`` is the denoiser:
   x ``[2N, ...spatial, C]`` float32 (``[x; x]``), t ``[2N]`` float32 in training units,
-  y ``[2N]`` int32 (``[labels; null]``), segment a traced int32 scalar (the step's time segment),
+  y the conditioning ``[cond; null]`` with leading axis 2N (class labels: int32 ``[2N]``; see
+  ``trdq_jax.sampling.conditioning``), segment a traced int32 scalar (the step's time segment),
   share_cfg a Python bool or a frozenset of attention paths that share (static). At steps where
   a ``CFGPlan`` skips the uncond branch it is called on the cond half alone: x ``[N, ...]``,
-  t ``[N]``, y ``[N]`` = labels, share_cfg False. out ``[2N, ...spatial, C]`` (eps, or velocity for flow_euler) or
+  t ``[N]``, y = cond, share_cfg False; an unconditional sampler (cond None) always calls it so,
+  with y None. out ``[2N, ...spatial, C]`` (eps, or velocity for flow_euler) or
   ``[2N, ...spatial, 2C]`` (eps then IDDPM variance values ``v``).
 
 Randomness: sample ``i`` of a batch has the index ``j = sample_offset + i`` (or
@@ -27,6 +29,7 @@ import numpy as np
 
 from trdq_jax.config import check_cfg_scale
 from trdq_jax.models.layers import count_nonfinite
+from trdq_jax.sampling import conditioning
 from trdq_jax.sampling.solvers import Sampler
 
 ApplyFn = Callable[..., jax.Array]
@@ -34,16 +37,23 @@ _INT32_MAX = 2 ** 31 - 1
 X_T_LIMIT = 1e4  # far above any schedule's noise (EDM's sigma_max = 80 gives ~400)
 
 
-def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: int,
-           cfg_scale: float | None, null_label: int, shape: tuple[int, ...],
+def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, cond, *, seed: int,
+           cfg_scale: float | None, null_label: int | None = None, null_cond=None,
+           shape: tuple[int, ...],
            share_cfg: "bool | CFGPlan" = False, sample_offset: int = 0, sample_indices=None,
            progress: bool | Callable[[int, int], None] = False,
            return_trajectory: bool = False,
            x_T=None, unroll: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Draw ``N = len(labels)`` samples; returns the final x, float32 ``shape``.
+    """Draw ``N = shape[0]`` samples; returns the final x, float32 ``shape``.
 
-    labels: ints ``[N]`` in ``[0, null_label]`` (``null_label`` itself draws unconditionally).
-    ``sample`` may be called inside a user's ``jit``: ``labels``, ``cfg_scale``, ``seed`` and
+    cond: the conditioning (``trdq_jax.sampling.conditioning``): class labels, ints ``[N]`` in
+      ``[0, null_label]`` (``null_label`` itself draws unconditionally), or any pytree of arrays
+      with leading axis N (e.g. caption embeddings and a mask), or None for an unconditional
+      model (no guidance: one forward per step, ``cfg_scale`` and ``share_cfg`` unused).
+    null_cond: the uncond branch's conditioning, cond's tree structure with one element per leaf
+      (broadcast over the batch) or full ``[N, ...]`` leaves; ``null_label=k`` is the same as
+      ``null_cond=k`` for class labels.
+    ``sample`` may be called inside a user's ``jit``: ``cond``, ``cfg_scale``, ``seed`` and
     ``sample_offset`` may then be traced; their shapes and dtypes are checked, and the value
     ranges only when they are concrete (a traced seed is cast to uint32 and an offset to int32,
     so out-of-range values wrap).
@@ -84,9 +94,8 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
         raise ValueError("params: expected a non-empty pytree of arrays")
     if callable(getattr(apply_fn, "check_params", None)):
         apply_fn.check_params(params)
-    null_label = _check_int("null_label", null_label, 0, _INT32_MAX)
-    labels = _check_labels(labels, null_label)
-    shape = _check_shape(shape, labels.shape[0])
+    cond, null_cond = _check_conditioning(cond, null_label, null_cond)
+    shape = _check_shape(shape, conditioning.batch_size(cond))
     cfg_name = "sampler.cfg_scale" if cfg_scale is None else "cfg_scale"
     cfg_scale = sampler.cfg_scale if cfg_scale is None else cfg_scale
     if _is_checked_tracer(cfg_name, cfg_scale, "number", (jnp.floating, jnp.integer)):
@@ -97,6 +106,9 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
         seed = _check_int("seed", seed, 0, 2 ** 32 - 1)
     indices = _indices(sample_offset, sample_indices, shape[0])
     phases = _phases(share_cfg, apply_fn, sampler)
+    if cond is None and phases != _phases(False, apply_fn, sampler):
+        raise ValueError("share_cfg: an unconditional sampler (cond None) has no uncond branch "
+                         "to share or cache; use share_cfg=False")
     if not isinstance(unroll, bool):
         raise ValueError(f"unroll: expected a bool, got {unroll!r}")
     if not (isinstance(progress, bool) or callable(progress)):
@@ -105,11 +117,23 @@ def sample(apply_fn: ApplyFn, params: Any, sampler: Sampler, labels, *, seed: in
         raise ValueError(f"return_trajectory: expected a bool, got {return_trajectory!r}")
     x_T = _check_x_T(x_T, shape)
     report = (_print_progress if progress is True else progress) or None
-    return _sample_scan(apply_fn, params, sampler, jnp.asarray(labels, jnp.int32),
-                        jnp.asarray(seed, jnp.uint32), jnp.asarray(cfg_value, jnp.float32),
-                        jnp.asarray(null_label, jnp.int32), indices,
+    return _sample_scan(apply_fn, params, sampler, cond, jnp.asarray(seed, jnp.uint32),
+                        jnp.asarray(cfg_value, jnp.float32), null_cond, indices,
                         x_T, shape=shape, phases=phases, report=report,
                         return_trajectory=return_trajectory, unroll=unroll)
+
+
+def _check_conditioning(cond, null_label, null_cond):
+    """``(cond, null_cond)`` checked; class labels (an integer ``[N]`` with ``null_label``)
+    keep their range check and are cast to int32."""
+    if null_label is not None:
+        if null_cond is not None:
+            raise ValueError("null_label: give null_label (class labels) or null_cond, not both")
+        null_label = _check_int("null_label", null_label, 0, _INT32_MAX)
+        labels = _check_labels(cond, null_label)
+        return jnp.asarray(labels, jnp.int32), jnp.asarray(null_label, jnp.int32)
+    cond = conditioning.check_cond(cond)
+    return cond, conditioning.check_null(null_cond, cond)
 
 
 def _phases(share_cfg, apply_fn, sampler) -> tuple:
@@ -184,13 +208,14 @@ def _initial_noise_jit(seed, indices, *, shape):
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "shape", "phases", "report",
                                              "return_trajectory", "unroll"))
-def _sample_scan(apply_fn, params, sampler, labels, seed, cfg_scale, null_label, indices,
+def _sample_scan(apply_fn, params, sampler, cond, seed, cfg_scale, null_cond, indices,
                  x_T=None, *, shape, phases, report, return_trajectory=False, unroll=False):
     n, channels = shape[0], shape[-1]
     sample_keys = _sample_keys(seed, indices)
     # x_T None or an array is part of the jit signature: two programs, never a retrace per value
     x = _noise_from_keys(sample_keys, shape) if x_T is None else x_T.astype(jnp.float32)
-    y_both = jnp.concatenate([labels, jnp.full((n,), null_label, jnp.int32)])
+    y_both, y_cond = conditioning.with_null(cond, null_cond), cond
+    guidance = cond is not None  # static: an unconditional model runs one branch
     num_steps = sampler.num_steps
     uses_cache = any(step.uncond == "cached" for p in phases for step in p.pattern)
 
@@ -199,7 +224,7 @@ def _sample_scan(apply_fn, params, sampler, labels, seed, cfg_scale, null_label,
             x, x0_prev, delta = carry
             take = lambda table: jnp.take(table, i)  # noqa: E731 (traced index, one program)
             segment = take(sampler.segment_of_step)
-            if spec.uncond == "full":
+            if spec.uncond == "full" and guidance:
                 t = jnp.full((2 * n,), take(sampler.model_time), jnp.float32)
                 out = apply_fn(params, jnp.concatenate([x, x]), t, y_both, segment, spec.share)
                 out = _check_output(out, shape, 2).astype(jnp.float32)
@@ -208,7 +233,7 @@ def _sample_scan(apply_fn, params, sampler, labels, seed, cfg_scale, null_label,
                     delta = cond[..., :channels] - uncond_eps
             else:  # the uncond branch does not run: cached difference, or no guidance
                 t = jnp.full((n,), take(sampler.model_time), jnp.float32)
-                cond = _check_output(apply_fn(params, x, t, labels, segment, False), shape,
+                cond = _check_output(apply_fn(params, x, t, y_cond, segment, False), shape,
                                      1).astype(jnp.float32)
                 uncond_eps = cond[..., :channels]
                 if spec.uncond == "cached":
@@ -341,13 +366,16 @@ def _check_x_T(x_T, shape: tuple[int, ...]):
     return jnp.asarray(x_T, jnp.float32)
 
 
-def _check_shape(shape, batch: int) -> tuple[int, ...]:
+def _check_shape(shape, batch: int | None) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints whose batch ``shape[0]`` is ``batch`` (the
+    conditioning's; None: unconditional, any batch)."""
     if not isinstance(shape, (tuple, list)) or len(shape) < 2 or not all(
             isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape):
         raise ValueError("shape: expected a tuple (N, ...spatial, C) of positive ints, "
                          f"got {shape!r}")
-    if shape[0] != batch:
-        raise ValueError(f"shape: expected shape[0] == len(labels) = {batch}, got {shape[0]}")
+    if batch is not None and shape[0] != batch:
+        raise ValueError(f"shape: expected shape[0] == the conditioning's batch (len(labels)) "
+                         f"= {batch}, got {shape[0]}")
     return tuple(int(d) for d in shape)
 
 
@@ -360,7 +388,7 @@ class _FloatModelDenoiser:
 
     def __call__(self, params, x, t, y, segment, share_cfg):
         del segment  # a float model is the same in every time segment
-        return self.model.apply({"params": params}, x, t, y, share_cfg=share_cfg)
+        return conditioning.apply_model(self.model, {"params": params}, x, t, y, share_cfg)
 
     def check_params(self, params) -> None:
         """``trdq_jax.models.factory.check_params`` for the model's config (shapes and dtypes
@@ -374,7 +402,9 @@ class _FloatModelDenoiser:
 
 def denoise_fn_for(model) -> ApplyFn:
     """``apply_fn(params, x, t, y, segment, share_cfg)`` that calls
-    ``model.apply({'params': params}, x, t, y, share_cfg=share_cfg)`` and ignores ``segment``."""
+    ``model.apply({'params': params}, x, t, y, share_cfg=share_cfg)`` and ignores ``segment``
+    (``y`` left out when None, ``share_cfg`` when the model takes none:
+    ``conditioning.apply_model``): any Flax denoiser ``__call__(x, t[, cond])``."""
     if not hasattr(model, "apply"):
         raise ValueError(f"model: expected a Flax module, got {type(model).__name__}")
     return _FloatModelDenoiser(model)
