@@ -271,9 +271,32 @@ class ClassifierConfig:
         _check_float_range(self, "dropout", 0.0, 0.9)
 
 
-ModelConfig = Union[DiTConfig, VideoDiTConfig, UNetConfig, ClassifierConfig]
+@dataclasses.dataclass(frozen=True)
+class ExternalModelConfig:
+    """A denoiser this library did not define (your own Flax module, called as
+    ``model.apply(variables, x, t[, cond])``): what sampling, offline generation and their
+    records need to know of it. ``name`` names it in records; ``sample_shape`` is one sample,
+    channels last (``(H, W, C)``, or ``(F, H, W, C)`` for a video). It has no classes: give its
+    conditioning (or none) to ``generate_to_dir`` / ``generate``."""
+
+    name: str = "external"
+    sample_shape: tuple[int, ...] = (8, 8, 1)
+    family: Literal["external"] = "external"
+
+    def __post_init__(self):
+        _check_choice(self, "family", ("external",))
+        if not isinstance(self.name, str) or not self.name:
+            _fail(self, "name", "a non-empty string", self.name)
+        shape = self.sample_shape
+        if not isinstance(shape, tuple) or not shape or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            _fail(self, "sample_shape", "a non-empty tuple of positive ints (channels last)",
+                  shape)
+
+
+ModelConfig = Union[DiTConfig, VideoDiTConfig, UNetConfig, ClassifierConfig, ExternalModelConfig]
 MODEL_CONFIGS = {"dit": DiTConfig, "video_dit": VideoDiTConfig, "unet": UNetConfig,
-                 "classifier": ClassifierConfig}
+                 "classifier": ClassifierConfig, "external": ExternalModelConfig}
 
 
 @dataclasses.dataclass(frozen=True)

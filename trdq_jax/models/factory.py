@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from trdq_jax.config import ClassifierConfig, DiTConfig, ModelConfig, UNetConfig, VideoDiTConfig
+from trdq_jax.config import (ClassifierConfig, DiTConfig, ExternalModelConfig, ModelConfig,
+                             UNetConfig, VideoDiTConfig)
 from trdq_jax.models.dit import DiT
 
 
@@ -25,11 +26,16 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if isinstance(cfg, ClassifierConfig):
         from trdq_jax.eval.classifier import DigitsClassifier
         return DigitsClassifier(cfg)
+    if isinstance(cfg, ExternalModelConfig):
+        raise ValueError(f"cfg: {cfg.name!r} is an external model: build the Flax module "
+                         "yourself and pass it (its config only describes its samples)")
     raise TypeError(f"cfg: expected a model config, got {type(cfg).__name__}")
 
 
 def input_shape(cfg: ModelConfig, batch: int = 1) -> tuple[int, ...]:
     """Channels-last input shape of one batch for this config."""
+    if isinstance(cfg, ExternalModelConfig):
+        return (batch, *cfg.sample_shape)
     spatial = (cfg.input_size, cfg.input_size)
     if isinstance(cfg, VideoDiTConfig):
         spatial = (cfg.num_frames, *spatial)

@@ -64,7 +64,7 @@ def layer_roles(model: nn.Module, params: Any, example_inputs: Sequence[Any],
             return out + eps.get(path, 0.0) * direction.astype(out.dtype)
 
         with nn.intercept_methods(cut):
-            out = apply_model(model, {"params": params}, x, *rest)
+            out = apply_model(model, {"params": params}, x, *rest, *(None,) * (2 - len(rest)))
         return out, inputs
 
     shape = jax.eval_shape(forward, params, x, None)[0]  # finds the layers (trace only)

@@ -66,7 +66,8 @@ def _fail(field: str, expected: str, got) -> None:
 class CFGPlan:
     """A sharing plan for one model and one step count (see the module docstring).
 
-    layers: every attention module path of the model (``"blocks_3/attn"``), model order.
+    layers: every attention module path of the model (``"blocks_3/attn"``), model order;
+      empty for a model without attention (a plan of uncond modes only).
     share: ``num_steps`` tuples of ``len(layers)`` bools.
     uncond: ``num_steps`` modes of ``UNCOND_MODES``; the first step must be ``"full"`` when any
       step is ``"cached"`` (there is nothing to reuse before it).
@@ -82,9 +83,9 @@ class CFGPlan:
     meta: Any = None
 
     def __post_init__(self):
-        if not isinstance(self.layers, tuple) or not self.layers or not all(
+        if not isinstance(self.layers, tuple) or not all(
                 isinstance(p, str) and p for p in self.layers):
-            _fail("layers", "a non-empty tuple of attention module paths", self.layers)
+            _fail("layers", "a tuple of attention module paths", self.layers)
         if len(set(self.layers)) != len(self.layers):
             _fail("layers", "distinct paths", self.layers)
         if not isinstance(self.share, tuple) or not self.share:
@@ -117,7 +118,7 @@ class CFGPlan:
         layer, else the frozenset of sharing paths) and the uncond mode."""
         def share(row):
             if not any(row) or all(row):
-                return all(row)
+                return any(row)  # an empty row (no attention) shares nothing
             return frozenset(p for p, v in zip(self.layers, row) if v)
         return tuple(Step(share(row), mode) for row, mode in zip(self.share, self.uncond))
 

@@ -8,6 +8,9 @@ from trdq_jax.config import ExperimentConfig
 
 def null_label(model_cfg) -> int:
     """The label index that means "unconditional" (the extra CFG row of the label table)."""
+    if not hasattr(model_cfg, "class_dropout_prob"):
+        raise ValueError(f"model: a {type(model_cfg).__name__} has no class labels, so no null "
+                         "label; give the conditioning and its null_cond")
     if model_cfg.class_dropout_prob <= 0:
         raise ValueError("model: trained without label dropout, so it has no null label for CFG")
     return model_cfg.num_classes

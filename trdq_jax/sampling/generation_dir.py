@@ -3,11 +3,13 @@
 Layout (kind ``generation``)::
 
     metadata.json            format, kind, the run's fingerprint (``run``), ``shard_size`` and
-                             a manifest of these fields and of labels.npy (checked on open)
-    labels.npy               int64 [N]: the label of every sample of the run
+                             a manifest of these fields and of the conditioning's arrays
+    labels.npy               int64 [N]: the label of every sample of a class-conditional run;
+    cond.npz                 or every sample's conditioning of another kind (its pytree's leaves
+                             ``[N, ...]`` by path); neither for an unconditional model
     shards/00000064.npz      samples [start, start + shard_size) of the fixed shard grid:
-                             "samples" float32 [n, ...] (videos [n, F, H, W, C]), "labels"
-                             int32 [n], "indices" int64 [n]
+                             "samples" float32 [n, ...] (videos [n, F, H, W, C]), "indices"
+                             int64 [n], and a label run's "labels" int32 [n]
     images/00000064.png      per image sample (uint8, [-1, 1] mapped to 0..255); not for videos
     manifest-P.jsonl         per writing process P: one line per finished shard, appended only
                              after every file of the shard is complete on disk
@@ -15,7 +17,8 @@ Layout (kind ``generation``)::
 A manifest line (``entry``)::
 
     {"start", "stop", "shard", "bytes", "sha256", "process", "host",
-     "samples": [{"index", "label", "seed", "file", "bytes", "sha256"}, ...],
+     "samples": [{"index", "label" (or "cond": a digest), "seed", "file", "bytes",
+                  "sha256"}, ...],
      "entry_sha256": sha256 of the line's other fields}
 
 The shard grid depends only on ``num_samples`` and ``shard_size`` (fixed when the directory is
@@ -40,6 +43,7 @@ import json
 import os
 import pathlib
 import socket
+import zipfile
 
 import numpy as np
 
@@ -47,7 +51,8 @@ from trdq_jax import files, manifest
 
 FORMAT = "trdq_jax.generation/2"
 KIND = "generation"
-SHARDS, IMAGES, LABELS = "shards", "images", "labels.npy"
+SHARDS, IMAGES, LABELS, COND_FILE = "shards", "images", "labels.npy", "cond.npz"
+COND = "cond"  # manifest names of the conditioning's leaves: "cond['emb']"...
 DEFAULT_SHARD_SIZE = 64
 _TMP = ".trdq-tmp."
 _ENTRY_DIGEST = "entry_sha256"
@@ -82,52 +87,102 @@ def shard_range(start: int, shard_size: int, num_samples: int) -> range:
 # ----------------------------------------------------------------------------- metadata
 
 
-def new_metadata(run: dict, shard_size: int, labels: np.ndarray, images: bool,
+@dataclasses.dataclass(frozen=True)
+class RunCond:
+    """The conditioning of every sample of a run, as its directory stores it: class labels
+    (``labels`` int64 ``[N]``, in ``labels.npy``), another conditioning pytree (``leaves``:
+    ``{keystr path: [N, ...]}``, in ``cond.npz``) or nothing (an unconditional model). Each
+    sample's manifest record names its label, or a digest of its conditioning."""
+
+    labels: np.ndarray | None = None
+    leaves: dict | None = None
+
+    @classmethod
+    def of(cls, labels=None, cond=None) -> "RunCond":
+        if labels is not None:
+            return cls(labels=np.ascontiguousarray(np.asarray(labels, np.int64)))
+        if cond is None:
+            return cls()
+        import jax
+        return cls(leaves={jax.tree_util.keystr(k): np.ascontiguousarray(np.asarray(v))
+                           for k, v in jax.tree_util.tree_flatten_with_path(cond)[0]})
+
+    def arrays(self) -> dict:
+        """What the directory stores, by manifest name."""
+        if self.labels is not None:
+            return {LABELS: self.labels}
+        return {f"{COND}{k}": v for k, v in (self.leaves or {}).items()}
+
+    def record(self, i: int) -> dict:
+        """The conditioning part of sample ``i``'s manifest record."""
+        if self.labels is not None:
+            return {"label": int(self.labels[i])}
+        if self.leaves is None:
+            return {}
+        digest = hashlib.sha256()
+        for name in sorted(self.leaves):
+            digest.update(name.encode() + np.ascontiguousarray(self.leaves[name][i]).tobytes())
+        return {"cond": digest.hexdigest()[:16]}
+
+    def count(self) -> int | None:
+        found = self.arrays()
+        return None if not found else len(next(iter(found.values())))
+
+
+def new_metadata(run: dict, shard_size: int, cond: RunCond, images: bool,
                  library_version: str) -> dict:
-    """The ``metadata.json`` of a new directory for ``run`` (``labels``: int ``[N]``, stored
-    beside it as ``labels.npy``; ``images``: whether samples get PNGs), with a manifest of its
-    fields and of the labels."""
+    """The ``metadata.json`` of a new directory for ``run`` (``cond``: stored beside it;
+    ``images``: whether samples get PNGs), with a manifest of its fields and arrays."""
     body = {"format": FORMAT, "kind": KIND, "library_version": library_version,
             "shard_size": int(shard_size), "images": bool(images), "run": run}
-    return {**body, "manifest": manifest.make_manifest(body, {LABELS: _labels64(labels)})}
+    return {**body, "manifest": manifest.make_manifest(body, cond.arrays())}
 
 
-def _labels64(labels) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(labels, np.int64))
-
-
-def write_new(tmp: pathlib.Path, meta: dict, labels: np.ndarray) -> None:
+def write_new(tmp: pathlib.Path, meta: dict, cond: RunCond) -> None:
     """Fill the temporary of a new generation directory (``files.write_dir``'s writer)."""
     (tmp / SHARDS).mkdir()
     (tmp / IMAGES).mkdir()
-    np.save(tmp / LABELS, _labels64(labels), allow_pickle=False)
+    if cond.labels is not None:
+        np.save(tmp / LABELS, cond.labels, allow_pickle=False)
+    elif cond.leaves is not None:
+        np.savez(tmp / COND_FILE, **cond.leaves)
     files.write_json(tmp / files.METADATA_FILE, meta)
 
 
-def read_metadata(out: pathlib.Path, arg: str) -> tuple[dict, np.ndarray]:
-    """``(metadata, labels int64 [N])`` of the generation directory ``out``, checked against
-    their manifest; ``GenerationDirError`` naming the path and the cause for a corrupt, edited,
+def _read_cond(out: pathlib.Path, names) -> RunCond:
+    if LABELS in names:
+        return RunCond(labels=np.load(out / LABELS, allow_pickle=False))
+    if not names:
+        return RunCond()
+    with np.load(out / COND_FILE, allow_pickle=False) as data:
+        return RunCond(leaves={k: data[k] for k in data.files})
+
+
+def read_metadata(out: pathlib.Path, arg: str) -> tuple[dict, RunCond]:
+    """``(metadata, conditioning)`` of the generation directory ``out``, checked against their
+    manifest; ``GenerationDirError`` naming the path and the cause for a corrupt, edited,
     older-layout or damaged one."""
     try:
         meta, body, record = manifest.read_record(out, formats={KIND: FORMAT},
                                                   noun="generation directory",
                                                   error=GenerationDirError)
+        file = out / (LABELS if LABELS in record["arrays"] else COND_FILE)
         try:
-            labels = np.load(out / LABELS, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise GenerationDirError(f"{str(out / LABELS)!r}: missing or truncated "
+            cond = _read_cond(out, record["arrays"])
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise GenerationDirError(f"{str(file)!r}: missing or truncated "
                                      f"({type(e).__name__})") from None
-        manifest.check_arrays(record["arrays"], {LABELS: labels}, str(out), GenerationDirError)
+        manifest.check_arrays(record["arrays"], cond.arrays(), str(out), GenerationDirError)
         size, run = body.get("shard_size"), body.get("run")
         if (isinstance(size, bool) or not isinstance(size, int) or size < 1
-                or not isinstance(body.get("images"), bool)
-                or not isinstance(run, dict) or run.get("num_samples") != len(labels)):
+                or not isinstance(body.get("images"), bool) or not isinstance(run, dict)
+                or cond.count() not in (None, run.get("num_samples"))):
             raise GenerationDirError(f"{str(out / files.METADATA_FILE)!r}: damaged (shard_size "
-                                     f"{size!r}, or a run that does not match labels.npy)")
+                                     f"{size!r}, or a run that does not match {file.name})")
     except GenerationDirError as e:
         raise GenerationDirError(f"{arg}: {e}; this directory cannot be used: move it aside "
                                  "and generate into a new one") from None
-    return meta, labels
+    return meta, cond
 
 
 def looks_like_generation(path: pathlib.Path) -> bool:
@@ -188,9 +243,10 @@ def _lock(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def shard_bytes(samples: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> bytes:
+def shard_bytes(samples: np.ndarray, indices: np.ndarray, **arrays) -> bytes:
+    """The npz bytes of a shard: "samples", "indices" and ``arrays`` (a label run's "labels")."""
     buffer = io.BytesIO()
-    np.savez(buffer, samples=samples, labels=labels, indices=indices)
+    np.savez(buffer, samples=samples, indices=indices, **arrays)
     return buffer.getvalue()
 
 
@@ -210,19 +266,20 @@ def nonfinite_rows(samples: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1))
 
 
-def write_shard(out: pathlib.Path, start: int, samples: np.ndarray, labels: np.ndarray,
-                seed: int, images: bool, process: int) -> dict:
+def write_shard(out: pathlib.Path, start: int, samples: np.ndarray, cond: RunCond, seed: int,
+                images: bool, process: int) -> dict:
     """Write one shard (and its PNGs); returns its manifest entry (not yet appended)."""
     from trdq_jax.viz import to_uint8
     indices = np.arange(start, start + len(samples), dtype=np.int64)
-    data = shard_bytes(samples, labels.astype(np.int32), indices)
+    held = {} if cond.labels is None else {"labels": cond.labels[indices].astype(np.int32)}
+    data = shard_bytes(samples, indices, **held)
     name = shard_name(start)
     write_atomic(out / name, data, f"generate-{start}-shard")
     files.crash_point(f"generate-{start}-shard-written")
     records = []
     pixels = to_uint8(np.nan_to_num(samples)) if images else None  # NaN: mid-gray pixels
-    for k, (i, label) in enumerate(zip(indices, labels)):
-        record = {"index": int(i), "label": int(label), "seed": int(seed), "file": name}
+    for k, i in enumerate(indices):
+        record = {"index": int(i), **cond.record(int(i)), "seed": int(seed), "file": name}
         if images:
             png = png_bytes(pixels[k])
             record.update(file=image_name(int(i)), bytes=len(png), sha256=_digest(png))
@@ -316,8 +373,8 @@ def _file_problem(out: pathlib.Path, name: str, size, sha256) -> str | None:
     return None
 
 
-def _entry_problem(out: pathlib.Path, entry: dict, run: dict, labels: np.ndarray,
-                   shard_size: int, images: bool) -> str | None:
+def _entry_problem(out: pathlib.Path, entry: dict, run: dict, cond: RunCond, shard_size: int,
+                   images: bool) -> str | None:
     """Why ``entry`` does not verify, or None."""
     if entry.get(_ENTRY_DIGEST) != _entry_digest(entry):
         return "its manifest line was edited (the line's checksum differs)"
@@ -330,15 +387,17 @@ def _entry_problem(out: pathlib.Path, entry: dict, run: dict, labels: np.ndarray
         return "its manifest line names other files or another sample count"
     for i, record in zip(want, entry["samples"]):
         file = image_name(i) if images else shard_name(start)
-        if (record["index"], record["label"], record["seed"], record["file"]) != (
-                i, int(labels[i]), run["seed"], file):
+        expected = {"index": i, **cond.record(i), "seed": run["seed"], "file": file}
+        if any(record.get(k) != v for k, v in expected.items()) or (
+                set(record) & {"label", "cond"}) != (set(expected) & {"label", "cond"}):
             return f"its manifest line's record of sample {i} does not match the run"
     problem = _file_problem(out, entry["shard"], entry["bytes"], entry["sha256"])
     if problem is None:
         try:
             with np.load(out / entry["shard"], allow_pickle=False) as data:
-                held = (np.array_equal(data["indices"], np.asarray(want))
-                        and np.array_equal(data["labels"], labels[start:want.stop]))
+                held = np.array_equal(data["indices"], np.asarray(want)) and (
+                    cond.labels is None or np.array_equal(data["labels"], cond.labels[want.start:
+                                                                                      want.stop]))
         except (OSError, ValueError, KeyError, EOFError) as e:
             return f"{entry['shard']} cannot be opened ({type(e).__name__})"
         if not held:
@@ -350,9 +409,9 @@ def _entry_problem(out: pathlib.Path, entry: dict, run: dict, labels: np.ndarray
     return problem
 
 
-def verify(out: pathlib.Path, meta: dict, labels: np.ndarray, starts=None) -> Verified:
+def verify(out: pathlib.Path, meta: dict, cond: RunCond, starts=None) -> Verified:
     """Check every manifest line of ``out`` that names one of ``starts`` (default: every shard)
-    against the run (``meta``, ``labels`` from ``read_metadata``) and the files; see the module
+    against the run (``meta``, ``cond`` from ``read_metadata``) and the files; see the module
     docstring."""
     run, shard_size, images = meta["run"], meta["shard_size"], meta["images"]
     wanted = None if starts is None else set(starts)
@@ -374,7 +433,7 @@ def verify(out: pathlib.Path, meta: dict, labels: np.ndarray, starts=None) -> Ve
             if (wanted is not None and start not in wanted) or start in done:
                 continue
             try:
-                problem = _entry_problem(out, entry, run, labels, shard_size, images)
+                problem = _entry_problem(out, entry, run, cond, shard_size, images)
             except (KeyError, TypeError, IndexError, ValueError, AttributeError):
                 problem = "its manifest line is malformed"
             if problem is None:

@@ -73,16 +73,22 @@ def _sampler_record(sampler) -> dict:
             "segment_of_step": np.asarray(sampler.segment_of_step).astype(int).tolist()}
 
 
-def fingerprint(cfg, source: str, num_samples: int, labels: np.ndarray, seed: int,
-                cfg_scale: float, share_cfg, sampler=None, params=None) -> dict:
+def fingerprint(cfg, source: str, num_samples: int, cond, seed: int, cfg_scale: float,
+                share_cfg, sampler=None, params=None, null_cond=None) -> dict:
     """What makes two runs the same run (a batch size or a device count does not): the
     weights (``source`` and the sha256 of ``params``' bytes), the config, the sampler's steps
-    and segments, the seed, the labels, the guidance and the CFG plan."""
+    and segments, the seed, the conditioning (``cond``: a ``generation_dir.RunCond``, or class
+    labels) and its null, the guidance and the CFG plan."""
     plan = share_cfg if isinstance(share_cfg, bool) else {
         "name": share_cfg.name, "sha256": hashlib.sha256(share_cfg.dumps().encode()).hexdigest()}
+    cond = cond if isinstance(cond, gd.RunCond) else gd.RunCond.of(labels=cond)
     run = {"source": source, "config": to_dict(cfg), "num_samples": int(num_samples),
-           "seed": int(seed), "cfg_scale": float(cfg_scale), "share_cfg": plan,
-           "labels_sha256": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()}
+           "seed": int(seed), "cfg_scale": float(cfg_scale), "share_cfg": plan}
+    if cond.labels is not None:
+        run["labels_sha256"] = tree_digest(cond.labels)
+    elif cond.leaves is not None:
+        run["cond_sha256"] = tree_digest(cond.leaves)
+        run["null_cond_sha256"] = tree_digest(null_cond)
     if sampler is not None:
         run["sampler"] = _sampler_record(sampler)
     if params is not None:
@@ -114,21 +120,21 @@ def check_out(out, arg: str = "out") -> pathlib.Path:
     return files.resolve_target(out, kind=KIND, overwrite=True, is_dir=True, arg=arg)
 
 
-def _open_dir(target: pathlib.Path, run: dict, labels: np.ndarray, images: bool,
-              shard_size: int | None, arg: str) -> tuple[dict, np.ndarray]:
-    """``(metadata, labels)`` of the generation directory ``target`` for ``run``: created
-    (metadata, labels and empty folders only) or checked to be this run's."""
+def _open_dir(target: pathlib.Path, run: dict, cond: "gd.RunCond", images: bool,
+              shard_size: int | None, arg: str) -> tuple[dict, "gd.RunCond"]:
+    """``(metadata, conditioning)`` of the generation directory ``target`` for ``run``:
+    created (metadata, conditioning and empty folders only) or checked to be this run's."""
     if files.dir_kind(target) != KIND:
-        meta = gd.new_metadata(run, shard_size or gd.DEFAULT_SHARD_SIZE, labels, images,
+        meta = gd.new_metadata(run, shard_size or gd.DEFAULT_SHARD_SIZE, cond, images,
                                __version__)
         try:
-            files.write_dir(target, lambda tmp: gd.write_new(tmp, meta, labels), kind=KIND,
+            files.write_dir(target, lambda tmp: gd.write_new(tmp, meta, cond), kind=KIND,
                             arg=arg)
         except files.OutputError:
             if files.dir_kind(target) != KIND:  # not another process of this run creating it
                 raise
     try:
-        meta, stored_labels = gd.read_metadata(target, arg)
+        meta, stored_cond = gd.read_metadata(target, arg)
     except gd.GenerationDirError as e:
         raise files.OutputError(str(e)) from None
     stored = meta["run"]
@@ -140,15 +146,15 @@ def _open_dir(target: pathlib.Path, run: dict, labels: np.ndarray, images: bool,
         raise ValueError(f"shard_size: {str(target)!r} was made with shard_size "
                          f"{meta['shard_size']}, got {shard_size}; leave it out to resume with "
                          "the directory's own (it fixes which files hold which samples)")
-    return meta, stored_labels
+    return meta, stored_cond
 
 
 def finished_shards(out) -> dict[int, dict]:
     """``{shard start: manifest entry}`` of every shard of the generation directory ``out``
     whose manifest line and files verify (``generation_dir.verify``)."""
     out = pathlib.Path(out)
-    meta, labels = gd.read_metadata(out, "out")
-    return gd.verify(out, meta, labels).done
+    meta, cond = gd.read_metadata(out, "out")
+    return gd.verify(out, meta, cond).done
 
 
 def _check_positive(value, arg: str) -> None:
@@ -264,7 +270,8 @@ def _pending_batches(starts, shard_size: int, num_samples: int, batch: int):
         yield np.concatenate(chunk)
 
 
-def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, seed: int = 0,
+def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, cond=None,
+                    null_cond=None, seed: int = 0,
                     batch_per_device: int | None = None, batch_size: int | None = None,
                     model_parallel: int = 1, cfg_scale: float | None = None, apply_fn=None,
                     sampler=None, share_cfg=False, source: str = "",
@@ -272,7 +279,11 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
                     progress: bool = False, on_shard=None, arg: str = "out") -> dict:
     """Generate ``num_samples`` samples into ``out`` (see the module docstring); resumable.
 
-    labels: ints ``[num_samples]`` (default ``i % num_classes``); batch_per_device: samples per
+    labels: ints ``[num_samples]`` (default for a class-conditional model: ``i %
+    num_classes``); or cond, null_cond: any conditioning pytree with leading axis num_samples
+    and its null (``trdq_jax.sampling.conditioning``; recorded in ``cond.npz`` and, per sample,
+    as a digest in the manifest); neither for a model without classes (an
+    ``ExternalModelConfig`` one): unconditional. batch_per_device: samples per
     data-axis device per batch, or batch_size: samples per batch of this process (a multiple of
     the data-axis size); default ``generation.batch_size`` spread over the devices;
     model_parallel: the ``"model"`` axis size (parameters split over it, for models that do not
@@ -299,9 +310,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
     _check_num_samples(num_samples)
     if shard_size is not None:
         _check_positive(shard_size, "shard_size")
-    null = null_label(cfg.model)
-    labels = _check_labels(default_labels(num_samples, cfg.model.num_classes)
-                           if labels is None else labels, num_samples, null)
+    labels, cond, null = _run_conditioning(cfg, num_samples, labels, cond, null_cond)
     mesh = make_mesh(model_parallel)
     data_size = mesh.shape["data"]
     batch = _batch(cfg, data_size, batch_per_device, batch_size)
@@ -309,21 +318,22 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
     cfg_scale = cfg.sampler.cfg_scale if cfg_scale is None else float(cfg_scale)
     target = check_out(out, arg)
     sample_shape = input_shape(cfg.model, 1)[1:]
-    images = len(sample_shape) == 3
+    images = len(sample_shape) == 3 and sample_shape[-1] in (1, 3)  # gray or RGB pictures
     block = gd.block_size(target)
     if files.dir_kind(target) != KIND:  # a new directory: every sample is to be written
         gd.no_space(target, _disk_bytes(num_samples, sample_shape, images,
                                         shard_size or gd.DEFAULT_SHARD_SIZE, block),
                     arg, f"{num_samples} samples of shape {list(sample_shape)}")
-    run = fingerprint(cfg, source, num_samples, labels, seed, cfg_scale, share_cfg, sampler,
-                      params)
-    meta, _ = _open_dir(target, run, labels, images, shard_size, arg)
+    run_cond = gd.RunCond.of(labels, cond)
+    run = fingerprint(cfg, source, num_samples, run_cond, seed, cfg_scale, share_cfg, sampler,
+                      params, null)
+    meta, _ = _open_dir(target, run, run_cond, images, shard_size, arg)
     size = meta["shard_size"]
     process, processes = jax.process_index(), jax.process_count()
     grid = range(0, num_samples, size)
     mine = [s for k, s in enumerate(grid) if k % processes == process]
     removed = gd.clean_stale_temporaries(target)
-    found = gd.verify(target, meta, labels, mine)
+    found = gd.verify(target, meta, run_cond, mine)
     todo = [s for s in mine if s not in found.done]
     count = lambda starts: sum(len(gd.shard_range(s, size, num_samples))  # noqa: E731
                                for s in starts)
@@ -349,9 +359,10 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
             chosen = np.concatenate([indices, np.full(padded - n, indices[-1])])
             shape = (padded, *sample_shape)
             x_T = jax.device_put(initial_noise(seed, shape, sample_indices=chosen), data)
-            x = sample(apply_fn, params, sampler, labels[chosen], seed=seed,
-                       cfg_scale=cfg_scale, null_label=null, shape=shape, share_cfg=share_cfg,
-                       sample_indices=chosen, x_T=x_T)
+            batch_cond, batch_null = _batch_conditioning(labels, cond, null, chosen, data)
+            x = sample(apply_fn, params, sampler, batch_cond, seed=seed, cfg_scale=cfg_scale,
+                       shape=shape, share_cfg=share_cfg, sample_indices=chosen, x_T=x_T,
+                       **batch_null)
             samples = np.asarray(jax.device_get(x))[:n]
             for start, rows in _by_shard(indices, samples, size):
                 buffers.setdefault(start, []).append(rows)
@@ -367,7 +378,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
                         "are kept): check the model and x_T, or pass allow_nonfinite=True "
                         "(--allow-nonfinite) to write them anyway")
                 nonfinite += bad
-                entry = _finish_shard(target, manifest, start, shard, labels, seed, images,
+                entry = _finish_shard(target, manifest, start, shard, run_cond, seed, images,
                                       process, arg)
                 generated += len(shard)
                 if bar is not None:
@@ -388,6 +399,41 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, s
             "processes": processes}
 
 
+def _run_conditioning(cfg, num_samples: int, labels, cond, null_cond):
+    """``(labels int32 [N] or None, cond pytree or None, null)`` of a run: class labels (given,
+    or ``i % num_classes`` for a class-conditional model) with the config's null label, a
+    conditioning pytree with its ``null_cond``, or nothing (unconditional)."""
+    from trdq_jax.sampling import conditioning
+    from trdq_jax.sampling.generate import null_label
+    if labels is not None and cond is not None:
+        raise ValueError("labels: give labels (class labels) or cond (a conditioning pytree), "
+                         "not both")
+    if cond is not None:
+        cond = conditioning.check_cond(cond, "cond", n=num_samples)
+        return None, cond, conditioning.check_null(null_cond, cond)
+    classes = getattr(cfg.model, "num_classes", 0)
+    if labels is None and not classes:
+        if null_cond is not None:
+            raise ValueError("null_cond: an unconditional run (no labels, no cond) takes none")
+        return None, None, None
+    null = null_label(cfg.model) if null_cond is None else null_cond
+    labels = _check_labels(default_labels(num_samples, classes) if labels is None else labels,
+                           num_samples, null)
+    return labels, None, null
+
+
+def _batch_conditioning(labels, cond, null, chosen: np.ndarray, sharding):
+    """``(cond of the samples chosen, {"null_label" or "null_cond": ...})`` for ``sample``,
+    each leaf placed along the mesh's data axis like the batch."""
+    from trdq_jax.sampling import conditioning
+    if labels is not None:
+        return jax.device_put(labels[chosen], sharding), {"null_label": null}
+    if cond is None:
+        return None, {}
+    return (jax.device_put(conditioning.take(cond, chosen), sharding),
+            {"null_cond": conditioning.take_null(null, cond, chosen)})
+
+
 def _listed(indices: list[int], limit: int = 10) -> str:
     return ", ".join(map(str, indices[:limit])) + (
         f" (+{len(indices) - limit} more)" if len(indices) > limit else "")
@@ -401,12 +447,11 @@ def _by_shard(indices: np.ndarray, samples: np.ndarray, size: int):
         yield int(first[0]), rows
 
 
-def _finish_shard(target, manifest, start, shard, labels, seed, images, process, arg) -> dict:
+def _finish_shard(target, manifest, start, shard, run_cond, seed, images, process, arg) -> dict:
     """Write one complete shard, its PNGs and then its manifest line; an ``OSError`` becomes
     the resumable-stop message."""
     try:
-        entry = gd.write_shard(target, start, shard, labels[start:start + len(shard)], seed,
-                               images, process)
+        entry = gd.write_shard(target, start, shard, run_cond, seed, images, process)
         files.crash_point(f"generate-{start}-written")
         gd.append_entry(manifest, entry, f"generate-{start}-manifest")
     except OSError as e:
@@ -415,12 +460,13 @@ def _finish_shard(target, manifest, start, shard, labels, seed, images, process,
     return entry
 
 
-def load_generated(out) -> tuple[np.ndarray, np.ndarray]:
-    """``(samples [N, ...], labels [N])`` of a finished generation directory, in index order,
-    every shard verified; ``ValueError`` naming the missing or damaged samples otherwise."""
+def load_generated(out) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(samples [N, ...], labels int32 [N])`` of a finished generation directory, in index
+    order, every shard verified (labels None for a run not conditioned on class labels);
+    ``ValueError`` naming the missing or damaged samples otherwise."""
     out = pathlib.Path(out)
-    meta, labels = gd.read_metadata(out, "out")
-    found = gd.verify(out, meta, labels)
+    meta, cond = gd.read_metadata(out, "out")
+    found = gd.verify(out, meta, cond)
     n, size = meta["run"]["num_samples"], meta["shard_size"]
     missing = [s for s in range(0, n, size) if s not in found.done]
     if missing:
@@ -434,4 +480,4 @@ def load_generated(out) -> tuple[np.ndarray, np.ndarray]:
     for start in range(0, n, size):
         with np.load(out / gd.shard_name(start), allow_pickle=False) as data:
             got.append(data["samples"])
-    return np.concatenate(got), labels.astype(np.int32)
+    return np.concatenate(got), None if cond.labels is None else cond.labels.astype(np.int32)

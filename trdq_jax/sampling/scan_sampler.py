@@ -395,7 +395,7 @@ class _FloatModelDenoiser:
         only: tracers are fine); a model without a ``config`` field is not checked."""
         from trdq_jax.config import MODEL_CONFIGS
         cfg = getattr(self.model, "config", None)
-        if isinstance(cfg, tuple(MODEL_CONFIGS.values())):
+        if isinstance(cfg, tuple(MODEL_CONFIGS.values())) and cfg.family != "external":
             from trdq_jax.models.factory import check_params
             check_params(cfg, params)
 
