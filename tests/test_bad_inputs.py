@@ -335,6 +335,9 @@ CLI_CASES = [
     ("generate-coordinator-port", "generate --checkpoint {ws}/ck --num-samples 4 "
      "--coordinator somehost --num-processes 2 --process-id 0 --out {ws}/new",
      "--coordinator: expected HOST:PORT, got 'somehost'"),
+    ("generate-shrink", "generate --checkpoint {ws}/ck --num-samples 1 --out {ws}/gen",
+     "--num-samples: '{ws}/gen' holds a run of 2 samples; 1 would drop samples 1..1, and "
+     "shrinking is refused"),
     ("generate-shard-size-0", "generate --checkpoint {ws}/ck --num-samples 4 --shard-size 0 "
      "--out {ws}/new", "argument --shard-size: expected a positive int, got '0'"),
     ("generate-shard-size-other", "generate --checkpoint {ws}/ck --num-samples 2 --shard-size 2 "

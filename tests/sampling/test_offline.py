@@ -366,8 +366,7 @@ def test_other_runs_and_damaged_directories_are_refused_naming_the_cause(tmp_pat
     kw = dict(num_samples=4, batch_per_device=2, source="tiny")
     generate_to_dir(out, model, params, TINY, **kw)
     before = tree_hash(out)
-    for change, field in ((dict(seed=1), "seed"),
-                          (dict(num_samples=5), "labels_sha256, num_samples"),
+    for change, field in ((dict(seed=1), "seed"),  # (more samples grow it: a test below)
                           (dict(labels=[2, 2, 2, 2]), "labels_sha256"),
                           (dict(source="other"), "source"),
                           (dict(params=tiny_params(7)), "params_sha256"),
@@ -517,3 +516,32 @@ def test_processes_resume_what_another_process_count_left(tmp_path):
         4, ["shards/00000006.npz", "shards/00000008.npz"])
     assert "redid 2 shard(s)" in resumed.stderr
     assert_same_files(listing(tmp_path / "b"), want, exact=True)
+
+
+def test_a_run_grows_keeping_its_samples_and_never_shrinks(tmp_path):
+    """num_samples may grow on a finished (or unfinished) directory when nothing else changes:
+    the files of samples 0..N-1 stay byte for byte, the new ones are added on their own grid;
+    shrinking, or growing with other labels for the existing samples, is refused."""
+    model, params, out = build_model(TINY.model), tiny_params(), tmp_path / "g"
+    kw = dict(seed=5, shard_size=2, batch_size=3, source="tiny")
+    generate_to_dir(out, model, params, TINY, num_samples=5, **kw)
+    before = tree_hash(out / "shards") | tree_hash(out / "images")
+    for bad, message in ((dict(num_samples=3), "^num_samples: .* holds a run of 5 samples; 3 "
+                                               r"would drop samples 3..4, and shrinking is "
+                                               "refused"),
+                         (dict(num_samples=9, labels=[2] * 9), r"holds another run \(the "
+                                                               "conditioning of its first 5")):
+        with pytest.raises(ValueError, match=message):
+            generate_to_dir(out, model, params, TINY, **{**kw, **bad})
+    grown = generate_to_dir(out, model, params, TINY, num_samples=9, **kw)
+    assert (grown["generated"], grown["skipped"], grown["extents"]) == (4, 5, [5, 9])
+    after = tree_hash(out / "shards") | tree_hash(out / "images")
+    assert {k: v for k, v in after.items() if k in before} == before  # untouched
+    assert sorted(finished_shards(out)) == [0, 2, 4, 5, 7]  # the new extent's own grid
+    samples, labels = load_generated(out)
+    np.testing.assert_array_equal(labels, np.arange(9) % 3)
+    np.testing.assert_allclose(samples, generate(model, params, TINY, labels, seed=5),
+                               rtol=1e-4, atol=1e-4)
+    assert not (out / "labels.npy").exists() and (out / "labels-9.npy").is_file()
+    again = generate_to_dir(out, model, params, TINY, num_samples=9, **kw)  # resumes as usual
+    assert (again["generated"], again["skipped"]) == (0, 9)

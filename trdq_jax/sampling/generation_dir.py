@@ -21,7 +21,8 @@ A manifest line (``entry``)::
                   "sha256"}, ...],
      "entry_sha256": sha256 of the line's other fields}
 
-The shard grid depends only on ``num_samples`` and ``shard_size`` (fixed when the directory is
+The shard grid (``shard_grid``) depends only on ``num_samples`` (and the sample counts a run
+grew through) and ``shard_size`` (fixed when the directory is
 made), never on the batch size, the device count or the process count of a run, so a resumed
 run with other ones writes the same files. A shard counts as done only when a line for it
 verifies (``verify``): the line's own checksum, its fields against the run (grid position,
@@ -79,9 +80,15 @@ def manifest_name(process: int) -> str:
     return f"manifest-{process}.jsonl"
 
 
-def shard_range(start: int, shard_size: int, num_samples: int) -> range:
-    """The sample indices of the shard that starts at ``start``."""
-    return range(start, min(start + shard_size, num_samples))
+def shard_grid(meta: dict) -> dict[int, range]:
+    """``{start: sample indices}`` of every shard of a directory, in index order: each extent
+    of the run (``[0, N1)``, then ``[N1, N2)`` once grown to N2, ...) cut into ``shard_size``
+    pieces from its own start, so growing a run never changes an existing shard."""
+    size, grid, begin = meta["shard_size"], {}, 0
+    for end in meta.get("extents") or [meta["run"]["num_samples"]]:
+        grid.update({s: range(s, min(s + size, end)) for s in range(begin, end, size)})
+        begin = end
+    return grid
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -130,31 +137,50 @@ class RunCond:
 
 
 def new_metadata(run: dict, shard_size: int, cond: RunCond, images: bool,
-                 library_version: str) -> dict:
-    """The ``metadata.json`` of a new directory for ``run`` (``cond``: stored beside it;
-    ``images``: whether samples get PNGs), with a manifest of its fields and arrays."""
+                 library_version: str, extents: list[int] | None = None) -> dict:
+    """The ``metadata.json`` of a directory for ``run`` (``cond``: stored beside it, in the
+    file ``cond_file`` names; ``images``: whether samples get PNGs; ``extents``: the sample
+    counts it grew through, default ``[N]``), with a manifest of its fields and arrays."""
+    n = run["num_samples"]
+    extents = list(extents or [n])
+    first = len(extents) == 1
+    name = None if cond.count() is None else (
+        (LABELS if first else f"labels-{n}.npy") if cond.labels is not None
+        else (COND_FILE if first else f"cond-{n}.npz"))
     body = {"format": FORMAT, "kind": KIND, "library_version": library_version,
-            "shard_size": int(shard_size), "images": bool(images), "run": run}
+            "shard_size": int(shard_size), "images": bool(images), "extents": extents,
+            "cond_file": name, "run": run}
     return {**body, "manifest": manifest.make_manifest(body, cond.arrays())}
+
+
+def cond_bytes(cond: RunCond) -> bytes:
+    """The stored conditioning file's bytes (``.npy`` of labels or ``.npz`` of leaves)."""
+    buffer = io.BytesIO()
+    if cond.labels is not None:
+        np.save(buffer, cond.labels, allow_pickle=False)
+    else:
+        np.savez(buffer, **cond.leaves)
+    return buffer.getvalue()
 
 
 def write_new(tmp: pathlib.Path, meta: dict, cond: RunCond) -> None:
     """Fill the temporary of a new generation directory (``files.write_dir``'s writer)."""
     (tmp / SHARDS).mkdir()
     (tmp / IMAGES).mkdir()
-    if cond.labels is not None:
-        np.save(tmp / LABELS, cond.labels, allow_pickle=False)
-    elif cond.leaves is not None:
-        np.savez(tmp / COND_FILE, **cond.leaves)
+    if meta["cond_file"]:
+        (tmp / meta["cond_file"]).write_bytes(cond_bytes(cond))
     files.write_json(tmp / files.METADATA_FILE, meta)
 
 
-def _read_cond(out: pathlib.Path, names) -> RunCond:
-    if LABELS in names:
-        return RunCond(labels=np.load(out / LABELS, allow_pickle=False))
+def _read_cond(out: pathlib.Path, body: dict, names) -> RunCond:
+    file = body.get("cond_file") or (LABELS if LABELS in names else COND_FILE)
     if not names:
         return RunCond()
-    with np.load(out / COND_FILE, allow_pickle=False) as data:
+    if not isinstance(file, str) or "/" in file or not file.startswith(("labels", "cond")):
+        raise ValueError(f"cond_file {file!r} is not this layout's")
+    if LABELS in names:
+        return RunCond(labels=np.load(out / file, allow_pickle=False))
+    with np.load(out / file, allow_pickle=False) as data:
         return RunCond(leaves={k: data[k] for k in data.files})
 
 
@@ -166,17 +192,22 @@ def read_metadata(out: pathlib.Path, arg: str) -> tuple[dict, RunCond]:
         meta, body, record = manifest.read_record(out, formats={KIND: FORMAT},
                                                   noun="generation directory",
                                                   error=GenerationDirError)
-        file = out / (LABELS if LABELS in record["arrays"] else COND_FILE)
+        file = out / str(body.get("cond_file") or (LABELS if LABELS in record["arrays"]
+                                                    else COND_FILE))
         try:
-            cond = _read_cond(out, record["arrays"])
+            cond = _read_cond(out, body, record["arrays"])
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise GenerationDirError(f"{str(file)!r}: missing or truncated "
                                      f"({type(e).__name__})") from None
         manifest.check_arrays(record["arrays"], cond.arrays(), str(out), GenerationDirError)
-        size, run = body.get("shard_size"), body.get("run")
+        size, run, extents = body.get("shard_size"), body.get("run"), body.get("extents")
         if (isinstance(size, bool) or not isinstance(size, int) or size < 1
                 or not isinstance(body.get("images"), bool) or not isinstance(run, dict)
-                or cond.count() not in (None, run.get("num_samples"))):
+                or cond.count() not in (None, run.get("num_samples"))
+                or not isinstance(extents, list) or not extents
+                or extents[-1] != run.get("num_samples")
+                or any(not isinstance(e, int) or e < 1 for e in extents)
+                or extents != sorted(set(extents))):
             raise GenerationDirError(f"{str(out / files.METADATA_FILE)!r}: damaged (shard_size "
                                      f"{size!r}, or a run that does not match {file.name})")
     except GenerationDirError as e:
@@ -373,16 +404,16 @@ def _file_problem(out: pathlib.Path, name: str, size, sha256) -> str | None:
     return None
 
 
-def _entry_problem(out: pathlib.Path, entry: dict, run: dict, cond: RunCond, shard_size: int,
+def _entry_problem(out: pathlib.Path, entry: dict, run: dict, cond: RunCond, grid: dict,
                    images: bool) -> str | None:
     """Why ``entry`` does not verify, or None."""
     if entry.get(_ENTRY_DIGEST) != _entry_digest(entry):
         return "its manifest line was edited (the line's checksum differs)"
-    start, n = entry["start"], run["num_samples"]
-    want = shard_range(start, shard_size, n)
-    if start % shard_size or not 0 <= start < n or entry["stop"] != want.stop:
-        return (f"its manifest line names samples {start}..{entry['stop'] - 1}, not the "
-                f"shard's {want.start}..{want.stop - 1}")
+    start = entry["start"]
+    want = grid.get(start)
+    if want is None or entry["stop"] != want.stop:
+        shard = "" if want is None else f", not the shard's {want.start}..{want.stop - 1}"
+        return f"its manifest line names samples {start}..{entry['stop'] - 1}{shard}"
     if entry["shard"] != shard_name(start) or len(entry["samples"]) != len(want):
         return "its manifest line names other files or another sample count"
     for i, record in zip(want, entry["samples"]):
@@ -413,7 +444,7 @@ def verify(out: pathlib.Path, meta: dict, cond: RunCond, starts=None) -> Verifie
     """Check every manifest line of ``out`` that names one of ``starts`` (default: every shard)
     against the run (``meta``, ``cond`` from ``read_metadata``) and the files; see the module
     docstring."""
-    run, shard_size, images = meta["run"], meta["shard_size"], meta["images"]
+    run, grid, images = meta["run"], shard_grid(meta), meta["images"]
     wanted = None if starts is None else set(starts)
     done, redo, unreadable = {}, {}, 0
     for listing in sorted(out.glob("manifest-*.jsonl")):
@@ -433,7 +464,7 @@ def verify(out: pathlib.Path, meta: dict, cond: RunCond, starts=None) -> Verifie
             if (wanted is not None and start not in wanted) or start in done:
                 continue
             try:
-                problem = _entry_problem(out, entry, run, cond, shard_size, images)
+                problem = _entry_problem(out, entry, run, cond, grid, images)
             except (KeyError, TypeError, IndexError, ValueError, AttributeError):
                 problem = "its manifest line is malformed"
             if problem is None:

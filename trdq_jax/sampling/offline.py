@@ -139,6 +139,9 @@ def _open_dir(target: pathlib.Path, run: dict, cond: "gd.RunCond", images: bool,
         raise files.OutputError(str(e)) from None
     stored = meta["run"]
     differs = sorted(k for k in set(stored) | set(run) if stored.get(k) != run.get(k))
+    if differs and set(differs) <= _GROWABLE and run["num_samples"] != stored["num_samples"]:
+        meta, stored_cond = _grow(target, meta, stored_cond, run, cond, arg)
+        differs = []
     if differs:
         raise ValueError(f"{arg}: {str(target)!r} holds another run (differs in "
                          f"{', '.join(differs)}); use a new directory, nothing was changed")
@@ -147,6 +150,54 @@ def _open_dir(target: pathlib.Path, run: dict, cond: "gd.RunCond", images: bool,
                          f"{meta['shard_size']}, got {shard_size}; leave it out to resume with "
                          "the directory's own (it fixes which files hold which samples)")
     return meta, stored_cond
+
+
+_GROWABLE = {"num_samples", "labels_sha256", "cond_sha256"}
+
+
+def _grow(target: pathlib.Path, meta: dict, stored: "gd.RunCond", run: dict,
+          cond: "gd.RunCond", arg: str):
+    """Grow the run in ``target`` to ``run["num_samples"]`` when it only adds samples (the
+    stored ones and their conditioning unchanged): the conditioning file and then
+    ``metadata.json`` are replaced, each atomically; the shards of the existing samples stay as
+    they are (``generation_dir.shard_grid``). Shrinking is refused. With several processes,
+    process 0 grows it and the others wait for it."""
+    old, new = meta["run"]["num_samples"], run["num_samples"]
+    if new < old:
+        raise ValueError(f"num_samples: {str(target)!r} holds a run of {old} samples; {new} "
+                         f"would drop samples {new}..{old - 1}, and shrinking is refused: "
+                         "use a new directory (or read the first ones with load_generated)")
+    if any(not np.array_equal(a[:old], b) for a, b in
+           zip(cond.arrays().values(), stored.arrays().values())):
+        raise ValueError(f"{arg}: {str(target)!r} holds another run (the conditioning of its "
+                         f"first {old} samples differs); use a new directory, nothing was "
+                         "changed")
+    if jax.process_index() != 0:
+        return _grown_by_process_0(target, run, arg)
+    grown = gd.new_metadata(run, meta["shard_size"], cond, meta["images"], __version__,
+                            meta["extents"] + [new])
+    try:
+        if grown["cond_file"]:
+            gd.write_atomic(target / grown["cond_file"], gd.cond_bytes(cond))
+        files.crash_point("generate-grow-cond-written")
+        gd.write_atomic(target / files.METADATA_FILE,
+                        (json.dumps(grown, indent=1, default=float) + "\n").encode())
+    except OSError as e:
+        raise _stopped_by(e, pathlib.Path(e.filename or target), arg) from e
+    if meta.get("cond_file") and meta["cond_file"] != grown["cond_file"]:
+        (target / meta["cond_file"]).unlink(missing_ok=True)  # ours, replaced
+    return gd.read_metadata(target, arg)
+
+
+def _grown_by_process_0(target: pathlib.Path, run: dict, arg: str, patience: float = 600.0):
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        meta, cond = gd.read_metadata(target, arg)
+        if meta["run"] == run:
+            return meta, cond
+    raise ValueError(f"{arg}: process 0 did not grow {str(target)!r} to {run['num_samples']} "
+                     f"samples within {patience:.0f} s; run process 0 too")
 
 
 def finished_shards(out) -> dict[int, dict]:
@@ -252,12 +303,12 @@ def _disk_bytes(num_samples: int, sample_shape: tuple, images: bool, shard_size:
     return (shards * ceil(4 * values * shard_size + 2000) + num_samples * (png + 300))
 
 
-def _pending_batches(starts, shard_size: int, num_samples: int, batch: int):
-    """Int64 index arrays of ``batch`` samples (the last one fewer) of the shards ``starts``,
-    in index order: a batch may span shards, and the shards need not be adjacent."""
+def _pending_batches(starts, grid: dict, batch: int):
+    """Int64 index arrays of ``batch`` samples (the last one fewer) of the shards ``starts``
+    (of ``grid``), in index order: a batch may span shards, and they need not be adjacent."""
     chunk, held = [], 0
     for start in starts:
-        indices = np.asarray(gd.shard_range(start, shard_size, num_samples), np.int64)
+        indices = np.asarray(grid[start], np.int64)
         while len(indices):
             taken = indices[:batch - held]
             chunk.append(taken)
@@ -295,7 +346,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
     manifest line) instead of stopping; ``on_shard(entry)``: called with each finished shard's
     manifest entry once it is on disk (monitoring; whatever it raises, e.g. a
     ``KeyboardInterrupt``, stops the run with every finished shard kept). Returns ``{"out",
-    "num_samples", "shard_size", "generated", "skipped", "redone", "unreadable_lines",
+    "num_samples", "shard_size", "extents", "generated", "skipped", "redone", "unreadable_lines",
     "removed_temporaries", "nonfinite", "seconds", "samples_per_s", "devices", "mesh",
     "processes"}`` for this process (``redone``: ``{shard file: why}`` of this process's shards
     whose files or manifest lines did not verify).
@@ -328,15 +379,13 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
     run = fingerprint(cfg, source, num_samples, run_cond, seed, cfg_scale, share_cfg, sampler,
                       params, null)
     meta, _ = _open_dir(target, run, run_cond, images, shard_size, arg)
-    size = meta["shard_size"]
+    size, grid = meta["shard_size"], gd.shard_grid(meta)
     process, processes = jax.process_index(), jax.process_count()
-    grid = range(0, num_samples, size)
     mine = [s for k, s in enumerate(grid) if k % processes == process]
     removed = gd.clean_stale_temporaries(target)
     found = gd.verify(target, meta, run_cond, mine)
     todo = [s for s in mine if s not in found.done]
-    count = lambda starts: sum(len(gd.shard_range(s, size, num_samples))  # noqa: E731
-                               for s in starts)
+    count = lambda starts: sum(len(grid[s]) for s in starts)  # noqa: E731
     pending, skipped = count(todo), count(found.done)
     gd.no_space(target, _disk_bytes(pending, sample_shape, images, size, block), arg,
                 f"the {pending} samples still to generate")
@@ -353,7 +402,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
     t0 = time.perf_counter()
     generated, nonfinite = 0, []
     try:
-        for indices in _pending_batches(todo, size, num_samples, batch):
+        for indices in _pending_batches(todo, grid, batch):
             n = len(indices)
             padded = -(-n // data_size) * data_size  # padded to the data axis
             chosen = np.concatenate([indices, np.full(padded - n, indices[-1])])
@@ -364,9 +413,9 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
                        shape=shape, share_cfg=share_cfg, sample_indices=chosen, x_T=x_T,
                        **batch_null)
             samples = np.asarray(jax.device_get(x))[:n]
-            for start, rows in _by_shard(indices, samples, size):
+            for start, rows in _by_shard(indices, samples, grid):
                 buffers.setdefault(start, []).append(rows)
-                want = len(gd.shard_range(start, size, num_samples))
+                want = len(grid[start])
                 if sum(len(r) for r in buffers[start]) < want:
                     continue
                 shard = np.concatenate(buffers.pop(start))
@@ -390,6 +439,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
             bar.close()
     seconds = time.perf_counter() - t0
     return {"out": str(target), "num_samples": int(num_samples), "shard_size": size,
+            "extents": meta["extents"],
             "generated": generated, "skipped": int(skipped),
             "redone": {gd.shard_name(s): why for s, why in sorted(found.redo.items())},
             "unreadable_lines": found.unreadable, "removed_temporaries": removed,
@@ -439,9 +489,10 @@ def _listed(indices: list[int], limit: int = 10) -> str:
         f" (+{len(indices) - limit} more)" if len(indices) > limit else "")
 
 
-def _by_shard(indices: np.ndarray, samples: np.ndarray, size: int):
+def _by_shard(indices: np.ndarray, samples: np.ndarray, grid: dict):
     """``(shard start, rows)`` runs of a batch's samples (``indices`` ascending)."""
-    starts = indices - indices % size
+    bounds = np.asarray(list(grid))
+    starts = bounds[np.searchsorted(bounds, indices, side="right") - 1]
     cuts = np.flatnonzero(np.diff(starts)) + 1
     for rows, first in zip(np.split(samples, cuts), np.split(starts, cuts)):
         yield int(first[0]), rows
@@ -467,17 +518,17 @@ def load_generated(out) -> tuple[np.ndarray, np.ndarray | None]:
     out = pathlib.Path(out)
     meta, cond = gd.read_metadata(out, "out")
     found = gd.verify(out, meta, cond)
-    n, size = meta["run"]["num_samples"], meta["shard_size"]
-    missing = [s for s in range(0, n, size) if s not in found.done]
+    grid = gd.shard_grid(meta)
+    missing = [s for s in grid if s not in found.done]
     if missing:
-        ranges = ", ".join(f"{s}..{gd.shard_range(s, size, n).stop - 1}"
+        ranges = ", ".join(f"{s}..{grid[s].stop - 1}"
                            + (f" ({found.redo[s]})" if s in found.redo else "")
                            for s in missing[:5])
         raise ValueError(f"out: {str(out)!r} lacks samples {ranges}"
                          + (f" and {len(missing) - 5} more shards" if len(missing) > 5 else "")
                          + ": resume the run to finish it")
     got = []
-    for start in range(0, n, size):
+    for start in grid:
         with np.load(out / gd.shard_name(start), allow_pickle=False) as data:
             got.append(data["samples"])
     return np.concatenate(got), None if cond.labels is None else cond.labels.astype(np.int32)
