@@ -47,9 +47,10 @@ def test_uniform_segments_reproduce_the_released_opensora_split():
     # IDDPM 20-step timesteps, 20 uniform intervals of width 50: every step its own interval
     visited = np.array([0, 53, 105, 158, 210, 263, 315, 368, 421, 473, 526, 578, 631, 684, 736,
                         789, 841, 894, 946, 999])[::-1]
-    np.testing.assert_array_equal(segments.uniform_segments(visited, 20, 1000), np.arange(20)[::-1])
-    two = segments.uniform_segments(visited, 2, 1000)  # ViDiT-Q's [0, 500) / [500, 1000)
-    np.testing.assert_array_equal(two, (visited >= 500).astype(np.int32))
+    # the released split, numbered in sampling order (segment 0 = the first, noisiest steps)
+    np.testing.assert_array_equal(segments.uniform_segments(visited, 20, 1000), np.arange(20))
+    two = segments.uniform_segments(visited, 2, 1000)  # ViDiT-Q's [500, 1000) / [0, 500)
+    np.testing.assert_array_equal(two, (visited < 500).astype(np.int32))
     assert two.dtype == np.int32
     assert segments.uniform_segment_table is solvers.uniform_segment_table
     for bad, match in [((visited, 0, 1000), "num_segments"), ((visited, 2, 999), "train_timesteps"),

@@ -98,17 +98,18 @@ def test_uniform_segment_tables():
         cfg = SamplerConfig(solver=solver, num_steps=num_steps, num_segments=num_segments)
         return np.asarray(Sampler.from_config(cfg).segment_of_step)
 
-    assert table(20).tolist() == list(range(19, -1, -1))  # every step its own segment
-    assert table(4).tolist() == [3] * 5 + [2] * 5 + [1] * 5 + [0] * 5
+    # sampling order: segment 0 holds the first (noisiest) steps sampled
+    assert table(20).tolist() == list(range(20))  # every step its own segment
+    assert table(4).tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
     assert table(1).tolist() == [0] * 20
     assert table(1).dtype == np.int32
     # 10 steps, 3 segments of the axis [0, 1000): boundaries at 333.3 and 666.7
     ts = np.array(ref.space_timesteps(1000, 10)[::-1])
-    assert table(3, 10).tolist() == [2 if t >= 667 else 1 if t >= 334 else 0 for t in ts]
+    assert table(3, 10).tolist() == [0 if t >= 667 else 1 if t >= 334 else 2 for t in ts]
     # flow: times 1, 0.9, ..., 0.1 -> training steps 999, 900, ..., 100; 500 is in the upper half
-    assert table(2, 10, "flow_euler").tolist() == [1] * 6 + [0] * 4
+    assert table(2, 10, "flow_euler").tolist() == [0] * 6 + [1] * 4
     # 999, 900, 800 | 700, 600 | 500, 400 | 300, 200 | 100
-    assert table(5, 10, "flow_euler").tolist() == [4, 4, 4, 3, 3, 2, 2, 1, 1, 0]
+    assert table(5, 10, "flow_euler").tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4]
 
 
 def test_custom_segment_table_and_validation():

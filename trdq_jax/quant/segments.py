@@ -1,5 +1,8 @@
 """Step -> time-segment tables ``int32 [num_steps]`` (sampling order) for ``Sampler.with_segments``.
 
+Every table numbers its segments in sampling order: segment 0 holds the first steps sampled
+(the noisiest), the last segment the final, cleanest steps.
+
 ``uniform_segments`` splits the training-time axis evenly (the released TR-DQ configuration);
 ``similarity_segments`` groups adjacent sampling steps whose activation statistics look alike.
 """
@@ -22,8 +25,9 @@ def _check_count(name: str, value, hi: int) -> int:
 
 
 def uniform_segments(train_timesteps, num_segments: int, num_train_steps: int) -> np.ndarray:
-    """``min(t * S // T, S - 1)`` per step, int32 ``[steps]``; ``train_timesteps`` int ``[steps]``
-    in ``[0, num_train_steps)`` (``Sampler.train_timesteps``). Validating wrapper of
+    """``S - 1 - min(t * S // T, S - 1)`` per step (segment 0 = the noisiest interval of the
+    training axis), int32 ``[steps]``; ``train_timesteps`` int ``[steps]`` in
+    ``[0, num_train_steps)`` (``Sampler.train_timesteps``). Validating wrapper of
     ``uniform_segment_table``."""
     t = np.asarray(train_timesteps)
     if t.ndim != 1 or t.size == 0 or not np.issubdtype(t.dtype, np.integer):

@@ -122,9 +122,12 @@ def make_sampler(cfg: SamplerConfig, segment_of_step=None) -> Sampler:
 
 
 def uniform_segment_table(train_timesteps, num_segments: int, num_train_steps: int) -> np.ndarray:
-    """Uniform contiguous segments over the training axis: ``min(t * S // T, S - 1)``, int32."""
+    """Uniform contiguous segments over the training axis, numbered in sampling order like
+    every segment table: segment 0 is the noisiest interval ``[T (S-1) / S, T)``, which
+    sampling visits first; ``S - 1 - min(t * S // T, S - 1)``, int32."""
     t = np.asarray(train_timesteps, dtype=np.int64)
-    return np.minimum(t * num_segments // num_train_steps, num_segments - 1).astype(np.int32)
+    bins = np.minimum(t * num_segments // num_train_steps, num_segments - 1)
+    return (num_segments - 1 - bins).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- eps solvers
