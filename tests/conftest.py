@@ -5,9 +5,14 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+_CACHE = pathlib.Path(os.environ.get("TRDQ_TEST_CACHE", pathlib.Path.home() / ".cache" / "trdq_jax_tests"))
+# The tests' own cache, also for the `trdq` subprocesses they start (the command keeps a cache
+# configured for JAX and would otherwise use the user's ~/.cache/trdq_jax/xla).
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE / "xla")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import jax  # noqa: E402
 
-_CACHE = pathlib.Path(os.environ.get("TRDQ_TEST_CACHE", pathlib.Path.home() / ".cache" / "trdq_jax_tests"))
 jax.config.update("jax_compilation_cache_dir", str(_CACHE / "xla"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

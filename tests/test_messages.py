@@ -165,21 +165,21 @@ def test_config_file_errors_name_the_file_and_line(ws, name, capsys):
     with pytest.raises(ConfigError) as info:
         load_config_file(path)
     message = str(info.value)
-    assert message.startswith(f"--config: {str(path)!r}, {where}"), message
+    assert message.startswith(f"path: {str(path)!r}, {where}"), message  # the Python argument
     assert shown is None or shown in message, message
     assert "\n" not in message
     before = tree_hash(ws)
     code = main(["train", "--config", str(path), "--workdir", str(ws / "run")])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err == f"trdq train: error: {message}\n", err
+    assert err == f"trdq train: error: --config{message.removeprefix('path')}\n", err
     assert "internal error" not in err
     assert tree_hash(ws) == before
 
 
 def test_config_error_line_with_a_relative_path(ws, monkeypatch):
     monkeypatch.chdir(ws)
-    with pytest.raises(ConfigError, match=r"^--config: 'raises.py', line 6: get_config\(\) "
+    with pytest.raises(ConfigError, match=r"^path: 'raises.py', line 6: get_config\(\) "
                                           "raised KeyError"):
         load_config_file("raises.py")
 

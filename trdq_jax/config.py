@@ -485,32 +485,45 @@ def dict_diff(stored: dict, other: dict, other_label: str = "expected", prefix: 
 
 # ----------------------------------------------------------------------------- overrides & files
 
-def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
-    """Apply ``section.field=value`` overrides (``--set`` on the CLI) to an experiment config."""
+def override_label(arg: str, key: str) -> str:
+    """How an error names one override: ``--set model.depth`` on the command line,
+    ``overrides: model.depth`` for a Python argument."""
+    return f"{arg} {key}" if arg.startswith("-") else f"{arg}: {key}"
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str],
+                    arg: str = "overrides") -> ExperimentConfig:
+    """Apply ``section.field=value`` overrides (``--set`` on the CLI) to an experiment config.
+    Errors name ``arg`` and the key (the command line passes ``--set``)."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.field=value")
+            raise ConfigError(f"{override_label(arg, repr(item))}: expected section.field=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        cfg = _replace_path(cfg, parts, raw, key)
+        cfg = _replace_path(cfg, parts, raw, override_label(arg, key))
     return cfg
 
 
-def _replace_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
+def _replace_path(obj: Any, parts: list[str], raw: str, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(obj)}
     head = parts[0]
     if head not in names:
-        raise ConfigError(f"--set {key}: {type(obj).__name__} has no field {head!r}; "
+        raise ConfigError(f"{where}: {type(obj).__name__} has no field {head!r}; "
                           f"fields: {sorted(names)}")
     if len(parts) == 1:
         hint = typing.get_type_hints(type(obj))[head]
         if dataclasses.is_dataclass(getattr(obj, head)):
-            raise ConfigError(f"--set {key}: {head!r} is a section; name one of its fields")
-        return dataclasses.replace(obj, **{head: _coerce(hint, raw, f"--set {key}")})
+            raise ConfigError(f"{where}: {head!r} is a section; name one of its fields")
+        try:
+            return dataclasses.replace(obj, **{head: _coerce(hint, raw, where)})
+        except ConfigError as e:  # the config's own check of the value
+            if str(e).startswith(where):
+                raise
+            raise ConfigError(f"{where}: {e}") from None
     child = getattr(obj, head)
     if not dataclasses.is_dataclass(child):
-        raise ConfigError(f"--set {key}: {head!r} is not a section")
-    return dataclasses.replace(obj, **{head: _replace_path(child, parts[1:], raw, key)})
+        raise ConfigError(f"{where}: {head!r} is not a section")
+    return dataclasses.replace(obj, **{head: _replace_path(child, parts[1:], raw, where)})
 
 
 def _user_line(path: pathlib.Path, tb) -> int | None:
@@ -523,22 +536,26 @@ def _user_line(path: pathlib.Path, tb) -> int | None:
     return line
 
 
-def _in_file(path: pathlib.Path, line: int | None) -> str:
-    return f"--config: {str(path)!r}" + (f", line {line}" if line is not None else "")
+def _in_file(path: pathlib.Path, line: int | None, arg: str) -> str:
+    return f"{arg}: {str(path)!r}" + (f", line {line}" if line is not None else "")
 
 
-def load_config_file(path: str | pathlib.Path) -> ExperimentConfig:
+def load_config_file(path: str | pathlib.Path, arg: str = "path") -> ExperimentConfig:
     """Import a ``configs/*.py`` file and call its ``get_config()``.
 
-    Every failure is a ``ConfigError`` naming the file (and the line, where there is one): no
-    such file, a syntax error, an exception while the file runs or inside ``get_config()``
-    (a bad config value there keeps its own message, prefixed with the file and line), no
-    ``get_config``, or one that returns something else than an ``ExperimentConfig``.
+    Every failure is a ``ConfigError`` naming ``arg`` (the command line passes ``--config``),
+    the file and the line, where there is one: no such file, a syntax error, an exception
+    while the file runs or inside ``get_config()`` (a bad config value there keeps its own
+    message, prefixed with the file and line), no ``get_config``, or one that returns
+    something else than an ``ExperimentConfig``.
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config: no such file {str(path)!r}")
+        raise ConfigError(f"{arg}: no such file {str(path)!r}")
     spec = importlib.util.spec_from_file_location(f"_trdq_config_{path.stem}", path)
+    if spec is None or spec.loader is None:  # no Python suffix: nothing imports it
+        raise ConfigError(f"{arg}: {str(path)!r} is not a Python file (expected a .py file "
+                          "defining get_config())")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -546,21 +563,22 @@ def load_config_file(path: str | pathlib.Path) -> ExperimentConfig:
         where = (path if not e.filename or os.path.abspath(e.filename) == os.path.abspath(path)
                  else pathlib.Path(e.filename))
         text = f" ({' '.join(e.text.split())!r})" if e.text and e.text.strip() else ""
-        raise ConfigError(f"{_in_file(where, e.lineno)}: syntax error: {e.msg}{text}") from None
+        raise ConfigError(f"{_in_file(where, e.lineno, arg)}: syntax error: {e.msg}{text}") \
+            from None
     except Exception as e:  # noqa: BLE001 (the user's code may raise anything)
-        raise ConfigError(f"{_in_file(path, _user_line(path, e.__traceback__))}: running the "
-                          f"file raised {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{_in_file(path, _user_line(path, e.__traceback__), arg)}: running "
+                          f"the file raised {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config {path}: the file defines no get_config()")
+        raise ConfigError(f"{_in_file(path, None, arg)}: the file defines no get_config()")
     try:
         cfg = module.get_config()
     except ConfigError as e:
-        raise ConfigError(f"{_in_file(path, _user_line(path, e.__traceback__))}: "
+        raise ConfigError(f"{_in_file(path, _user_line(path, e.__traceback__), arg)}: "
                           f"{e}") from None
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"{_in_file(path, _user_line(path, e.__traceback__))}: get_config() "
-                          f"raised {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{_in_file(path, _user_line(path, e.__traceback__), arg)}: "
+                          f"get_config() raised {type(e).__name__}: {e}") from None
     if not isinstance(cfg, ExperimentConfig):
-        raise ConfigError(f"--config {path}: get_config() returned {type(cfg).__name__}, "
-                          "expected ExperimentConfig")
+        raise ConfigError(f"{_in_file(path, None, arg)}: get_config() returned "
+                          f"{type(cfg).__name__}, expected ExperimentConfig")
     return cfg

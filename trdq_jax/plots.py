@@ -29,6 +29,7 @@ def segment_boundaries(segment_of_step) -> list[float]:
 def range_figure(ranges: dict, segment_of_step, *, title: str, columns: int = 2):
     """The ``matplotlib.figure.Figure`` that ``save_range_figure`` writes (see there)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if not ranges:
         raise ValueError("ranges: expected at least one {layer: (before, after)} entry")
@@ -57,6 +58,7 @@ def range_figure(ranges: dict, segment_of_step, *, title: str, columns: int = 2)
             ax.axvline(x, color="0.45", linestyle="--", linewidth=1,
                        label="time-segment boundary" if j == 0 else None)
         ax.set_xlim(-0.5, len(table) - 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         ax.set_title(f"{layer}  (max |x|: {before.absmax:.3g} -> {after.absmax:.3g})",
                      fontsize=10)

@@ -6,6 +6,11 @@ codes; nothing outside it imports it. Expected failures (bad arguments or files,
 outputs, OSError, a missing optional dependency) print one line ``trdq CMD: error: <cause>``
 and exit with status 2; anything else is a bug and says so (exit 1). ``--debug`` (or
 ``TRDQ_DEBUG=1``) shows the traceback instead.
+
+Every command keeps its compiled XLA programs in a persistent cache
+(``$XDG_CACHE_HOME/trdq_jax/xla``, else ``~/.cache/trdq_jax/xla``; ``trdq_jax.compile_cache``),
+so a second run skips most compilation; ``--no-compile-cache`` or ``TRDQ_COMPILATION_CACHE=0``
+turns it off.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import os
 import sys
 
 from trdq_jax.cli import cfg, evaluation, models, quantization, sampling
-from trdq_jax.cli._common import Parser
+from trdq_jax.cli._common import (Parser, add_no_compile_cache, state_defaults,
+                                  use_compilation_cache)
 
 # Failures a user can cause and fix; ValueError covers ConfigError, OutputError, the integrity
 # errors (CheckpointError, CalibrationError, ...) and the converter's ConversionError.
@@ -23,10 +29,15 @@ EXPECTED = (ValueError, OSError, ImportError, NotImplementedError)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="trdq", description="TR-DQ diffusion quantization toolkit for JAX/Flax.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks of errors (default: off; also TRDQ_DEBUG=1)")
+    add_no_compile_cache(parser, main=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for family in (models, sampling, evaluation, quantization, cfg):
         family.register(sub)
+    for command in sub.choices.values():
+        add_no_compile_cache(command)
+    state_defaults(parser)
     return parser
 
 
@@ -78,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     debug = args.debug or os.environ.get("TRDQ_DEBUG") == "1"
     try:
+        args.compile_cache = use_compilation_cache(args.no_compile_cache)
         return args.func(args)
     except KeyboardInterrupt:
         if debug:

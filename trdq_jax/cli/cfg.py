@@ -1,8 +1,8 @@
 """``trdq cfg-analysis``: where CFG attention sharing is safe, as tables, a heat map and plans."""
 from __future__ import annotations
 
-from trdq_jax.cli._common import (add_debug, add_overwrite, add_source, blame, float_model,
-                                  positive_int, print_json, seed_int)
+from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_source, blame,
+                                  float_model, positive_int, print_json)
 
 
 def _thresholds(text: str) -> list[float]:
@@ -59,15 +59,18 @@ def register(sub) -> None:
                        help="measure cond vs uncond attention per layer and step; write a heat "
                             "map and CFG sharing plans")
     add_source(p)
-    p.add_argument("--out", required=True,
-                   help="output directory (analysis.json, heatmap.png, plans/*.json)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory, new or empty (analysis.json, heatmap.png, "
+                        "plans/*.json) (required)")
     add_overwrite(p, "analysis directory")
     p.add_argument("--per-class", type=positive_int, default=1,
-                   help="calibration samples per class (default 1)")
-    p.add_argument("--seed", type=seed_int, default=0)
+                   help="analysed samples per class (default: %(default)s)")
+    add_seed(p)
     p.add_argument("--thresholds", default="0.03,0.06",
-                   help="share-error thresholds of the derived plans (plans/threshold_T.json)")
+                   help="share-error thresholds of the derived plans, comma-separated "
+                        "(plans/threshold_T.json) (default: %(default)s)")
     p.add_argument("--max-phases", type=positive_int, default=4,
-                   help="step windows of a derived plan (one compiled scan body each)")
+                   help="step windows of a derived plan (one compiled scan body each) "
+                        "(default: %(default)s)")
     add_debug(p)
     p.set_defaults(func=_cfg_analysis)

@@ -16,6 +16,7 @@ def _info(args) -> int:
     for name, what in zoo.BUNDLED.items():
         print(f"  {'*' if name in present else ' '} {name:26s} {what}")
     print("(* = bundled checkpoint present)")
+    print(f"compilation cache: {getattr(args, 'compile_cache', 'not set up')}")
     return 0
 
 
@@ -56,20 +57,25 @@ def register(sub) -> None:
     add_config_args(p, required=True)
     p.add_argument("--workdir", required=True,
                    help="checkpoints, config.json and metrics.jsonl go here (new or empty, or a "
-                        "run of the same config to resume)")
-    p.add_argument("--export", help="write the final (EMA) params as a trdq checkpoint here "
-                                    "(replaces a float checkpoint already there)")
-    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                        "run of the same config to resume) (required)")
+    p.add_argument("--export", metavar="DIR",
+                   help="write the final (EMA) params as a trdq checkpoint here (replaces a "
+                        "float checkpoint already there) (default: none, no export)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="refuse to continue an existing run (default: off, a run of the same "
+                        "config resumes)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (default: off, a bar on a terminal)")
     add_debug(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("convert", help="convert an official DiT checkpoint to a trdq checkpoint")
-    p.add_argument("--input", required=True,
-                   help=".safetensors, .npz, or .pt/.pth (needs the [torch] extra)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--input", required=True, metavar="FILE",
+                   help=".safetensors, .npz, or .pt/.pth (needs the [torch] extra) (required)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output checkpoint directory, new or empty (required)")
     p.add_argument("--num-heads", type=positive_int,
-                   help="attention heads (inferred for official sizes S/B/L/XL)")
+                   help="attention heads (default: inferred for the official sizes S/B/L/XL)")
     add_overwrite(p, "float checkpoint")
     add_debug(p)
     p.set_defaults(func=_convert)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 import time
 
-from trdq_jax.cli._common import (add_debug, add_overwrite, add_source, bits, blame,
-                                  float_model, positive_int, print_json, seed_int, source_of)
+from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_source, bits, blame,
+                                  float_model, positive_int, print_json, source_of)
 
 DEFAULT_CALIB_SEED = 1000  # trdq_jax.quant.pipeline.DEFAULT_CALIB_SEED (a test keeps them equal)
 RECIPE_NAMES = ("minmax", "quarot", "quarot_rtn", "smoothquant", "trdq", "trdq_no_clip",
@@ -26,10 +26,11 @@ def _recipe(name: str, w_bits: int, a_bits: int, segments: int | None = None):
         raise ValueError(message) from None
 
 
-def _calibrate_from_args(args, recipe):
-    """(model, params, cfg, calib, seconds) for --model/--checkpoint and the calibration flags."""
+def _calibrate_from_args(args, recipe, loaded=None):
+    """(model, params, cfg, calib, seconds) for --model/--checkpoint and the calibration flags
+    (``loaded``: ``float_model(args)`` when the caller already has it)."""
     from trdq_jax.quant.pipeline import run_calibration
-    model, params, cfg, _ = float_model(args)
+    model, params, cfg, _ = loaded or float_model(args)
     if recipe.num_segments > cfg.sampler.num_steps:
         raise ValueError(f"--segments: {recipe.num_segments} segments but the sampler has only "
                          f"{cfg.sampler.num_steps} steps")
@@ -92,22 +93,29 @@ def _quantize(args) -> int:
                          "(to calibrate on the fly)")
     resolve_target(args.out, kind="quantized", overwrite=args.overwrite, is_dir=True,
                    arg="--out")
+    from trdq_jax.sampling.cfg_plan import resolve_plan
+
+    def plan_for(cfg, num_steps):  # checked before any calibration runs
+        if args.cfg_plan is None:
+            return None
+        return resolve_plan(args.cfg_plan, cfg.model, num_steps, arg="--cfg-plan") or None
+
     if args.calib:
         params, cfg, calib, recipe, calib_seconds = _from_calibration(args)
+        plan = plan_for(cfg, len(calib.segment_of_step))
     else:
         recipe = _recipe(args.recipe or "trdq", 8 if args.w_bits is None else args.w_bits,
                          8 if args.a_bits is None else args.a_bits, args.segments)
-        _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe)
-    plan = None
-    if args.cfg_plan is not None:
-        from trdq_jax.sampling.cfg_plan import resolve_plan
-        plan = resolve_plan(args.cfg_plan, cfg.model, len(calib.segment_of_step)) or None
+        loaded = float_model(args)
+        plan = plan_for(loaded[2], loaded[2].sampler.num_steps)
+        _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe, loaded)
     t0 = time.perf_counter()
     qparams = quantize(params, calib, recipe, progress=True)
     summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
     out = save_quantized(args.out, qparams, cfg, recipe, calib.segment_of_step, cfg_plan=plan,
                          overwrite=args.overwrite, arg="--out")
-    print_json({"out": str(out), **summary, "calibration_seconds": calib_seconds})
+    print_json({"out": str(out), **summary,
+                "calibration_seconds": round(float(calib_seconds), 3)})
     return 0
 
 
@@ -153,40 +161,45 @@ def _plot_ranges(args) -> int:
 
 def _add_calibration_flags(p, recipe_default: str | None) -> None:
     default = "%(default)s" if recipe_default else "the calibration's, else 8"
+    recipe = "%(default)s" if recipe_default else "the calibration's recipe, else trdq"
     p.add_argument("--recipe", default=recipe_default, choices=RECIPE_NAMES,
-                   help=f"quantization method (default "
-                        f"{recipe_default or 'the calibration recipe, else trdq'})")
+                   help=f"quantization method (default: {recipe})")
     p.add_argument("--w-bits", type=bits, default=8 if recipe_default else None,
-                   help=f"weight bits 2..8, 16 = float (default {default})")
+                   help=f"weight bits 2..8, 16 = float (default: {default})")
     p.add_argument("--a-bits", type=bits, default=8 if recipe_default else None,
-                   help=f"activation bits 2..8, 16 = float (default {default})")
-    p.add_argument("--segments", type=positive_int, help="time segments (default: the recipe's)")
+                   help=f"activation bits 2..8, 16 = float (default: {default})")
+    p.add_argument("--segments", type=positive_int,
+                   help="time segments (default: the recipe's)")
     p.add_argument("--per-class", type=positive_int, default=4,
-                   help="calibration samples per class")
-    p.add_argument("--seed", type=seed_int, default=DEFAULT_CALIB_SEED,
-                   help=f"calibration seed (default {DEFAULT_CALIB_SEED}, not an evaluation seed)")
+                   help="calibration samples per class (default: %(default)s)")
+    add_seed(p, "calibration seed, not an evaluation seed")
+    p.set_defaults(seed=DEFAULT_CALIB_SEED)
     p.add_argument("--rows-per-step", type=positive_int, default=64,
-                   help="activation rows kept per step and layer")
+                   help="activation rows kept per step and layer (default: %(default)s)")
 
 
 def register(sub) -> None:
     p = sub.add_parser("calibrate", help="collect activation statistics + time segments")
     add_source(p)
     _add_calibration_flags(p, "trdq")
-    p.add_argument("--out", required=True, help="calibration directory to write")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="calibration directory to write, new or empty (required)")
     add_overwrite(p, "calibration directory")
     add_debug(p)
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("quantize", help="quantize a float model from a calibration directory "
                                         "(or calibrate on the fly with --model/--checkpoint)")
-    p.add_argument("--calib", metavar="DIR", help="a `trdq calibrate` directory")
+    p.add_argument("--calib", metavar="DIR",
+                   help="a `trdq calibrate` directory (default: none; then --model or "
+                        "--checkpoint calibrates on the fly)")
     add_source(p)
     _add_calibration_flags(p, None)
-    p.add_argument("--out", required=True, help="quantized checkpoint directory to write")
-    p.add_argument("--cfg-plan", metavar="PLAN",
+    p.add_argument("--out", required=True, metavar="QDIR",
+                   help="quantized checkpoint directory to write, new or empty (required)")
+    p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", metavar="PLAN",
                    help="CFG sharing plan stored with the checkpoint (trdq sample uses it): "
-                        "all | trdq_release | a plan .json")
+                        "none | all | trdq_release | a plan .json (default: none stored)")
     add_overwrite(p, "quantized checkpoint")
     add_debug(p)
     p.set_defaults(func=_quantize)
@@ -195,10 +208,10 @@ def register(sub) -> None:
                                            "the recipe's smoothing+rotation (PNG)")
     add_source(p)
     _add_calibration_flags(p, "trdq")
-    p.set_defaults(per_class=2, w_bits=4)
+    p.set_defaults(per_class=2)
     p.add_argument("--layers", metavar="REGEX",
                    help="layers to plot (default: qkv and fc2 of the first and last block)")
-    p.add_argument("--out", required=True, metavar="FILE.png", help="output PNG file")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="output PNG file (required)")
     add_overwrite(p, "figure")
     add_debug(p)
     p.set_defaults(func=_plot_ranges)

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from trdq_jax.cli._common import (add_debug, add_overwrite, blame, cfg_scale, float_model,
-                                  positive_int, print_json, seed_int)
+from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_set, blame, cfg_scale,
+                                  float_model, positive_int, print_json, seed_int)
 
 BACKENDS = ("xla", "fake", "pallas", "auto")  # trdq_jax.quant.BACKENDS, without importing quant
 
@@ -20,7 +20,7 @@ def _denoiser(args):
     if args.quantized:
         from trdq_jax.quant.io import load_quantized_model
         with blame("--quantized"):
-            return load_quantized_model(args.quantized, args.backend, args.set)
+            return load_quantized_model(args.quantized, args.backend, args.set, arg="--set")
     if args.backend != "xla":
         raise ValueError("--backend: only applies to --quantized checkpoints")
     return (*float_model(args), None, None)
@@ -58,7 +58,7 @@ def _share_cfg(args, cfg):
         if args.share_cfg:
             raise ValueError("--cfg-plan: give either --share-cfg (every layer, every step) or "
                              "--cfg-plan")
-        return resolve_plan(args.cfg_plan, cfg.model, cfg.sampler.num_steps)
+        return resolve_plan(args.cfg_plan, cfg.model, cfg.sampler.num_steps, arg="--cfg-plan")
     if args.quantized and not args.share_cfg:
         from trdq_jax.quant.io import stored_cfg_plan
         with blame("--quantized"):
@@ -68,7 +68,8 @@ def _share_cfg(args, cfg):
 
 def _demo(args) -> int:
     from trdq_jax.demo import run_demo
-    with blame(None, cfg_plan="--cfg-plan"):
+    with blame(None, cfg_plan="--cfg-plan", model="--model", per_class="--per-class",
+               quant_per_class="--quant-per-class", seed="--seed"):
         report = run_demo(args.out, args.model, args.per_class, args.seed, args.quant_per_class,
                           cfg_plan=args.cfg_plan, overwrite=args.overwrite, arg="--out")
     print_json({k: report[k] for k in ("model", "num_samples", "timings_s")})
@@ -150,46 +151,55 @@ def _generate(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("sample", help="sample a bundled model or a checkpoint into a grid")
+def _add_denoiser_source(p) -> None:
+    """``--model | --checkpoint | --quantized`` and ``--backend``."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="bundled diffusion model name (default digits-dit)")
-    src.add_argument("--checkpoint", help="a float trdq checkpoint directory")
+    src.add_argument("--model", help="bundled diffusion model name (default: digits-dit unless "
+                                     "--checkpoint or --quantized is given)")
+    src.add_argument("--checkpoint", metavar="DIR",
+                     help="a float trdq checkpoint directory (default: none)")
     src.add_argument("--quantized", metavar="QDIR",
                      help="a quantized checkpoint (trdq quantize --out QDIR); restored without the "
-                          "float weights, sampled with its stored time-segment table")
+                          "float weights, sampled with its stored time-segment table "
+                          "(default: none)")
     p.add_argument("--backend", default="xla", choices=BACKENDS,
-                   help="quantized execution: xla (int8 dot, default), fake (simulated in float), "
+                   help="quantized execution: xla (int8 dot), fake (simulated in float), "
                         "pallas (Pallas kernels; interpreted on CPU), auto (pallas on TPU/GPU "
-                        "where a layer fits, else xla)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override sampler.*/generation.* fields, e.g. sampler.num_steps=100")
-    p.add_argument("--out", required=True,
-                   help="output directory (samples.npz, grid.png, metadata.json), written whole")
-    add_overwrite(p, "sample directory")
-    p.add_argument("--per-class", type=positive_int, default=8, help="samples per class")
-    p.add_argument("--seed", type=seed_int, default=0)
+                        "where a layer fits, else xla) (default: %(default)s)")
+
+
+def _add_guidance(p, plan_default: str) -> None:
+    """``--cfg-scale``, ``--share-cfg`` and ``--cfg-plan`` (alias ``--share-plan``)."""
     p.add_argument("--cfg-scale", type=cfg_scale, default=None,
                    help="guidance scale in [0, 100] (default: the config's)")
     p.add_argument("--share-cfg", action="store_true",
-                   help="CFG attention sharing in every attention at every step")
-    p.add_argument("--cfg-plan", metavar="PLAN",
+                   help="CFG attention sharing in every attention at every step (default: off)")
+    p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", metavar="PLAN",
                    help="CFG sharing plan: none | all | trdq_release | a plan .json (trdq "
-                        "cfg-analysis writes some); default: the plan stored with --quantized, "
-                        "else none")
+                        f"cfg-analysis writes some) (default: {plan_default})")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample a bundled model or a checkpoint into a grid")
+    _add_denoiser_source(p)
+    add_set(p, "e.g. sampler.num_steps=100")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory, new or empty (samples.npz, grid.png, metadata.json), "
+                        "written whole (required)")
+    add_overwrite(p, "sample directory")
+    p.add_argument("--per-class", type=positive_int, default=8,
+                   help="samples per class (default: %(default)s)")
+    add_seed(p)
+    _add_guidance(p, "the plan stored with --quantized, else none")
     add_debug(p)
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("generate", help="many samples into a resumable directory, sharded over "
                                         "the local devices (and processes)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="bundled diffusion model name (default digits-dit)")
-    src.add_argument("--checkpoint", help="a float trdq checkpoint directory")
-    src.add_argument("--quantized", metavar="QDIR", help="a quantized checkpoint directory")
-    p.add_argument("--backend", default="xla", choices=BACKENDS)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override sampler.*/generation.* fields")
-    p.add_argument("--num-samples", type=positive_int, required=True)
+    _add_denoiser_source(p)
+    add_set(p, "e.g. sampler.num_steps=100")
+    p.add_argument("--num-samples", type=positive_int, required=True,
+                   help="samples 0 .. N-1 to generate (required)")
     p.add_argument("--labels", default=None,
                    help="comma-separated labels used in turn (default: every class in turn)")
     batch = p.add_mutually_exclusive_group()
@@ -197,49 +207,53 @@ def register(sub) -> None:
                        help="samples per data-axis device per batch (default: "
                             "generation.batch_size / devices)")
     batch.add_argument("--batch-size", type=positive_int, default=None,
-                       help="samples per batch of this process (a multiple of the data axis)")
+                       help="samples per batch of this process, a multiple of the data axis "
+                            "(default: from --batch-per-device)")
     p.add_argument("--model-parallel", type=positive_int, default=1, metavar="M",
                    help="size of the mesh's model axis: parameters are split over M devices "
-                        "(a divisor of the local device count; default 1, data parallel only)")
+                        "(a divisor of the local device count) (default: %(default)s, data "
+                        "parallel only)")
     p.add_argument("--shard-size", type=positive_int, default=None, metavar="S",
-                   help="samples per shard file, fixed when the directory is made (default 64; "
+                   help="samples per shard file, fixed when the directory is made (default: 64; "
                         "a resume takes the directory's own)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="write NaN/Inf samples (listed in the summary and the manifest) instead "
-                        "of stopping with their indices")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--cfg-scale", type=cfg_scale, default=None)
-    p.add_argument("--share-cfg", action="store_true", help="CFG attention sharing everywhere")
-    p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", metavar="PLAN",
-                   help="CFG sharing plan (none | all | trdq_release | a plan .json from trdq "
-                        "cfg-analysis); default: the plan stored with --quantized")
-    p.add_argument("--out", required=True,
-                   help="generation directory: created, or resumed when it holds this same run "
-                        "(on a file system every process sees)")
+                        "of stopping with their indices (default: off)")
+    add_seed(p)
+    _add_guidance(p, "the plan stored with --quantized, else none")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="generation directory: created (or an empty one filled), or resumed "
+                        "when it holds this same run (on a file system every process sees) "
+                        "(required)")
     hosts = p.add_argument_group("several processes (hosts); each writes only its own batches")
     hosts.add_argument("--distributed", action="store_true",
                        help="jax.distributed.initialize() from the cluster's environment (TPU "
-                            "slice, SLURM, Open MPI)")
+                            "slice, SLURM, Open MPI) (default: off, one process)")
     hosts.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="the coordinator's address (the host of --process-id 0)")
-    hosts.add_argument("--num-processes", type=positive_int, metavar="P")
-    hosts.add_argument("--process-id", type=seed_int, metavar="p", help="0 .. P-1")
+                       help="the coordinator's address (the host of --process-id 0) "
+                            "(default: none, one process)")
+    hosts.add_argument("--num-processes", type=positive_int, metavar="P",
+                       help="processes taking part, with --coordinator (default: none)")
+    hosts.add_argument("--process-id", type=seed_int, metavar="p",
+                       help="this process, 0 .. P-1, with --coordinator (default: none)")
     add_debug(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="the main job: sample the bundled image DiT and report")
-    p.add_argument("--out", required=True,
-                   help="output directory (grid.png, grid_quantized.png, report.json/.md)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory, new or empty (grid.png, grid_quantized.png, "
+                        "report.json/.md) (required)")
     add_overwrite(p, "demo directory")
-    p.add_argument("--model", default="digits-dit", help="bundled model to demonstrate")
+    p.add_argument("--model", default="digits-dit",
+                   help="bundled model to demonstrate (default: %(default)s)")
     p.add_argument("--per-class", type=positive_int, default=30,
-                   help="samples per class for the metrics")
-    p.add_argument("--seed", type=seed_int, default=0)
+                   help="samples per class for the metrics (default: %(default)s)")
+    add_seed(p)
     p.add_argument("--quant-per-class", type=positive_int, default=10,
                    help="samples per class of the float vs W8A8 vs W4A8 comparison "
-                        "(at most --per-class)")
-    p.add_argument("--cfg-plan", default="none", metavar="PLAN",
-                   help="CFG sharing of every sampling run: none (default) | all | trdq_release "
-                        "| a plan .json")
+                        "(at most --per-class) (default: %(default)s)")
+    p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", default="none", metavar="PLAN",
+                   help="CFG sharing of every sampling run: none | all | trdq_release "
+                        "| a plan .json (default: %(default)s)")
     add_debug(p)
     p.set_defaults(func=_demo)

@@ -130,19 +130,11 @@ def layer_groups(layers) -> dict[str, list[int]]:
             "temporal": temporal}
 
 
-def save_cfg_heatmap(path, analysis: dict, *, title: str, overwrite: bool = False) -> tuple:
-    """Heat maps (layers x sampling steps) of ``prob_similarity`` and ``share_error``
-    (log10), one row of panels per layer group (spatial / temporal for a video DiT). Written
-    atomically as a marked PNG (``files.write_file``). Returns the PNG's (width, height)."""
-    import pathlib
-
+def cfg_heatmap_figure(analysis: dict, *, title: str):
+    """The ``matplotlib.figure.Figure`` that ``save_cfg_heatmap`` writes (see there)."""
     from matplotlib.figure import Figure
-    from PIL import Image
+    from matplotlib.ticker import MaxNLocator
 
-    from trdq_jax import files
-
-    if pathlib.Path(path).suffix.lower() != ".png":
-        raise ValueError(f"path: expected a .png file, got {str(path)!r}")
     layers = analysis["layers"]
     groups = layer_groups(layers)
     sim = np.asarray(analysis["prob_similarity"])
@@ -152,16 +144,35 @@ def save_cfg_heatmap(path, analysis: dict, *, title: str, overwrite: bool = Fals
     axes = fig.subplots(len(groups), 2, squeeze=False)
     for row, (group, cols) in enumerate(groups.items()):
         for col, (table, label, cmap) in enumerate((
-                (sim, "attention similarity 1 - TV(P_cond, P_uncond)", "viridis"),
+                (sim, "similarity 1 - TV(P_cond, P_uncond)", "viridis"),
                 (err, "log10 sharing error ||(P_c - P_u) V_u|| / ||P_u V_u||", "magma"))):
             ax = axes[row][col]
             image = ax.imshow(table[:, cols].T, aspect="auto", cmap=cmap, interpolation="nearest")
             fig.colorbar(image, ax=ax, shrink=0.9)
             ax.set_yticks(range(len(cols)))
             ax.set_yticklabels([layers[j].removesuffix("/attn") for j in cols], fontsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
             ax.set_xlabel("sampling step (0 = pure noise)", fontsize=9)
-            ax.set_title(f"{group}: {label}", fontsize=9)
+            # "attention: similarity ...", "spatial attention: ..." (no word said twice)
+            where = group if group == "attention" else f"{group} attention"
+            ax.set_title(f"{where}: {label}", fontsize=9)
     fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def save_cfg_heatmap(path, analysis: dict, *, title: str, overwrite: bool = False) -> tuple:
+    """Heat maps (layers x sampling steps) of ``prob_similarity`` and ``share_error``
+    (log10), one row of panels per layer group (spatial / temporal for a video DiT). Written
+    atomically as a marked PNG (``files.write_file``). Returns the PNG's (width, height)."""
+    import pathlib
+
+    from PIL import Image
+
+    from trdq_jax import files
+
+    if pathlib.Path(path).suffix.lower() != ".png":
+        raise ValueError(f"path: expected a .png file, got {str(path)!r}")
+    fig = cfg_heatmap_figure(analysis, title=title)
     target = files.write_file(
         path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,
                                       metadata=files.png_marker("figure")),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from trdq_jax.config import DiTConfig, exact_width
 from trdq_jax.models.layers import (Attention, LabelEmbedder, Mlp, TimestepEmbedder,
@@ -79,10 +80,8 @@ def patchify_conv(features: int, patch: int, dtype, param_dtype) -> nn.Conv:
 
 def unpatchify(x: jax.Array, patch: int, channels: int) -> jax.Array:
     """``[B, h*w, p*p*C]`` tokens (row-major) -> ``[B, h*p, w*p, C]`` images."""
-    b, length, _ = x.shape
-    h = w = int(round(length ** 0.5))
-    x = x.reshape(b, h, w, patch, patch, channels)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * patch, w * patch, channels)
+    h = int(round(x.shape[1] ** 0.5))
+    return rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=h, p=patch, q=patch, c=channels)
 
 
 class PatchEmbed(nn.Module):

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from trdq_jax.config import VideoDiTConfig
 from trdq_jax.models.dit import DiTBlock, FinalLayer, PatchEmbed, unpatchify
@@ -29,14 +30,12 @@ from trdq_jax.models.layers import (LabelEmbedder, TimestepEmbedder, broadcast_t
 
 def _frames_to_positions(h: jax.Array) -> jax.Array:
     """``[B, F, L, D]`` -> ``[B*L, F, D]``: one sequence of frames per patch position."""
-    b, f, length, d = h.shape
-    return h.transpose(0, 2, 1, 3).reshape(b * length, f, d)
+    return rearrange(h, "b f l d -> (b l) f d")
 
 
 def _positions_to_frames(h: jax.Array, batch: int) -> jax.Array:
     """Inverse of ``_frames_to_positions``: ``[B*L, F, D]`` -> ``[B, F, L, D]``."""
-    _, f, d = h.shape
-    return h.reshape(batch, -1, f, d).transpose(0, 2, 1, 3)
+    return rearrange(h, "(b l) f d -> b f l d", b=batch)
 
 
 class VideoDiT(nn.Module):
@@ -78,10 +77,10 @@ class VideoDiT(nn.Module):
         grid = cfg.input_size // cfg.patch_size
         num_tokens = grid * grid
 
-        per_frame = x.astype(dtype).reshape(batch * frames, *x.shape[2:])
+        per_frame = rearrange(x.astype(dtype), "b f h w c -> (b f) h w c")
         h = PatchEmbed(cfg.hidden_size, cfg.patch_size, name="x_embedder", **kw)(per_frame)
         h = h + jnp.asarray(sincos_2d(cfg.hidden_size, grid), dtype)[None]
-        h = h.reshape(batch, frames, num_tokens, cfg.hidden_size)
+        h = rearrange(h, "(b f) l d -> b f l d", b=batch)
         temporal_pos = jnp.asarray(sincos_1d(cfg.hidden_size, np.arange(frames)), dtype)
 
         c = TimestepEmbedder(cfg.hidden_size, name="t_embedder", **kw)(broadcast_t(t, batch))
@@ -94,22 +93,21 @@ class VideoDiT(nn.Module):
         block = lambda name: DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio,  # noqa: E731
                                       name=name, **kw)
         for i in range(cfg.depth):
-            hs = h.reshape(batch * frames, num_tokens, cfg.hidden_size)
+            hs = rearrange(h, "b f l d -> (b f) l d")
             hs = block(f"spatial_blocks_{i}")(hs, c_per_frame, share_cfg=share_cfg)
-            h = hs.reshape(batch, frames, num_tokens, cfg.hidden_size)
+            h = rearrange(hs, "(b f) l d -> b f l d", b=batch)
             if i == 0:
                 h = h + temporal_pos[None, :, None]
             temporal = block(f"temporal_blocks_{i}")
             if cfg.temporal_attention == "video":
-                hv = temporal(h.reshape(batch, frames * num_tokens, cfg.hidden_size), c,
-                              share_cfg=share_cfg)
-                h = hv.reshape(batch, frames, num_tokens, cfg.hidden_size)
+                hv = temporal(rearrange(h, "b f l d -> b (f l) d"), c, share_cfg=share_cfg)
+                h = rearrange(hv, "b (f l) d -> b f l d", f=frames)
             else:
                 ht = temporal(_frames_to_positions(h), c_per_position, share_cfg=share_cfg)
                 h = _positions_to_frames(ht, batch)
 
-        h = h.reshape(batch * frames, num_tokens, cfg.hidden_size)
+        h = rearrange(h, "b f l d -> (b f) l d")
         h = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels, name="final_layer",
                        **kw)(h, c_per_frame)
         out = unpatchify(h, cfg.patch_size, cfg.out_channels)
-        return out.reshape(batch, frames, *out.shape[1:]).astype(jnp.float32)
+        return rearrange(out, "(b f) h w c -> b f h w c", b=batch).astype(jnp.float32)

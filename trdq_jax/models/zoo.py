@@ -66,12 +66,13 @@ def load(name: str):
 
 
 def load_float_model(model_name: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
-                     overrides=()):
+                     overrides=(), arg: str = "overrides"):
     """``(model, params, cfg, source)`` of a bundled diffusion model (default ``digits-dit``) or
     of a float checkpoint directory.
 
     ``overrides``: ``section.field=value`` strings for ``sampler.*`` / ``generation.*``
-    (``model.*`` is fixed by the checkpoint). ``cfg`` is always an ``ExperimentConfig`` (a
+    (``model.*`` is fixed by the checkpoint); their errors name ``arg`` (the command line passes
+    ``--set``). ``cfg`` is always an ``ExperimentConfig`` (a
     checkpoint holding only a model config gets default sampler settings); ``source`` says where
     the params came from. Classifiers are refused: they do not sample.
     """
@@ -92,5 +93,5 @@ def load_float_model(model_name: str | None = None, checkpoint_dir: str | os.Pat
                          "diffusion checkpoint")
     overrides = list(overrides)
     if any(s.strip().startswith("model.") for s in overrides):
-        raise ValueError("--set: model.* fields are fixed by the checkpoint")
-    return model, params, apply_overrides(cfg, overrides), source
+        raise ValueError(f"{arg}: model.* fields are fixed by the checkpoint")
+    return model, params, apply_overrides(cfg, overrides, arg), source

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax import checkpoint
-from trdq_jax.config import ConfigError, ExperimentConfig, apply_overrides
+from trdq_jax.config import ConfigError, ExperimentConfig, apply_overrides, override_label
 from trdq_jax.quant.qlinear import BACKENDS, QLinear
 from trdq_jax.quant.recipe import Recipe
 from trdq_jax.quant.transform import QuantizedDenoiser, quantized_layer_paths
@@ -165,12 +165,14 @@ def stored_cfg_plan(path: str | os.PathLike):
     return plan
 
 
-def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", overrides=()):
+def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", overrides=(),
+                         arg: str = "overrides"):
     """``(model, qparams, cfg, source, sampler, apply_fn)`` of a ``save_quantized`` directory.
 
     Restored without the float weights; the sampler uses the stored step -> segment table.
     ``overrides`` (``section.field=value``) may change ``sampler.cfg_scale`` and
     ``generation.*`` only: everything else of the sampler shaped the calibrated trajectory.
+    Errors about them name ``arg`` (the command line passes ``--set``).
     """
     from trdq_jax.models.factory import build_model
     from trdq_jax.sampling.solvers import Sampler
@@ -183,10 +185,11 @@ def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", override
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not (key in _FREE_SAMPLER_FIELDS or key.startswith("generation.")):
-            raise ValueError(f"--set {key}: fixed by the quantized checkpoint (its scales and "
-                             "segment table were calibrated on that sampling trajectory); only "
+            raise ValueError(f"{override_label(arg, key)}: fixed by the quantized checkpoint "
+                             "(its scales and segment table were calibrated on that sampling "
+                             "trajectory); only "
                              f"{', '.join(_FREE_SAMPLER_FIELDS)} and generation.* may change")
-    cfg = apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides, arg)
     sampler = Sampler.from_config(cfg.sampler).with_segments(table, recipe.num_segments)
     model = build_model(cfg.model)
     source = f"{qdir} ({recipe.name} W{recipe.w_bits}A{recipe.a_bits}, {backend})"

@@ -291,10 +291,10 @@ def _attention_layers_cached(model_cfg):
 _LAYER_CACHE: dict[str, tuple[str, ...]] = {}
 
 
-def resolve_plan(spec, model_cfg, num_steps: int, arg: str = "--cfg-plan") -> CFGPlan | bool:
+def resolve_plan(spec, model_cfg, num_steps: int, arg: str = "spec") -> CFGPlan | bool:
     """``False`` for ``"none"``; a preset (``all``, ``trdq_release``) for ``model_cfg`` at
     ``num_steps`` steps; else a plan file (``*.json``), checked against the model and the
-    step count. Errors name ``arg``."""
+    step count. Errors name ``arg`` (the command line passes its flag, ``--cfg-plan``)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"{arg}: expected a preset {PRESETS} or a plan .json file, got {spec!r}")
     if spec == "none":

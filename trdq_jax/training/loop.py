@@ -219,7 +219,7 @@ def _summarise(pending: list[tuple[int, dict]], done: int, lr: float, rate: floa
     for key in sorted(values[0]):
         entry[key] = float(np.mean([float(v[key]) for v in values]))
     entry["learning_rate"] = lr
-    entry["steps_per_sec"] = rate
+    entry["steps_per_sec"] = round(rate, 3)
     return entry
 
 
@@ -247,7 +247,7 @@ def _batches_from(batches, start: int):
 def _progress_bar(start: int, total: int, progress: bool):
     if not progress or not sys.stderr.isatty():
         return None
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: in a kernel without ipywidgets it warns
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
 
