@@ -147,3 +147,19 @@ def test_argparse_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err == ("trdq calibrate: error: argument --w-bits: expected bits in 2..8 (or 16 = "
                    "float), got 'four' (see --help)\n")
+
+
+def test_a_named_recipe_keeps_its_own_segment_count_from_another_calibration(tmp_path,
+                                                                           tiny_ckpt, capsys):
+    """A 2-segment trdq calibration quantized as quarot gives QuaRot as published (one
+    segment, its calibration derived from the same statistics), never a 2-segment QuaRot."""
+    calib_dir = tmp_path / "calib"
+    assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--recipe", "trdq", "--segments",
+                 "2", "--per-class", "1", "--rows-per-step", "8", "--out", str(calib_dir)]) == 0
+    for extra, name, segments in (([], "trdq", 2), (["--recipe", "quarot"], "quarot", 1)):
+        out = tmp_path / name
+        assert main(["quantize", "--calib", str(calib_dir), *extra, "--out", str(out)]) == 0
+        _, _, recipe, table = Q.load_quantized(out)
+        assert (recipe.name, recipe.num_segments) == (name, segments)
+        assert sorted(set(np.asarray(table).tolist())) == list(range(segments))
+    capsys.readouterr()

@@ -58,7 +58,9 @@ def _calibrate(args) -> int:
 
 
 def _quantize_recipe(args, stored):
-    """The recipe for ``trdq quantize --calib``: the stored one unless flags change it."""
+    """The recipe for ``trdq quantize --calib``: the stored one unless flags change it; a
+    named recipe keeps its own segment count (its calibration is derived, see
+    ``_from_calibration``), so a baseline stays what it says."""
     if args.recipe is None and args.w_bits is None and args.a_bits is None:
         return stored
     name = args.recipe or stored.name
@@ -67,7 +69,7 @@ def _quantize_recipe(args, stored):
     if name == stored.name:
         _recipe(name, w_bits, a_bits)  # named errors
         return stored.with_bits(w_bits, a_bits)
-    return _recipe(name, w_bits, a_bits, stored.num_segments)
+    return _recipe(name, w_bits, a_bits)
 
 
 def _from_calibration(args):
@@ -80,7 +82,12 @@ def _from_calibration(args):
         raise ValueError("--set: with --calib the config is the calibration's")
     with blame("--calib"):
         calib, stored, cfg, meta, params = load_calibration_and_model(args.calib)
-    recipe = _quantize_recipe(args, stored)  # keeps the calibration's segment count
+    recipe = _quantize_recipe(args, stored)
+    if recipe != stored:  # another recipe's layer choice and segment table, from these stats
+        from trdq_jax.quant.calibrate import derive_calibration
+        from trdq_jax.sampling import Sampler
+        with blame("--calib"):
+            calib = derive_calibration(calib, recipe, Sampler.from_config(cfg.sampler))
     return params, cfg, calib, recipe, meta.get("seconds", 0.0)
 
 

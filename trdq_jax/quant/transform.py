@@ -151,7 +151,9 @@ def quantize(params, calib, recipe: Recipe, *, progress: bool = False) -> dict:
         raise ValueError(f"recipe: expected a Recipe, got {type(recipe).__name__}")
     if calib.num_segments != recipe.num_segments:
         raise ValueError(f"calib: calibrated for {calib.num_segments} segments, recipe wants "
-                         f"{recipe.num_segments}; re-run calibrate with this recipe")
+                         f"{recipe.num_segments}; derive its calibration from these statistics "
+                         "(trdq_jax.quant.calibrate.derive_calibration(calib, recipe, sampler)) "
+                         "or calibrate with this recipe")
     selection = calibrated_selection(calib, recipe)
     layers: dict = {}
     items = selection.quantized

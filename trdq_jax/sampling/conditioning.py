@@ -112,8 +112,8 @@ def _kind(dtype) -> str:
 def with_null(cond, null_cond):
     """``[cond; null]`` along the batch axis: the batched CFG conditioning ``[2N, ...]``."""
     def both(c, u):
-        u = jnp.broadcast_to(jnp.asarray(u, c.dtype), c.shape)
-        return jnp.concatenate([jnp.asarray(c), u])
+        c = jnp.asarray(c)  # (int64 / float64 leaves become JAX's 32-bit defaults)
+        return jnp.concatenate([c, jnp.broadcast_to(jnp.asarray(u).astype(c.dtype), c.shape)])
     return None if cond is None else jax.tree.map(both, cond, null_cond)
 
 
