@@ -150,8 +150,9 @@ def test_segment_index_is_looked_up_per_step():
     uniform = Sampler.from_config(SamplerConfig(solver="flow_euler", num_steps=n, num_segments=3))
     got = sample(apply_fn, {"v": jnp.asarray(v, jnp.float32)}, uniform, np.array([0, 1]), seed=3,
                  cfg_scale=2.0, null_label=5, shape=(2, 3))
-    # t = 1.0 .. 0.1 -> training steps 999, 900, ..., 100 -> min(t * 3 // 1000, 2)
-    uniform_table = [2, 2, 2, 2, 1, 1, 1, 0, 0, 0]
+    # t = 1.0 .. 0.1 -> training steps 999, 900, ..., 100 -> 2 - min(t * 3 // 1000, 2):
+    # segment 0 is the noisiest third, visited first
+    uniform_table = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
     np.testing.assert_allclose(np.asarray(got), _noise(3, [0, 1]) - v[uniform_table].sum(0) / n,
                                rtol=1e-5, atol=1e-5)
 
