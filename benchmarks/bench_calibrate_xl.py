@@ -26,7 +26,12 @@ entry (each is quantized from it). Reported:
 * bytes: the checkpoint ``save_quantized`` writes (to a temporary directory, removed after),
   and the whole model's parameter bytes (``weight_bytes(qparams)["total"]``: quantized layers
   + float remainder) against the bf16 size of the whole float model (every parameter as 2
-  bytes).
+  bytes);
+* the calibration directory ``save_calibration`` writes (what ``trdq calibrate`` stores; to a
+  temporary directory, removed after): its bytes, the seconds to write it and to load it back
+  with every check of ``load_calibration``.
+
+``--calibrate-only`` stops after the calibration directory (no quantization).
 
 ``--duquant`` also times the ``trdq_release`` recipe's DuQuant greedy rotation search
 (``trdq_jax.quant.duquant.calibrate_duquant``, block 128) on ``--duquant-rows`` random rows
@@ -237,6 +242,37 @@ def save_checkpoint(qparams, cfg, recipe, segment_of_step) -> tuple[float, int |
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def calibration_dir_cost(calib, recipe, cfg: DiTConfig, steps: int, labels: int, seed: int,
+                         monitor: RssMonitor) -> dict:
+    """``{"bytes", "save_seconds", "load_seconds"}`` of the calibration directory of ``calib``
+    (``save_calibration`` into a temporary directory, ``load_calibration`` back, removed
+    after); ``{"error": message}`` when writing or reading fails."""
+    from trdq_jax.config import ExperimentConfig
+    from trdq_jax.quant.calib_io import load_calibration, save_calibration
+    experiment = ExperimentConfig(name="dit-xl-random", model=cfg,
+                                  sampler=SamplerConfig(num_steps=steps, cfg_scale=4.0))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_calibrate_xl_calib_"))
+    try:
+        monitor.phase = "save calibration"
+        start = time.perf_counter()
+        out = save_calibration(tmp / "calib", calib, recipe, experiment, source={"model": "x"},
+                               params_sha256="0" * 64, per_class=labels, seed=seed,
+                               rows_per_step=64)
+        saved = time.perf_counter() - start
+        size = _dir_bytes(out)
+        monitor.phase = "load calibration"
+        start = time.perf_counter()
+        loaded = load_calibration(out)
+        seconds = time.perf_counter() - start
+        del loaded
+        return {"bytes": size, "save_seconds": saved, "load_seconds": seconds}
+    except Exception as e:  # noqa: BLE001 (reported, the run goes on)
+        print(f"WARNING: calibration directory failed: {type(e).__name__}: {e}", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _phase(name: str, monitor: RssMonitor, fn):
     """``(fn(), {"seconds", "inclusive", "self", "layers"})``: ``fn`` run as memory phase
     ``name``; ``layers``: seconds per ``quantize_layer`` call."""
@@ -264,8 +300,9 @@ def run_quantization(args) -> dict:
         calib, cal = _phase("calibrate", monitor, lambda: Q.calibrate(
             model, params, base, sampler, labels=labels, null_label=cfg.num_classes,
             shape=input_shape(cfg, n), seed=args.seed, progress=True))
+        calib_dir = calibration_dir_cost(calib, base, cfg, args.steps, n, args.seed, monitor)
         runs = []
-        for w_bits, a_bits in parse_bits(args.bits):
+        for w_bits, a_bits in ([] if args.calibrate_only else parse_bits(args.bits)):
             recipe = base.with_bits(w_bits, a_bits)
             name = f"W{w_bits}A{a_bits}"
             qparams, quant = _phase(f"quantize {name}", monitor,
@@ -283,7 +320,7 @@ def run_quantization(args) -> dict:
     return {"model": model_name, "depth": cfg.depth, "layer_peak": dict(monitor.layer_peak),
             "num_params": num_params, "bf16_bytes": bf16, "steps": args.steps, "labels": n,
             "recipe": f"{args.recipe} (search_weights={args.search_weights!r})",
-            "segments": int(calib.num_segments), "calibrate": cal,
+            "segments": int(calib.num_segments), "calibrate": cal, "calib_dir": calib_dir,
             "runs": runs, "peak_rss": dict(monitor.peak), "max_rss": max_rss_bytes()}
 
 
@@ -412,6 +449,14 @@ def to_markdown(res: dict | None, dq: dict | None, command: str) -> str:
                 lines.append(f"- Extrapolated to all 28 blocks (calibrate scaled by 28/"
                              f"{res['depth']}, block layers at their steady cost): calibrate "
                              f"~{cal / 60:.0f} min + quantize {r['bits']} ~{est / 60:.0f} min.")
+        cd = res["calib_dir"]
+        if "error" in cd:
+            lines.append(f"- Calibration directory: not written ({cd['error'][:200]}).")
+        else:
+            lines.append(f"- Calibration directory (`save_calibration`, what `trdq calibrate` "
+                         f"writes): **{cd['bytes'] / MIB:.1f} MiB** ({cd['bytes']:,} bytes); "
+                         f"written in {cd['save_seconds']:.1f} s, loaded back with every check "
+                         f"of `load_calibration` in {cd['load_seconds']:.1f} s.")
         if res["layer_peak"]:
             path, peak = max(res["layer_peak"].items(), key=lambda kv: kv[1])
             lines.append(f"- Largest VmRSS while one layer was quantized: {peak / 2 ** 30:.2f} "
@@ -473,6 +518,9 @@ def main(argv=None) -> None:
     parser.add_argument("--depth", type=int, default=None,
                         help="XL widths with this many blocks (default all 28): a quicker "
                              "partial run, quantize time extrapolated to 28 blocks")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="calibrate and write/read the calibration directory, no "
+                             "quantization")
     parser.add_argument("--tiny", action="store_true", help="two-block width-128 DiT smoke run")
     parser.add_argument("--write", default=None, help="markdown file whose section to replace")
     args = parser.parse_args(argv)

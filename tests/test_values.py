@@ -112,7 +112,8 @@ def _set(index, value):
 
 
 @pytest.mark.parametrize("kind, edits", [
-    ("calibration", {f"0.{f}": lambda a: a * 2 for f in STATS}),  # consistent: a whole layer
+    # consistent: a whole layer (magnitudes x2, so its Gram matrix x4)
+    ("calibration", {**{f"0.{f}": lambda a: a * 2 for f in STATS}, "0.gram": lambda a: a * 4}),
     ("hadamard", {f"{QKV}['w_scale']": lambda a: a * 1.001}),
     ("duquant", {f"{QKV}['smooth']": lambda a: a * 1.001}),
     ("float", {"['blocks_0']['attn']['qkv']['kernel']": lambda a: a * 1.001})],

@@ -113,9 +113,10 @@ def test_first_qkv_statistics_match_numpy_recomputation(setup):
         np.testing.assert_allclose(qkv.absmax[step], np.abs(inp).max(0), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(qkv.tensor_min[step], inp.min(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(qkv.tensor_max[step], inp.max(), rtol=1e-4, atol=1e-5)
+        # kept rows are stored as float16 (relative rounding 2^-11)
         dist = np.abs(qkv.rows[step][:, None, :] - inp[None]).max(-1)  # [R, M]
         index = dist.argmin(1)
-        assert dist.min(1).max() < 1e-4
+        assert dist.min(1).max() < 1e-4 + 2 ** -11 * np.abs(inp).max()
         half = inp.shape[0] // 2
         assert len(set(index)) == ROWS
         assert np.all(index[:ROWS // 2] < half) and np.all(index[ROWS // 2:] >= half)
@@ -146,7 +147,8 @@ def test_other_layers_match_an_independent_route(setup):
         mlp_0 = stats["t_embedder/mlp_0"]
         assert mlp_0.rows.shape == (STEPS, 4, 256)
         # float32 phases t * f reach ~1000 rad: absolute error ~1e-4 in cos/sin
-        np.testing.assert_allclose(mlp_0.rows[step], feats, rtol=0, atol=3e-4)
+        # (and float16 storage: 2^-12 at most for |x| <= 1)
+        np.testing.assert_allclose(mlp_0.rows[step], feats, rtol=0, atol=3e-4 + 2 ** -12)
         c, _ = _conditioning(p, t, y)
         np.testing.assert_allclose(stats["blocks_1/adaLN_modulation_1"].absmax[step],
                                    np.abs(_silu(c)).max(0), rtol=1e-4, atol=1e-5)
@@ -163,8 +165,8 @@ def test_conv_layers_when_asked(setup):
     xs = np.asarray(traj.xs, np.float64)
     b, h, w, _ = xs.shape[1:]
     patches = xs[0].reshape(b, h // 2, 2, w // 2, 2).transpose(0, 1, 3, 2, 4).reshape(-1, 4)
-    for row in np.asarray(conv.rows[0], np.float64):
-        assert np.min(np.abs(patches - row).max(1)) < 1e-6
+    for row in np.asarray(conv.rows[0], np.float64):  # float16: relative rounding 2^-11
+        assert np.min(np.abs(patches - row).max(1)) < 1e-6 + 2 ** -11 * np.abs(patches).max()
     np.testing.assert_allclose(conv.absmax[:, 0], np.abs(xs).reshape(STEPS, -1).max(1), rtol=1e-6)
     np.testing.assert_allclose(conv.tensor_min, xs.reshape(STEPS, -1).min(1), rtol=1e-6)
     np.testing.assert_allclose(conv.weight_absmax,

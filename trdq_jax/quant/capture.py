@@ -34,21 +34,32 @@ from trdq_jax.sampling.conditioning import apply_model
 _COLLECTION = "trdq_calibration"
 _KINDS = {"Dense": nn.Dense, "Conv": nn.Conv}
 _STAT_NAMES = ("absmax", "tensor_min", "tensor_max", "rows")
+# Of the rows sampled per step (``rows_per_step``: all of them enter the Gram matrix), this many
+# are kept for the searches that judge quantized activations (half from each CFG half).
+KEPT_ROWS_PER_STEP = 8
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
-    """Input statistics of one layer over the calibration steps (numpy, float32).
+    """Input statistics of one layer over the calibration steps (numpy).
 
-    absmax: ``[S_steps, K]`` per-input-channel abs-max over all tokens of the step.
-    tensor_min, tensor_max: ``[S_steps]`` min / max over the whole input of the step.
-    rows: ``[S_steps, R, K]`` input rows (tokens) sampled per step: the first ``ceil(R/2)``
-      from the conditional half, the rest from the unconditional half, each in token order.
-      For a convolution, im2col patches ``[S_steps, R, kh * kw * K]`` at sampled output
-      positions (taps row-major, channels minor: ``patch @ kernel.reshape(-1, N)`` is the
-      output there).
-    weight_absmax: ``[K]`` abs-max of the kernel per input channel (max over outputs; for a
-      conv also over the spatial taps).
+    absmax: float32 ``[S_steps, K]`` per-input-channel abs-max over all tokens of the step.
+    tensor_min, tensor_max: float32 ``[S_steps]`` min / max over the whole input of the step.
+    rows: ``[S_steps, R, K]`` input rows (tokens) kept per step for the searches that judge
+      quantized activations: the first ``ceil(R/2)`` from the conditional half, the rest from
+      the unconditional half, each in token order. For a convolution, im2col patches
+      ``[S_steps, R, kh * kw * K]`` at sampled output positions (taps row-major, channels
+      minor: ``patch @ kernel.reshape(-1, N)`` is the output there). float32, or float16 when
+      ``collect_stats`` stored them (every value of the layer within float16's range; a
+      search casts them back to float32).
+    weight_absmax: float32 ``[K]`` abs-max of the kernel per input channel (max over outputs;
+      for a conv also over the spatial taps).
+    gram: float32 ``[K' (K' + 1) / 2]`` (``K'`` = ``rows.shape[2]``), the upper triangle
+      (row-major, ``pack_gram``) of ``Xᵀ X`` summed over every row sampled at every step:
+      the ``rows_per_step`` rows of which ``rows`` keeps a subset. None: the Gram of ``rows``
+      itself (statistics built by hand; ``gram_of`` computes it).
+    gram_rows: how many rows ``gram`` sums (0 when ``gram`` is None).
     """
 
     absmax: np.ndarray
@@ -56,6 +67,8 @@ class LayerStats:
     tensor_max: np.ndarray
     rows: np.ndarray
     weight_absmax: np.ndarray
+    gram: np.ndarray | None = None
+    gram_rows: int = 0
 
     @property
     def num_steps(self) -> int:
@@ -64,6 +77,56 @@ class LayerStats:
     @property
     def channels(self) -> int:
         return int(self.absmax.shape[1])
+
+
+def pack_gram(gram) -> np.ndarray:
+    """float32 ``[K (K + 1) / 2]``: the upper triangle of a symmetric ``[K, K]``, row by row
+    (``unpack_gram`` inverts it). Half the bytes; symmetric by construction."""
+    gram = np.asarray(gram)
+    k = gram.shape[0]
+    out = np.empty(k * (k + 1) // 2, np.float32)
+    start = 0
+    for i in range(k):  # row slices: no [K (K + 1) / 2] index arrays
+        out[start:start + k - i] = gram[i, i:]
+        start += k - i
+    return out
+
+
+def packed_size(k: int) -> int:
+    """Length of a packed ``[k, k]`` Gram matrix."""
+    return k * (k + 1) // 2
+
+
+def gram_width(packed_length: int) -> int:
+    """``K`` of a packed Gram of ``packed_length`` values (-1 when no ``K`` fits)."""
+    k = int(round((np.sqrt(8 * packed_length + 1) - 1) / 2))
+    return k if packed_size(k) == packed_length else -1
+
+
+def unpack_gram(packed, dtype=np.float32) -> np.ndarray:
+    """The symmetric ``[K, K]`` of a ``pack_gram`` triangle."""
+    packed = np.asarray(packed)
+    k = gram_width(packed.shape[0]) if packed.ndim == 1 else -1
+    if k < 1:
+        raise ValueError(f"gram: expected a packed upper triangle [K (K + 1) / 2], got shape "
+                         f"{packed.shape}")
+    out = np.zeros((k, k), dtype)
+    start = 0
+    for i in range(k):
+        out[i, i:] = packed[start:start + k - i]
+        start += k - i
+    out += np.triu(out, 1).T
+    return out
+
+
+def gram_of(stats: LayerStats) -> tuple[np.ndarray, int]:
+    """``(packed Gram, rows summed)`` of ``stats``: the stored one, else ``Xᵀ X`` of its rows
+    (float32, computed in float64)."""
+    if stats.gram is not None:
+        return np.asarray(stats.gram, np.float32), int(stats.gram_rows)
+    rows = np.asarray(stats.rows, np.float64)
+    x = rows.reshape(-1, rows.shape[-1])
+    return pack_gram(x.T @ x), x.shape[0]
 
 
 class CalibrationTrajectory(NamedTuple):
@@ -282,7 +345,11 @@ def collect_stats(model: nn.Module, params: Any, xs, timesteps, cond, null_cond,
     null label; a pytree; None and None for an unconditional model).
     paths: regexes over module paths (``layer_paths``); ``None`` takes every layer of ``kinds``.
     rows_per_step: rows sampled per step and layer (fewer when the input has fewer rows);
-      the sample derives from ``(seed, step, path)``.
+      the sample derives from ``(seed, step, path)``. Every sampled row enters the layer's
+      Gram matrix ``LayerStats.gram`` (exactly what GPTQ and the weight clipping search need);
+      ``KEPT_ROWS_PER_STEP`` of them, spread evenly over each CFG half, are kept as
+      ``LayerStats.rows`` for the searches on quantized activations. Stored bytes per layer:
+      ``K'(K'+1)/2`` floats plus ``steps x 8`` rows, whatever the number of samples.
     Returns ``{path: LayerStats}`` in model order.
     """
     classes = _layer_classes(kinds)
@@ -300,26 +367,62 @@ def collect_stats(model: nn.Module, params: Any, xs, timesteps, cond, null_cond,
     available = layer_paths(model, params, example + (() if cond is None else (y_both,)),
                             kinds=kinds)
     selected = select_paths(available, paths)
+    halves = 1 if cond is None else 2
     buffers: dict[str, dict[str, np.ndarray]] = {}
+    grams: dict[str, jax.Array] = {}
     for step in tqdm(range(num_steps), desc="calibration statistics", disable=not progress):
         out = jax.device_get(_step_statistics(
             model, params, xs[step], jnp.asarray(timesteps[step], jnp.float32), y_both,
             jnp.asarray(step, jnp.int32), jnp.asarray(seed, jnp.uint32),
             paths=tuple(selected), classes=classes, num_rows=int(rows_per_step)))
         for path in selected:
+            store = buffers.setdefault(path, {})
             for name in _STAT_NAMES:
                 value = np.asarray(out[path][name], np.float32)
                 if not np.all(np.isfinite(value)):
                     raise ValueError(f"non-finite activation statistic {name!r} in layer "
                                      f"{path!r} at step {step}")
-                store = buffers.setdefault(path, {})
+                if name == "rows":
+                    grams[path] = _add_gram(grams.get(path), value)
+                    value = value[kept_rows(len(value), halves)]
                 if name not in store:
                     store[name] = np.empty((num_steps, *value.shape), np.float32)
                 store[name][step] = value
-    return {path: LayerStats(**buffers[path],
-                             weight_absmax=_weight_absmax(params, path,
-                                                          buffers[path]["absmax"].shape[1]))
-            for path in selected}
+    stats = {}
+    for path in selected:
+        store = buffers[path]
+        sampled = num_steps * int(np.asarray(out[path]["rows"]).shape[0])
+        if float(store["absmax"].max()) <= _FLOAT16_MAX:  # every value fits: half the bytes
+            store["rows"] = store["rows"].astype(np.float16)
+        stats[path] = LayerStats(**store, weight_absmax=_weight_absmax(
+            params, path, store["absmax"].shape[1]), gram=pack_gram(grams.pop(path)),
+            gram_rows=sampled)
+    return stats
+
+
+def kept_rows(num_rows: int, halves: int) -> np.ndarray:
+    """Indices of the ``KEPT_ROWS_PER_STEP`` rows kept of ``num_rows`` sampled ones (all when
+    there are no more): evenly spaced ranks within each CFG half (the sampled rows of a half
+    are a random subset in token order, so the kept ones are too, spread over the samples)."""
+    keep = min(KEPT_ROWS_PER_STEP, num_rows)
+    if halves == 1:
+        return np.round(np.linspace(0, num_rows - 1, keep)).astype(np.int64)
+    first = (num_rows + 1) // 2  # _input_statistics: ceil(R/2) conditional rows, then the rest
+    cond = np.round(np.linspace(0, first - 1, (keep + 1) // 2))
+    uncond = first + np.round(np.linspace(0, num_rows - first - 1, keep // 2))
+    return np.concatenate([cond, uncond]).astype(np.int64)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _accumulate_gram(gram: jax.Array, rows: jax.Array) -> jax.Array:
+    return gram + jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+
+
+def _add_gram(gram: jax.Array | None, rows: np.ndarray) -> jax.Array:
+    """``gram + rowsᵀ rows`` float32 (on the device, the accumulator donated)."""
+    if gram is None:
+        gram = jnp.zeros((rows.shape[1], rows.shape[1]), jnp.float32)
+    return _accumulate_gram(gram, jnp.asarray(rows))
 
 
 def calibration_trajectory(model: nn.Module, params: Any, sampler: Sampler, cond, null_cond,

@@ -16,7 +16,16 @@ layer's output error on the calibration rows with the weights that will really b
    when every segment has its own weight copy).
 
 A search can therefore never make a layer worse, on its calibration rows, than the same recipe
-without that search. Layers matching ``recipe.weight_only`` keep float activations: only step 2.
+without that search.
+
+Which rows (``LayerStats``): a shared weight's Gram is ``stats.gram``, summed over every row
+sampled at every step, and the transformed Gram ``Mᵀ G M`` is exact for the linear transforms
+(smoothing is diagonal, rotations orthogonal): the same GPTQ and weight clipping as from those
+rows. With per-segment weights a segment's Gram is that of its kept rows (``stats.rows``), an
+estimate from the few rows per step kept after capture, since the segments are chosen after it.
+Every other step (the reference outputs, the alpha and activation searches, static ranges and
+DuQuant's rotation) runs on the kept rows: they judge quantized activations, which a Gram
+cannot. Statistics without a ``gram`` (built by hand) use their rows for everything. Layers matching ``recipe.weight_only`` keep float activations: only step 2.
 Conv activations are transformed over the C channels of each pixel (each tap of a patch row).
 """
 from __future__ import annotations
@@ -29,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax.quant import duquant, hadamard, quantizers, timing
+from trdq_jax.quant.capture import packed_size, unpack_gram
 from trdq_jax.quant.gptq import fit_weights
 from trdq_jax.quant.qlinear import (QLinear, dequantized_weight, quantize_activation,
                                     transform_activation)
@@ -335,6 +345,9 @@ def _prepare(kernel, bias, stats, table, num_segments, recipe, path) -> _Layer:
     grams = {}
     if needs_gram:
         for g in groups:
+            if g is None and stats.gram is not None:  # every sampled row of the trajectory
+                grams[g] = jnp.asarray(unpack_gram(_checked_gram(stats, matrix.shape[0], path)))
+                continue
             x = jnp.asarray(np.concatenate(seg_rows) if g is None else seg_rows[g])
             grams[g] = jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
     return _Layer(recipe=recipe, kernel=matrix, bias=bias_f, kernel_size=kernel_size, k=k,
@@ -343,6 +356,14 @@ def _prepare(kernel, bias, stats, table, num_segments, recipe, path) -> _Layer:
                   w_absmax=np.abs(kernel.reshape(-1, k, kernel.shape[-1])).max(axis=(0, 2)),
                   tensor_range=[(float(t_min[table == s].min()), float(t_max[table == s].max()))
                                 for s in range(num_segments)], grams=grams)
+
+
+def _checked_gram(stats, width: int, path: str) -> np.ndarray:
+    gram = np.asarray(stats.gram, np.float32)
+    if gram.shape != (packed_size(width),) or not np.all(np.isfinite(gram)):
+        raise ValueError(f"calib: gram of layer {path} has shape {gram.shape}, expected a finite "
+                         f"packed [{width}, {width}] triangle ({packed_size(width)} values)")
+    return gram
 
 
 def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segments: int,
