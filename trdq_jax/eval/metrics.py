@@ -121,15 +121,145 @@ def digits_fid(images_a, images_b, feature_fn: Callable, batch_size: int = 256) 
     if a.shape[-3:] != b.shape[-3:]:
         raise ValueError(f"images_b: expected frames of shape {a.shape[-3:]} like images_a, "
                          f"got {b.shape[-3:]}")
+    return fid_from_features(frame_features(a, feature_fn, batch_size, "images_a"),
+                             frame_features(b, feature_fn, batch_size, "images_b"))
+
+
+def frame_features(images, feature_fn: Callable, batch_size: int = 256,
+                   name: str = "images") -> np.ndarray:
+    """``feature_fn`` of every frame: ``[N, D]`` for images, ``[N, F, D]`` for videos (the
+    features ``digits_fid`` compares, per sample, so that samples can be resampled)."""
+    x = _as_images(images, name)
     _check_batch_size(batch_size)
-    stats = []
-    for name, images in (("images_a", a), ("images_b", b)):
-        features = _batched(feature_fn, _frames(images), batch_size)
-        if features.ndim != 2 or features.shape[0] != len(_frames(images)):
-            raise ValueError(f"feature_fn: expected [B, D] features per batch, got {features.shape} "
-                             f"for {name}")
-        stats.append(feature_stats(features))
-    return frechet_distance(*stats[0], *stats[1])
+    features = _batched(feature_fn, _frames(x), batch_size)
+    if features.ndim != 2 or features.shape[0] != len(_frames(x)):
+        raise ValueError(f"feature_fn: expected [B, D] features per batch, got {features.shape} "
+                         f"for {name}")
+    return features.reshape(*x.shape[:-3], features.shape[-1])
+
+
+def fid_from_features(features_a, features_b) -> float:
+    """``digits_fid`` from ``frame_features`` of the two sets (``[N, D]`` or ``[N, F, D]``)."""
+    a, b = (np.asarray(f) for f in (features_a, features_b))
+    return frechet_distance(*feature_stats(a.reshape(-1, a.shape[-1])),
+                            *feature_stats(b.reshape(-1, b.shape[-1])))
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """``[resamples, n]`` sample indices drawn with replacement by
+    ``numpy.random.default_rng(seed)``: the same draws for every statistic of one sample set."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: expected a positive int, got {n!r}")
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 1:
+        raise ValueError(f"resamples: expected a positive int, got {resamples!r}")
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def percentile_interval(values, level: float = 0.95) -> list[float]:
+    """``[lo, hi]``: the central ``level`` of ``values`` (the percentile bootstrap interval)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level: expected a number in (0, 1), got {level!r}")
+    lo, hi = np.percentile(np.asarray(values, np.float64), [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_class_match(hits, resamples: int = 1000, seed: int = 0,
+                          level: float = 0.95) -> dict:
+    """Percentile-bootstrap intervals of ``class_match_from_hits(hits)``, resampling samples
+    (videos as a whole): ``{"accuracy": [lo, hi]}`` (+ ``frame_accuracy``, ``video_accuracy``
+    for videos)."""
+    hits = np.asarray(hits, bool)
+    idx = bootstrap_indices(len(hits), resamples, seed)
+    if hits.ndim == 1:
+        return {"accuracy": percentile_interval(hits[idx].mean(axis=1), level)}
+    per_video = hits.mean(axis=1)[idx].mean(axis=1)  # equal frame counts: mean of means
+    all_right = percentile_interval(hits.all(axis=1)[idx].mean(axis=1), level)
+    return {"frame_accuracy": percentile_interval(per_video, level), "video_accuracy": all_right,
+            "accuracy": all_right}
+
+
+def _one_blas_thread():
+    """OpenBLAS limited to one thread: its threads and the XLA CPU client's spin against each
+    other, which made the bootstrap's many small products and ``eigvalsh`` calls 10-40x slower
+    once JAX had run (measured on 2 cores). ``threadpoolctl`` comes with scikit-learn."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings it
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+_OUTER_LIMIT = 2 ** 24  # elements (128 MiB) of per-sample outer products bootstrap_fid keeps
+
+
+def bootstrap_fid(features, reference_features, resamples: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> list[float]:
+    """Bootstrap interval of ``fid_from_features(features, reference_features)``: the
+    samples (``features`` ``[N, D]``, or ``[N, F, D]``: videos resampled whole) are drawn with
+    replacement, the reference set stays fixed.
+
+    A resample repeats some samples and drops others, which raises the distance by itself
+    (about ``tr(cov) / N`` from the mean alone), so the resampled distances are shifted by
+    their mean minus the estimate before the central ``level`` is taken: the interval is
+    centred on the estimate and has the spread of the distance at this sample count (how far
+    another draw of N samples may move it), not the resampling bias.
+
+    Each resample is a weighting of the N samples (how often each was drawn): its mean and
+    unbiased covariance follow from the weights (the same numbers as ``np.cov`` of the drawn
+    rows; one matrix product over per-sample outer products when they fit in 128 MiB, else
+    row by row), ``cov_ref^(1/2)`` is computed once, and resamples go through ``eigvalsh``
+    in chunks of about 64 MB.
+    """
+    feats = _as_float64(features, "features", 2)
+    n, dim = feats.shape[0], feats.shape[-1]
+    frames = feats.reshape(n, -1, dim)                     # [N, F, D]
+    per_sample = frames.shape[1]
+    x = frames.reshape(-1, dim)                            # [N*F, D]
+    shift = x.mean(axis=0)
+    x = x - shift                                          # centred: no cancellation below
+    m = x.shape[0]
+    if m < 2:
+        raise ValueError(f"features: digits-FID needs at least 2 frames, got {m}")
+    ref_mu, ref_cov = feature_stats(_as_float64(reference_features, "reference_features", 2)
+                                    .reshape(-1, dim))
+    root = _sqrt_psd(ref_cov)
+    sums = x.reshape(n, per_sample, dim).sum(axis=1)       # [N, D] per sample (video)
+    # per-sample sums of x x^T [N, D*D]: every resample's second moment is then one GEMM
+    outer = (np.einsum("nfd,nfe->nde", x.reshape(n, per_sample, dim),
+                       x.reshape(n, per_sample, dim)).reshape(n, dim * dim)
+             if n * dim * dim <= _OUTER_LIMIT else None)
+
+    def distances(weights):                                # [B, N] draw counts -> [B]
+        mu = weights @ sums / m                            # [B, D], of the centred rows
+        if outer is not None:
+            second = (weights @ outer).reshape(-1, dim, dim)
+        else:                                              # many samples: row by row
+            w = np.repeat(weights, per_sample, axis=1)     # [B, N*F]: frames follow their sample
+            second = np.matmul(np.swapaxes(w[:, :, None] * x, 1, 2), x)
+        cov = (second - m * mu[:, :, None] * mu[:, None, :]) / (m - 1)
+        inner = root @ cov @ root
+        eig = np.linalg.eigvalsh((inner + np.swapaxes(inner, 1, 2)) / 2.0)
+        trace_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum(axis=1)
+        diff = mu + shift - ref_mu
+        return (np.einsum("bd,bd->b", diff, diff) + np.trace(cov, axis1=1, axis2=2)
+                + np.trace(ref_cov) - 2.0 * trace_sqrt)
+
+    idx = bootstrap_indices(n, resamples, seed)
+    chunk = int(np.clip(8_000_000 // (m * dim), 1, 100))
+    values = []
+    with _one_blas_thread():
+        estimate = distances(np.ones((1, n)))[0]
+        for start in range(0, resamples, chunk):
+            rows = idx[start:start + chunk]
+            weights = np.zeros((len(rows), n))
+            np.add.at(weights, (np.arange(len(rows))[:, None], rows), 1.0)
+            values.append(distances(weights))
+    values = np.concatenate(values)
+    return percentile_interval(values - (values.mean() - estimate), level)
 
 
 # ----------------------------------------------------------------------------- class match
@@ -147,6 +277,12 @@ def class_match_accuracy(images, labels, classify_fn: Callable, batch_size: int 
       their video's label), ``"video_accuracy"`` (fraction of videos whose every frame matches),
       ``"accuracy"`` (= video_accuracy)``}``. Python floats in [0, 1].
     """
+    return class_match_from_hits(class_match_hits(images, labels, classify_fn, batch_size))
+
+
+def class_match_hits(images, labels, classify_fn: Callable, batch_size: int = 256) -> np.ndarray:
+    """Whether each sample (each frame of a video) was classified as its label: bool ``[N]``
+    for images, ``[N, F]`` for videos (arguments as ``class_match_accuracy``)."""
     x = _as_images(images, "images")
     y = np.asarray(labels)
     if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
@@ -157,11 +293,16 @@ def class_match_accuracy(images, labels, classify_fn: Callable, batch_size: int 
         predictions = predictions.argmax(axis=-1)
     if predictions.shape != (len(_frames(x)),):
         raise ValueError(f"classify_fn: expected [B] labels or [B, K] logits, got {predictions.shape}")
-    per_frame = predictions.reshape(x.shape[:-3]) == (y if x.ndim == 4 else y[:, None])
-    if x.ndim == 4:
-        return {"accuracy": float(per_frame.mean())}
-    video_rate = float(per_frame.all(axis=1).mean())
-    return {"frame_accuracy": float(per_frame.mean()), "video_accuracy": video_rate,
+    return predictions.reshape(x.shape[:-3]) == (y if x.ndim == 4 else y[:, None])
+
+
+def class_match_from_hits(hits: np.ndarray) -> dict:
+    """``class_match_accuracy``'s dict from ``class_match_hits`` (``[N]`` or ``[N, F]``)."""
+    hits = np.asarray(hits, bool)
+    if hits.ndim == 1:
+        return {"accuracy": float(hits.mean())}
+    video_rate = float(hits.all(axis=1).mean())
+    return {"frame_accuracy": float(hits.mean()), "video_accuracy": video_rate,
             "accuracy": video_rate}
 
 
