@@ -238,3 +238,31 @@ def test_the_readme_example_runs():
     scope = {}
     exec(compile(block.group(1), "README.md", "exec"), scope)
     assert scope["psnr"] > 30
+
+
+@pytest.mark.parametrize("name", ["digits_dit", "digits_unet", "moving_digits_vdit"])
+def test_the_structural_choice_equals_the_bundled_models_named_one(name):
+    """On the bundled architectures (random weights, narrower) the data flow picks exactly the
+    layers the name regexes Q.DEFAULT_KEEP_FLOAT / Q.DEFAULT_WEIGHT_ONLY picked: the published
+    numbers of BENCHMARKS.md stand for the structural default."""
+    import dataclasses
+    import importlib
+    from trdq_jax.models import build_model, init_params, input_shape
+    from trdq_jax.quant.capture import layer_paths
+    cfg = importlib.import_module(f"configs.{name}").get_config().model
+    smaller = {"dit": dict(depth=2, hidden_size=32, num_heads=2),  # same layers, fewer/narrower
+               "unet": dict(base_channels=16, num_groups=8, num_heads=2),
+               "video_dit": dict(depth=1, hidden_size=32, num_heads=2, num_frames=4)}
+    cfg = dataclasses.replace(cfg, **smaller[cfg.family])
+    model, params = build_model(cfg), init_params(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), input_shape(cfg, 2))
+    example = (x, jnp.full((2,), 500.0), jnp.array([1, cfg.num_classes]))
+    roles = Q.layer_roles(model, params, example)
+    paths = layer_paths(model, params, example, kinds=("Dense", "Conv"))
+    by_structure = Q.select_layers(paths, Q.get_recipe("trdq"), roles)
+    by_name = Q.select_layers(paths, Q.get_recipe("trdq", keep_float=Q.DEFAULT_KEEP_FLOAT,
+                                                  weight_only=Q.DEFAULT_WEIGHT_ONLY))
+    assert by_structure.quantized == by_name.quantized
+    assert by_structure.weight_only == by_name.weight_only and by_name.weight_only
+    assert sorted(p for ps in by_structure.keep_float.values() for p in ps) == sorted(
+        p for ps in by_name.keep_float.values() for p in ps)

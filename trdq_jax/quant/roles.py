@@ -70,7 +70,8 @@ def layer_roles(model: nn.Module, params: Any, example_inputs: Sequence[Any],
     shape = jax.eval_shape(forward, params, x, None)[0]  # finds the layers (trace only)
     zeros = {p: jnp.zeros((), jnp.float32) for p in paths}
 
-    @jax.jit
+    # eager, op by op: for these one-off derivatives that is faster than compiling a program
+    # of the forward, its tangent and its transpose (about 2x on the bundled models)
     def derivatives(params, x, x_dir, out_dir):
         inputs, moved = jax.jvp(lambda v: forward(params, v, None)[1], (x,), (x_dir,))
         _, pull = jax.vjp(lambda e: forward(params, x, e)[0], zeros)
