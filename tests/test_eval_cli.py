@@ -356,3 +356,33 @@ def test_eval_bad_input(ws, argv, message, capsys):
     assert errors[0].startswith("trdq eval: error: "), err
     assert message.format(ws=ws) in errors[0], err
     assert tree_hash(ws) == before
+
+
+def test_the_readme_table_is_rebuilt_from_an_eval_report():
+    """scripts/bundled_table.py: the quality column from ``trdq eval --out`` results, the
+    descriptions kept; the README's own table holds every bundled model with intervals."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bundled_table",
+                                                  ROOT / "scripts" / "bundled_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    readme = ("intro\n<!-- bundled:begin -->\n| model | what | quality |\n|---|---|---|\n"
+              "| `a` | a DiT | old |\n| `c` | a CNN | old too |\n<!-- bundled:end -->\nrest\n")
+    results = [{"model": "a", "class_match": {"accuracy": 0.98}, "digits_fid": 3.396,
+                "class_match_ci95": {"accuracy": [0.9667, 0.9967]},
+                "digits_fid_ci95": [2.359, 4.986], "num_samples": 300,
+                "sampler": "ddim 50 steps", "cfg_scale": 5.0},
+               {"model": "c", "heldout": {"accuracy": 0.987},
+                "heldout_ci95": {"accuracy": [0.973, 1.0]}}]
+    out = table.rewrite(readme, results)
+    assert out.startswith("intro\n<!-- bundled:begin -->\n") and out.endswith("end -->\nrest\n")
+    assert ("| `a` | a DiT | class match 98.0% [96.7%, 99.7%], digits-FID 3.40 [2.36, 4.99] "
+            "(300 samples, DDIM 50, CFG 5) |") in out
+    assert "| `c` | a CNN | held-out accuracy 98.7% [97.3%, 100.0%] |" in out
+    with pytest.raises(ValueError, match=r"\['b'\] have no row in the README table"):
+        table.rewrite(readme, results + [{"model": "b"}])
+    ours = (ROOT / "README.md").read_text().split("<!-- bundled:begin -->")[1].split(
+        "<!-- bundled:end -->")[0]
+    for name in zoo.available():
+        row = next(line for line in ours.splitlines() if line.startswith(f"| `{name}` |"))
+        assert re.search(r"\d%\]", row), f"{name}: no interval in the README row {row!r}"

@@ -114,9 +114,9 @@ def judge(samples: np.ndarray, labels: np.ndarray, reference: np.ndarray, *,
     """Class match of ``samples`` and digits-FID against ``reference`` (bundled classifier).
 
     Returns ``{"classifier", "class_match": {...}, "digits_fid"}`` and, unless ``resamples``
-    is 0 (None: ``BOOTSTRAP_RESAMPLES``), their 95% bootstrap intervals ``"class_match_ci95": {key: [lo, hi]}``,
-    ``"digits_fid_ci95": [lo, hi]`` and ``"bootstrap"`` (how they were drawn). Samples are
-    clipped to [-1, 1] first.
+    is 0 (None: ``BOOTSTRAP_RESAMPLES``), their 95% bootstrap intervals
+    ``"class_match_ci95": {key: [lo, hi]}``, ``"digits_fid_ci95": [lo, hi]`` and
+    ``"bootstrap"`` (how they were drawn). Samples are clipped to [-1, 1] first.
     """
     from trdq_jax.eval.metrics import (bootstrap_class_match, bootstrap_fid, class_match_from_hits,
                                        class_match_hits, fid_from_features, frame_features)

@@ -25,7 +25,8 @@ rows. With per-segment weights a segment's Gram is that of its kept rows (``stat
 estimate from the few rows per step kept after capture, since the segments are chosen after it.
 Every other step (the reference outputs, the alpha and activation searches, static ranges and
 DuQuant's rotation) runs on the kept rows: they judge quantized activations, which a Gram
-cannot. Statistics without a ``gram`` (built by hand) use their rows for everything. Layers matching ``recipe.weight_only`` keep float activations: only step 2.
+cannot. Statistics without a ``gram`` (built by hand) use their rows for everything.
+Layers matching ``recipe.weight_only`` keep float activations: only step 2.
 Conv activations are transformed over the C channels of each pixel (each tap of a patch row).
 """
 from __future__ import annotations
