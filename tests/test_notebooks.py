@@ -3,7 +3,8 @@ fresh kernel: no hidden state, nothing from the first run needed or clobbered by
 
 The kernels run in ``tmp_path`` (their working directory) with ``TMPDIR`` below it, so every
 file a notebook writes is inside ``tmp_path`` and can be checked. The time each run takes is
-printed at the end of the session (``conftest.pytest_terminal_summary``).
+printed at the end of the session (``conftest.pytest_terminal_summary``, from each test
+report's ``notebook_seconds`` property, so that pytest-xdist workers' runs count too).
 """
 import hashlib
 import json
@@ -16,7 +17,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-TIMES: dict[str, list[float]] = {}  # notebook name -> seconds of each run
 # notebook-specific kernel environment: 03 shows sharding, so it gets 4 emulated devices
 EXTRA_ENV = {"03_offline_generation.ipynb": {
     "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}}
@@ -59,19 +59,20 @@ def _images(nb) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_twice_in_fresh_kernels(path, tmp_path):
+def test_notebook_runs_twice_in_fresh_kernels(path, tmp_path, record_property):
     work = tmp_path / "work"
     work.mkdir()
     env = _kernel_env(tmp_path, path.name)
     first, seconds = _execute(path, work, env)
-    TIMES[path.name] = [seconds]
+    times = [seconds]
+    record_property("notebook_seconds", times)  # summed up by conftest (xdist workers too)
     assert _images(first) >= 1, f"{path.name}: no figure among the outputs"
     outputs = "".join(out.get("text", "") for cell in first.cells if cell.cell_type == "code"
                       for out in cell.outputs)
     assert "backend cpu" in outputs  # the kernel ran the notebook on the CPU, scaled down
     after_first = _tree(tmp_path)
     second, seconds = _execute(path, work, env)  # a fresh kernel, the same order
-    TIMES[path.name].append(seconds)
+    times.append(seconds)
     assert _images(second) >= 1
     after_second = _tree(tmp_path)
     changed = [f for f, digest in after_first.items() if after_second.get(f) != digest]
