@@ -102,7 +102,8 @@ def test_preflight_refuses_before_writing(tmp_path, mounts):  # noqa: F811
                          source={"model": "x"}, params_sha256="0", per_class=1, seed=0,
                          rows_per_step=256, arg="--out")
     _assert_one_line_unchanged(info.value, disk / "calib", "--out")
-    assert "needs about 1.6 MB" in str(info.value)
+    # rows [steps, 256, 256] float32 (1.6 MB) + the packed Gram (256 * 257 / 2 float32, 0.13 MB)
+    assert "needs about 1.7 MB" in str(info.value)
     assert time.perf_counter() - t0 < 5  # refused up front, not after a long write
     assert tree_hash(disk) == before
 
