@@ -294,6 +294,70 @@ class ExternalModelConfig:
                   shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The Stable Diffusion ``AutoencoderKL`` (the SD-VAE of DiT, PixArt, OpenSora), by the
+    fields of a diffusers ``config.json`` of that class.
+
+    Images are NHWC in ``[-1, 1]``: ``[B, H, W, in_channels]``; latents are
+    ``[B, H / f, W / f, latent_channels]`` with ``f = 2 ** (len(block_out_channels) - 1)``.
+    A denoiser samples in *scaled* latents ``z_s = (z - shift_factor) * scaling_factor``;
+    decoding takes ``z = z_s / scaling_factor + shift_factor``. ``use_quant_conv`` /
+    ``use_post_quant_conv`` are the 1x1 convolutions after the encoder and before the decoder
+    (the SD-VAE has both; the SD3 / FLUX VAEs neither).
+    """
+
+    family: Literal["vae"] = "vae"
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+    sample_size: int = 256
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_choice(self, "family", ("vae",))
+        _check_positive_int(self, "in_channels", "out_channels", "layers_per_block",
+                            "latent_channels", "norm_num_groups", "sample_size")
+        chans = self.block_out_channels
+        if not isinstance(chans, tuple) or not chans or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in chans):
+            _fail(self, "block_out_channels", "a non-empty tuple of positive ints", chans)
+        for c in chans:
+            if c % self.norm_num_groups:
+                _fail(self, "block_out_channels",
+                      f"multiples of norm_num_groups={self.norm_num_groups}", chans)
+        for name in ("scaling_factor", "shift_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(
+                    value):
+                _fail(self, name, "a finite number", value)
+        if self.scaling_factor <= 0:
+            _fail(self, "scaling_factor", "a positive number", self.scaling_factor)
+        _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "param_dtype", DTYPES)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent along each side: ``2 ** (len(block_out_channels) - 1)``."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def vae_config_from_dict(d: dict) -> VAEConfig:
+    """Inverse of ``to_dict`` for a ``VAEConfig``."""
+    if d.get("family", "vae") != "vae":
+        raise ConfigError(f"vae.family: expected 'vae', got {d.get('family')!r}")
+    return _from_dict(VAEConfig, d, "vae")
+
+
 ModelConfig = Union[DiTConfig, VideoDiTConfig, UNetConfig, ClassifierConfig, ExternalModelConfig]
 MODEL_CONFIGS = {"dit": DiTConfig, "video_dit": VideoDiTConfig, "unet": UNetConfig,
                  "classifier": ClassifierConfig, "external": ExternalModelConfig}
