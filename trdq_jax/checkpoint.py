@@ -5,6 +5,8 @@ Layout of a checkpoint directory::
     DIR/metadata.json   {"format", "library_version", "kind", "config_kind", "config", "extra",
                          "manifest": {"arrays": {path: shape, dtype, sha256}, "fields": {...}}}
     DIR/params/         orbax tree (synchronous write: a failure is raised, never left to a thread)
+    DIR/vae/            (optional) the float autoencoder a latent model decodes with: orbax
+                        tree; its config and array manifest are metadata's "vae" field
 
 A checkpoint is written through ``trdq_jax.files.write_dir``: into a temporary sibling, then
 swapped into place, so a crash never leaves a half-written ``DIR`` and an existing checkpoint is
@@ -32,8 +34,9 @@ import numpy as np
 
 from trdq_jax import files, manifest
 from trdq_jax._version import __version__
-from trdq_jax.config import (ConfigError, ExperimentConfig, MODEL_CONFIGS, dict_diff,
-                             experiment_from_dict, model_config_from_dict, to_dict)
+from trdq_jax.config import (ConfigError, ExperimentConfig, MODEL_CONFIGS, VAEConfig, dict_diff,
+                             experiment_from_dict, model_config_from_dict, to_dict,
+                             vae_config_from_dict)
 
 FORMAT = "trdq_jax.checkpoint/2"
 METADATA_FILE = files.METADATA_FILE
@@ -112,7 +115,8 @@ def _bytes_needed(tree, meta: dict) -> int:
 
 
 def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
-         extra: dict | None = None, overwrite: bool = False, arg: str = "path") -> pathlib.Path:
+         extra: dict | None = None, vae: tuple[VAEConfig, Any] | None = None,
+         overwrite: bool = False, arg: str = "path") -> pathlib.Path:
     """Write ``params`` and metadata to ``path`` atomically; returns the resolved path.
 
     Args:
@@ -121,6 +125,8 @@ def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
       cfg: the ``ExperimentConfig`` or model config the params belong to.
       kind: ``"float"`` or ``"quantized"``.
       extra: JSON-serialisable metadata stored alongside (digested like the rest).
+      vae: ``(VAEConfig, params)`` of the autoencoder a latent denoiser's samples decode with
+        (float; stored in ``DIR/vae``, read back by ``restore_vae``).
       arg: the argument name used in error messages (``--out`` for the CLI).
 
     A file system without room for about the arrays' bytes plus metadata is refused before
@@ -133,6 +139,15 @@ def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
     config_kind, config = _config_dict(cfg)
     body = {"format": FORMAT, "library_version": __version__, "kind": kind,
             "config_kind": config_kind, "config": config, "extra": extra or {}}
+    vae_tree = None
+    if vae is not None:
+        vae_cfg, vae_params = vae
+        if not isinstance(vae_cfg, VAEConfig):
+            raise TypeError(f"vae: expected (VAEConfig, params), got a "
+                            f"{type(vae_cfg).__name__} first")
+        vae_tree = _host_tree(vae_params)
+        body["vae"] = {"config": to_dict(vae_cfg),
+                       "arrays": manifest.array_entries(manifest.flat_arrays(vae_tree))}
     try:
         json.dumps(body)
     except TypeError as e:  # fail before writing anything
@@ -141,11 +156,43 @@ def save(path: str | os.PathLike, params: Any, cfg, *, kind: str = "float",
 
     def write(tmp: pathlib.Path) -> None:
         _orbax_save(tmp / "params", tree)
+        if vae_tree is not None:
+            _orbax_save(tmp / VAE_DIR, vae_tree)
         files.crash_point("arrays-written")
         files.write_json(tmp / METADATA_FILE, meta)
 
+    needed = _bytes_needed(tree, meta) + (0 if vae_tree is None else _bytes_needed(vae_tree, {}))
     return files.write_dir(path, write, kind=kind, overwrite=overwrite, arg=arg,
-                           needed_bytes=_bytes_needed(tree, meta))
+                           needed_bytes=needed)
+
+
+VAE_DIR = "vae"
+
+
+def vae_config(meta: dict) -> VAEConfig | None:
+    """The ``VAEConfig`` recorded in a checkpoint's metadata, None when it holds no VAE."""
+    if "vae" not in meta:
+        return None
+    try:
+        return vae_config_from_dict(meta["vae"]["config"])
+    except (ConfigError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"metadata vae.config: not a valid VAE config ({e})") from None
+
+
+def restore_vae(path: str | os.PathLike) -> tuple[VAEConfig, Any] | None:
+    """``(VAEConfig, params)`` of the autoencoder stored with a checkpoint (numpy arrays,
+    checked against its manifest and for NaN / Inf), or None when the checkpoint has none."""
+    path = pathlib.Path(path).expanduser().absolute()
+    meta = read_metadata(path)
+    cfg = vae_config(meta)
+    if cfg is None:
+        return None
+    params = _orbax_restore(path / VAE_DIR, path, "the VAE's parameter tree")
+    arrays = manifest.flat_arrays(params)
+    manifest.check_arrays(meta["vae"].get("arrays", {}), arrays, f"{str(path)!r} (vae)",
+                          CheckpointError)
+    _check_finite(arrays, path)
+    return cfg, params
 
 
 _LOADERS = {"float": "trdq_jax.models.load_checkpoint / --checkpoint",
@@ -191,26 +238,34 @@ def restore(path: str | os.PathLike, cfg=None):
     stored = stored_config(meta)
     if cfg is not None:
         _check_same_config(stored, cfg, path)
+    params = _orbax_restore(path / "params", path, "the parameter tree")
+    arrays = manifest.flat_arrays(params)
+    manifest.check_arrays(record["arrays"], arrays, str(path), CheckpointError)
+    _check_finite(arrays, path)
+    return params, stored
+
+
+def _orbax_restore(directory: pathlib.Path, path: pathlib.Path, what: str):
     try:
         import orbax.checkpoint as ocp
         with _quiet_orbax():
             ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
             try:
-                params = ckptr.restore(path / "params")
+                return ckptr.restore(directory)
             finally:
                 ckptr.close()
     except Exception as e:  # orbax raises many types for missing/truncated files
-        raise CheckpointError(f"{str(path)!r}: cannot read the parameter tree "
+        raise CheckpointError(f"{str(path)!r}: cannot read {what} "
                               f"(missing or truncated files?): {type(e).__name__}: "
                               f"{' '.join(str(e).split())[:300]}") from None
-    arrays = manifest.flat_arrays(params)
-    manifest.check_arrays(record["arrays"], arrays, str(path), CheckpointError)
+
+
+def _check_finite(arrays: dict, path: pathlib.Path) -> None:
     for name, value in arrays.items():
         if jnp.issubdtype(value.dtype, jnp.floating) and not np.isfinite(value).all():
             raise CheckpointError(f"{str(path)!r}: array {name} holds {np.isnan(value).sum()} "
                                   f"NaN and {np.isinf(value).sum()} infinite values; parameters "
                                   "must be finite")
-    return params, stored
 
 
 def _model_cfg(cfg):

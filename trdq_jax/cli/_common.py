@@ -208,6 +208,16 @@ def float_model(args):
                                 arg="--set")
 
 
+def stored_vae(checkpoint_dir, flag: str):
+    """``(VAEConfig, params)`` stored with a float or quantized checkpoint directory, or None
+    (no directory, or one without a VAE)."""
+    if checkpoint_dir is None:
+        return None
+    from trdq_jax.checkpoint import restore_vae
+    with blame(flag):
+        return restore_vae(checkpoint_dir)
+
+
 def source_of(args) -> dict:
     """Where the float weights of ``args`` live, as stored in a calibration directory."""
     from trdq_jax.quant.calib_io import source_record

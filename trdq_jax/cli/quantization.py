@@ -5,7 +5,7 @@ import re
 import time
 
 from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_source, bits, blame,
-                                  float_model, positive_int, print_json, source_of)
+                                  float_model, positive_int, print_json, source_of, stored_vae)
 
 DEFAULT_CALIB_SEED = 1000  # trdq_jax.quant.pipeline.DEFAULT_CALIB_SEED (a test keeps them equal)
 RECIPE_NAMES = ("minmax", "quarot", "quarot_rtn", "smoothquant", "trdq", "trdq_no_clip",
@@ -73,8 +73,8 @@ def _quantize_recipe(args, stored):
 
 
 def _from_calibration(args):
-    """(params, cfg, calib, recipe, calibration seconds) of ``--calib DIR``, checked against the
-    float model it names."""
+    """(params, cfg, calib, recipe, calibration seconds, VAE or None) of ``--calib DIR``, checked
+    against the float model it names (whose VAE, if it has one, the quantized model keeps)."""
     from trdq_jax.quant.calib_io import load_calibration_and_model
     if args.segments is not None:
         raise ValueError("--segments: fixed by the calibration given with --calib")
@@ -88,7 +88,8 @@ def _from_calibration(args):
         from trdq_jax.sampling import Sampler
         with blame("--calib"):
             calib = derive_calibration(calib, recipe, Sampler.from_config(cfg.sampler))
-    return params, cfg, calib, recipe, meta.get("seconds", 0.0)
+    vae = stored_vae(meta["source"].get("checkpoint"), "--calib")
+    return params, cfg, calib, recipe, meta.get("seconds", 0.0), vae
 
 
 def _quantize(args) -> int:
@@ -108,19 +109,20 @@ def _quantize(args) -> int:
         return resolve_plan(args.cfg_plan, cfg.model, num_steps, arg="--cfg-plan") or None
 
     if args.calib:
-        params, cfg, calib, recipe, calib_seconds = _from_calibration(args)
+        params, cfg, calib, recipe, calib_seconds, vae = _from_calibration(args)
         plan = plan_for(cfg, len(calib.segment_of_step))
     else:
         recipe = _recipe(args.recipe or "trdq", 8 if args.w_bits is None else args.w_bits,
                          8 if args.a_bits is None else args.a_bits, args.segments)
         loaded = float_model(args)
         plan = plan_for(loaded[2], loaded[2].sampler.num_steps)
+        vae = stored_vae(args.checkpoint, "--checkpoint")
         _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe, loaded)
     t0 = time.perf_counter()
     qparams = quantize(params, calib, recipe, progress=True)
     summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
     out = save_quantized(args.out, qparams, cfg, recipe, calib.segment_of_step, cfg_plan=plan,
-                         overwrite=args.overwrite, arg="--out")
+                         vae=vae, overwrite=args.overwrite, arg="--out")
     print_json({"out": str(out), **summary,
                 "calibration_seconds": round(float(calib_seconds), 3)})
     return 0

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_set, blame, cfg_scale,
-                                  float_model, positive_int, print_json, seed_int)
+                                  float_model, positive_int, print_json, seed_int, stored_vae)
 
 BACKENDS = ("xla", "fake", "pallas", "auto")  # trdq_jax.quant.BACKENDS, without importing quant
 
@@ -26,22 +26,58 @@ def _denoiser(args):
     return (*float_model(args), None, None)
 
 
+def _vae(args):
+    """``(VAEConfig, params)`` stored with ``--checkpoint`` / ``--quantized`` (a latent model's
+    decoder), or None: bundled models sample pixels directly."""
+    if args.quantized:
+        return stored_vae(args.quantized, "--quantized")
+    return stored_vae(args.checkpoint, "--checkpoint")
+
+
+def _class_list(text: str | None, num_classes: int, flag: str = "--labels") -> np.ndarray:
+    """The classes of ``--labels`` (comma-separated ints in [0, num_classes)); all by default."""
+    if text is None:
+        return np.arange(num_classes)
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"{flag}: expected comma-separated class ints, got {text!r}")
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(f"{flag}: expected classes in [0, {num_classes - 1}], got {bad[:5]}")
+    return np.asarray(list(dict.fromkeys(values)))
+
+
 def _sample(args) -> int:
     from trdq_jax.files import resolve_target
     from trdq_jax.sampling.generate import generate, grid_rows
     from trdq_jax.sampling.sample_dir import save_sample_dir
     resolve_target(args.out, kind="samples", overwrite=args.overwrite, is_dir=True, arg="--out")
     model, params, cfg, source, sampler, apply_fn = _denoiser(args)
+    vae = _vae(args)
     share = _share_cfg(args, cfg)
-    labels = np.repeat(np.arange(cfg.model.num_classes), args.per_class)
+    classes = _class_list(args.labels, cfg.model.num_classes)
+    labels = np.repeat(classes, args.per_class)
+    if vae is not None:
+        from trdq_jax.sampling.decode import check_vae_for
+        with blame("--checkpoint" if args.checkpoint else "--quantized"):
+            check_vae_for(cfg.model, vae[0])
     t0 = time.perf_counter()
     samples = generate(model, params, cfg, labels, seed=args.seed, cfg_scale=args.cfg_scale,
                        share_cfg=share, progress=True, sampler=sampler, apply_fn=apply_fn)
     seconds = time.perf_counter() - t0
-    rows = grid_rows(samples, labels, cfg.model.num_classes)
+    pixels, shown = None, samples
+    if vae is not None:  # the grid shows the decoded pictures; samples.npz keeps the latents
+        from trdq_jax.sampling.decode import make_decoder
+        pixels = np.asarray(make_decoder(*vae)(samples))
+        shown = pixels.astype(np.float32) / 127.5 - 1.0
+    rows = [r for c, r in enumerate(grid_rows(shown, labels, cfg.model.num_classes))
+            if c in set(classes.tolist())]
     out = save_sample_dir(
-        args.out, samples, labels, cfg=cfg, source=source, grid_rows=rows,
-        row_labels=[f"class {c}" for c in range(len(rows))],
+        args.out, samples, labels, cfg=cfg, source=source, grid_rows=rows, pixels=pixels,
+        row_labels=[f"class {c}" for c in classes],
         title=f"{source} | {cfg.sampler.solver} {cfg.sampler.num_steps} steps",
         info={"seed": args.seed, "share_cfg": share if isinstance(share, bool) else share.name,
               "cfg_scale": cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale},
@@ -136,6 +172,7 @@ def _generate(args) -> int:
                batch_per_device="--batch-per-device", batch_size="--batch-size",
                model_parallel="--model-parallel", shard_size="--shard-size", out="--out"):
         summary = generate_to_dir(args.out, model, params, cfg, num_samples=args.num_samples,
+                                  vae=_vae(args),
                                   labels=labels, seed=args.seed, cfg_scale=args.cfg_scale,
                                   batch_per_device=args.batch_per_device,
                                   batch_size=args.batch_size,
@@ -189,6 +226,9 @@ def register(sub) -> None:
     add_overwrite(p, "sample directory")
     p.add_argument("--per-class", type=positive_int, default=8,
                    help="samples per class (default: %(default)s)")
+    p.add_argument("--labels", default=None, metavar="LIST",
+                   help="the classes to sample, comma-separated, e.g. 207,360,387 (default: "
+                        "every class)")
     add_seed(p)
     _add_guidance(p, "the plan stored with --quantized, else none")
     add_debug(p)

@@ -51,14 +51,15 @@ def recipe_from_dict(d: dict) -> Recipe:
 
 
 def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segment_of_step,
-                   *, weight_only=None, cfg_plan=None, overwrite: bool = False,
+                   *, weight_only=None, cfg_plan=None, vae=None, overwrite: bool = False,
                    arg: str = "path") -> pathlib.Path:
     """Write a quantized model: arrays via orbax, static layer fields/recipe/segments as JSON.
     The model is checked first (``check_quantized``), so an inconsistent one is never written.
     ``weight_only``: the paths quantized weight-only (``Calibration.weight_only``; None: the
     layers whose fields say so, see ``weight_only_layers``). ``cfg_plan``: an optional
     ``CFGPlan`` stored with it (``stored_cfg_plan`` restores it), checked against the model and
-    the sampler's step count."""
+    the sampler's step count. ``vae``: ``(VAEConfig, params)`` of a latent model, stored float
+    beside the quantized denoiser (``trdq_jax.checkpoint.restore_vae``)."""
     weight_only = sorted(weight_only_layers(qparams, recipe) if weight_only is None
                          else weight_only)
     check_quantized(qparams, recipe, segment_of_step, cfg, "qparams", weight_only)
@@ -77,8 +78,8 @@ def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segmen
              "segment_of_step": [int(v) for v in np.asarray(segment_of_step)]}
     if cfg_plan is not None:
         extra["cfg_plan"] = cfg_plan.to_json()
-    return checkpoint.save(path, tree, cfg, kind="quantized", extra=extra, overwrite=overwrite,
-                           arg=arg)
+    return checkpoint.save(path, tree, cfg, kind="quantized", extra=extra, vae=vae,
+                           overwrite=overwrite, arg=arg)
 
 
 def weight_only_layers(qparams, recipe: Recipe) -> list[str]:

@@ -298,8 +298,11 @@ def nonfinite_rows(samples: np.ndarray) -> np.ndarray:
 
 
 def write_shard(out: pathlib.Path, start: int, samples: np.ndarray, cond: RunCond, seed: int,
-                images: bool, process: int) -> dict:
-    """Write one shard (and its PNGs); returns its manifest entry (not yet appended)."""
+                images: bool, process: int, pixels: np.ndarray | None = None) -> dict:
+    """Write one shard (and its PNGs); returns its manifest entry (not yet appended).
+
+    pixels: uint8 ``[n, H, W, C]`` pictures of the samples (a latent model's decoded images);
+    by default the samples themselves are the pictures (``viz.to_uint8``)."""
     from trdq_jax.viz import to_uint8
     indices = np.arange(start, start + len(samples), dtype=np.int64)
     held = {} if cond.labels is None else {"labels": cond.labels[indices].astype(np.int32)}
@@ -308,7 +311,8 @@ def write_shard(out: pathlib.Path, start: int, samples: np.ndarray, cond: RunCon
     write_atomic(out / name, data, f"generate-{start}-shard")
     files.crash_point(f"generate-{start}-shard-written")
     records = []
-    pixels = to_uint8(np.nan_to_num(samples)) if images else None  # NaN: mid-gray pixels
+    if images and pixels is None:
+        pixels = to_uint8(np.nan_to_num(samples))  # NaN: mid-gray pixels
     for k, i in enumerate(indices):
         record = {"index": int(i), **cond.record(int(i)), "seed": int(seed), "file": name}
         if images:

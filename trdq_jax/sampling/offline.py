@@ -292,14 +292,15 @@ def _check_num_samples(num_samples) -> None:
 
 
 def _disk_bytes(num_samples: int, sample_shape: tuple, images: bool, shard_size: int,
-                block: int) -> int:
+                block: int, image_shape: tuple | None = None) -> int:
     """An upper estimate of the bytes ``num_samples`` samples take on disk: float32 shards and
-    PNGs (at most their raw bytes plus headers), each rounded up to the file system's
-    ``block``, and manifest lines."""
+    PNGs (at most their raw bytes plus headers; ``image_shape`` when the pictures are decoded
+    pixels, not the samples), each rounded up to the file system's ``block``, and manifest
+    lines."""
     values = int(np.prod(sample_shape))
     ceil = lambda n: -(-n // block) * block  # noqa: E731
     shards = -(-num_samples // shard_size)
-    png = ceil(values + 300) if images else 0
+    png = ceil(int(np.prod(image_shape or sample_shape)) + 300) if images else 0
     return (shards * ceil(4 * values * shard_size + 2000) + num_samples * (png + 300))
 
 
@@ -327,6 +328,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
                     model_parallel: int = 1, cfg_scale: float | None = None, apply_fn=None,
                     sampler=None, share_cfg=False, source: str = "",
                     shard_size: int | None = None, allow_nonfinite: bool = False,
+                    vae=None, decode_chunk: int | None = None,
                     progress: bool = False, on_shard=None, arg: str = "out") -> dict:
     """Generate ``num_samples`` samples into ``out`` (see the module docstring); resumable.
 
@@ -345,7 +347,11 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
     ``allow_nonfinite``: write NaN/Inf samples (listed in the summary and their shard's
     manifest line) instead of stopping; ``on_shard(entry)``: called with each finished shard's
     manifest entry once it is on disk (monitoring; whatever it raises, e.g. a
-    ``KeyboardInterrupt``, stops the run with every finished shard kept). Returns ``{"out",
+    ``KeyboardInterrupt``, stops the run with every finished shard kept); ``vae``: ``(VAEConfig,
+    params)`` of a latent model (``trdq_jax.checkpoint.restore_vae``): the shards keep the
+    latents and the PNGs are the decoded pixels, decoded on the devices right after each batch
+    is sampled, ``decode_chunk`` samples at a time (default ``decode.DEFAULT_DECODE_CHUNK``;
+    part of the fingerprint: the VAE's config and weights). Returns ``{"out",
     "num_samples", "shard_size", "extents", "generated", "skipped", "redone", "unreadable_lines",
     "removed_temporaries", "nonfinite", "seconds", "samples_per_s", "devices", "mesh",
     "processes"}`` for this process (``redone``: ``{shard file: why}`` of this process's shards
@@ -370,14 +376,22 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
     target = check_out(out, arg)
     sample_shape = input_shape(cfg.model, 1)[1:]
     images = len(sample_shape) == 3 and sample_shape[-1] in (1, 3)  # gray or RGB pictures
+    image_shape, decode = None, None
+    if vae is not None:
+        from trdq_jax.sampling import decode as decoding
+        decoding.check_vae_for(cfg.model, vae[0], "vae")
+        images, image_shape = True, decoding.pixel_shape(cfg.model, vae[0])
+        decode = decoding.make_decoder(*vae, chunk=decode_chunk or decoding.DEFAULT_DECODE_CHUNK)
     block = gd.block_size(target)
     if files.dir_kind(target) != KIND:  # a new directory: every sample is to be written
         gd.no_space(target, _disk_bytes(num_samples, sample_shape, images,
-                                        shard_size or gd.DEFAULT_SHARD_SIZE, block),
+                                        shard_size or gd.DEFAULT_SHARD_SIZE, block, image_shape),
                     arg, f"{num_samples} samples of shape {list(sample_shape)}")
     run_cond = gd.RunCond.of(labels, cond)
     run = fingerprint(cfg, source, num_samples, run_cond, seed, cfg_scale, share_cfg, sampler,
                       params, null)
+    if vae is not None:
+        run["vae"] = {"config": to_dict(vae[0]), "params_sha256": tree_digest(vae[1])}
     meta, _ = _open_dir(target, run, run_cond, images, shard_size, arg)
     size, grid = meta["shard_size"], gd.shard_grid(meta)
     process, processes = jax.process_index(), jax.process_count()
@@ -387,7 +401,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
     todo = [s for s in mine if s not in found.done]
     count = lambda starts: sum(len(grid[s]) for s in starts)  # noqa: E731
     pending, skipped = count(todo), count(found.done)
-    gd.no_space(target, _disk_bytes(pending, sample_shape, images, size, block), arg,
+    gd.no_space(target, _disk_bytes(pending, sample_shape, images, size, block, image_shape), arg,
                 f"the {pending} samples still to generate")
     data = NamedSharding(mesh, PartitionSpec("data"))
     params = jax.device_put(params, param_sharding(mesh, params))
@@ -413,12 +427,15 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
                        shape=shape, share_cfg=share_cfg, sample_indices=chosen, x_T=x_T,
                        **batch_null)
             samples = np.asarray(jax.device_get(x))[:n]
-            for start, rows in _by_shard(indices, samples, grid):
-                buffers.setdefault(start, []).append(rows)
+            pixels = None if decode is None else np.asarray(jax.device_get(decode(x)))[:n]
+            for start, rows, rows_pixels in _by_shard(indices, samples, grid, pixels):
+                buffers.setdefault(start, []).append((rows, rows_pixels))
                 want = len(grid[start])
-                if sum(len(r) for r in buffers[start]) < want:
+                if sum(len(r) for r, _ in buffers[start]) < want:
                     continue
-                shard = np.concatenate(buffers.pop(start))
+                held = buffers.pop(start)
+                shard = np.concatenate([r for r, _ in held])
+                shard_pixels = None if decode is None else np.concatenate([p for _, p in held])
                 bad = [start + int(i) for i in gd.nonfinite_rows(shard)]
                 if bad and not allow_nonfinite:
                     raise NonFiniteSamplesError(
@@ -428,7 +445,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
                         "(--allow-nonfinite) to write them anyway")
                 nonfinite += bad
                 entry = _finish_shard(target, manifest, start, shard, run_cond, seed, images,
-                                      process, arg)
+                                      process, arg, shard_pixels)
                 generated += len(shard)
                 if bar is not None:
                     bar.update(len(shard))
@@ -489,20 +506,24 @@ def _listed(indices: list[int], limit: int = 10) -> str:
         f" (+{len(indices) - limit} more)" if len(indices) > limit else "")
 
 
-def _by_shard(indices: np.ndarray, samples: np.ndarray, grid: dict):
-    """``(shard start, rows)`` runs of a batch's samples (``indices`` ascending)."""
+def _by_shard(indices: np.ndarray, samples: np.ndarray, grid: dict, pixels=None):
+    """``(shard start, rows, rows of pixels or None)`` runs of a batch's samples (``indices``
+    ascending)."""
     bounds = np.asarray(list(grid))
     starts = bounds[np.searchsorted(bounds, indices, side="right") - 1]
     cuts = np.flatnonzero(np.diff(starts)) + 1
-    for rows, first in zip(np.split(samples, cuts), np.split(starts, cuts)):
-        yield int(first[0]), rows
+    split_pixels = [None] * (len(cuts) + 1) if pixels is None else np.split(pixels, cuts)
+    for rows, first, rows_pixels in zip(np.split(samples, cuts), np.split(starts, cuts),
+                                        split_pixels):
+        yield int(first[0]), rows, rows_pixels
 
 
-def _finish_shard(target, manifest, start, shard, run_cond, seed, images, process, arg) -> dict:
-    """Write one complete shard, its PNGs and then its manifest line; an ``OSError`` becomes
-    the resumable-stop message."""
+def _finish_shard(target, manifest, start, shard, run_cond, seed, images, process, arg,
+                  pixels=None) -> dict:
+    """Write one complete shard, its PNGs (of ``pixels`` when given) and then its manifest
+    line; an ``OSError`` becomes the resumable-stop message."""
     try:
-        entry = gd.write_shard(target, start, shard, run_cond, seed, images, process)
+        entry = gd.write_shard(target, start, shard, run_cond, seed, images, process, pixels)
         files.crash_point(f"generate-{start}-written")
         gd.append_entry(manifest, entry, f"generate-{start}-manifest")
     except OSError as e:

@@ -2,7 +2,8 @@
 
 Layout (written through ``trdq_jax.files.write_dir``: all files appear together or not at all)::
 
-    DIR/samples.npz     "samples" float32 [N, ...spatial, C], "labels" int [N]
+    DIR/samples.npz     "samples" float32 [N, ...spatial, C], "labels" int [N]; a latent
+                        model's also "pixels" uint8 [N, H, W, 3], its decoded pictures
     DIR/grid.png        one labelled row per class (``grid_rows``)
     DIR/metadata.json   format, kind "samples", source, config, seed, cfg_scale, share_cfg,
                         manifest (the npz arrays and digests of these fields)
@@ -26,10 +27,11 @@ SAMPLES_FILE, GRID_FILE = "samples.npz", "grid.png"
 
 def save_sample_dir(path: str | os.PathLike, samples: np.ndarray, labels: np.ndarray, *, cfg,
                     source: str, grid_rows: list, row_labels: list[str], title: str,
-                    info: dict | None = None, overwrite: bool = False,
-                    arg: str = "path") -> pathlib.Path:
+                    info: dict | None = None, pixels: np.ndarray | None = None,
+                    overwrite: bool = False, arg: str = "path") -> pathlib.Path:
     """Write ``samples`` float ``[N, ...]`` with their ``labels`` int ``[N]``, the grid of
-    ``grid_rows`` and the metadata (``info``: extra JSON fields such as seed and cfg_scale)."""
+    ``grid_rows`` and the metadata (``info``: extra JSON fields such as seed and cfg_scale;
+    ``pixels``: uint8 ``[N, H, W, C]`` decoded pictures of latent samples)."""
     from trdq_jax.viz import save_grid
     samples, labels = np.asarray(samples, np.float32), np.asarray(labels)
     if labels.shape != samples.shape[:1]:
@@ -41,6 +43,12 @@ def save_sample_dir(path: str | os.PathLike, samples: np.ndarray, labels: np.nda
                          f"(indices {listed}); nothing was written: the model (or its "
                          "quantization) diverged on them")
     arrays = {"samples": samples, "labels": labels}
+    if pixels is not None:
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8 or pixels.shape[:1] != samples.shape[:1]:
+            raise ValueError(f"pixels: expected uint8 [{len(samples)}, H, W, C], got "
+                             f"{pixels.dtype} {list(pixels.shape)}")
+        arrays["pixels"] = pixels
     body = {"format": FORMAT, "kind": "samples", "library_version": __version__,
             "source": source, "config": to_dict(cfg), "num_samples": int(len(labels)),
             **(info or {})}
