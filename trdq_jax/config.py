@@ -101,6 +101,13 @@ class DiTConfig:
     """Class-conditional DiT (Peebles & Xie), parameter names as in facebookresearch/DiT.
 
     Images are NHWC: ``[B, input_size, input_size, in_channels]``.
+
+    ``pos_embed`` says where the 2-D sin-cos position table comes from: "sincos" (default) computes
+    it from the config, exactly, in float64, and it is no parameter; "stored" keeps a table in the
+    params (a top-level ``pos_embed`` ``[1, num_patches, hidden_size]`` in ``param_dtype``,
+    initialised to the sin-cos table), as a converted official checkpoint does with its frozen
+    buffer: the official model samples with its stored (e.g. float16-rounded) values. A stored
+    table is frozen: no gradient reaches it, and the model refuses ``train=True``.
     """
 
     family: Literal["dit"] = "dit"
@@ -116,6 +123,7 @@ class DiTConfig:
     learn_sigma: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    pos_embed: Literal["sincos", "stored"] = "sincos"
 
     def __post_init__(self):
         _check_choice(self, "family", ("dit",))
@@ -134,6 +142,7 @@ class DiTConfig:
         _check_float_range(self, "class_dropout_prob", 0.0, 1.0)
         _check_choice(self, "dtype", DTYPES)
         _check_choice(self, "param_dtype", DTYPES)
+        _check_choice(self, "pos_embed", ("sincos", "stored"))
 
     @property
     def out_channels(self) -> int:

@@ -1,4 +1,6 @@
 """Official DiT checkpoint conversion: round trips through real file formats and error reports."""
+import dataclasses
+import json
 import sys
 
 import jax
@@ -10,13 +12,17 @@ from safetensors.numpy import save_file
 from trdq_jax.config import DiTConfig
 from trdq_jax.models import build_model
 from trdq_jax.models.convert import (ConversionError, convert_dit_state_dict, infer_dit_config,
-                                     load_official_dit, load_state_dict, to_official_state_dict)
+                                     load_official_dit, load_state_dict, pos_embed_report,
+                                     to_official_state_dict)
 from tests.models import official_dit
 
 CFG = DiTConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2,
                 num_classes=7, learn_sigma=True)
 DIMS = dict(depth=2, hidden=32, in_ch=4, patch=2, num_classes=7, mlp_hidden=128, out_ch=8,
             n_tokens=16)
+
+
+STORED = dataclasses.replace(CFG, pos_embed="stored")
 
 
 @pytest.fixture
@@ -83,8 +89,10 @@ def test_converted_model_matches_numpy_reference(state_dict):
 
 
 def test_infer_config_from_shapes(state_dict):
+    """An official checkpoint converts keeping its own pos_embed table."""
     cfg = infer_dit_config(state_dict, num_heads=2)
-    assert cfg == CFG
+    assert cfg == STORED
+    assert infer_dit_config(state_dict, num_heads=2, pos_embed="sincos") == CFG
 
 
 def test_unknown_missing_and_misshaped_keys_all_reported(state_dict):
@@ -296,3 +304,204 @@ def test_torch_files_without_torch_say_what_to_install(tmp_path, monkeypatch, su
                                           r"pip install 'trdq_jax\[torch\]'; or convert the file "
                                           r"to \.safetensors"):
         load_state_dict(path)
+
+
+# ----------------------------------------------------------------------------- stored pos_embed
+# An official checkpoint's frozen pos_embed buffer is the model's: a float16 checkpoint samples
+# with the float16-rounded table, and recomputing the exact one moves its outputs.
+
+X = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
+T, Y = np.array([3, 998]), np.array([6, 7])
+
+
+def _official(sd):
+    return official_dit.forward(sd, X.transpose(0, 3, 1, 2), T, Y, 2, 2, 8).transpose(0, 2, 3, 1)
+
+
+def _fp16_table(state_dict):
+    sd = dict(state_dict)
+    sd["pos_embed"] = state_dict["pos_embed"].astype(np.float16)
+    return sd
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_stored_table_is_kept_up_to_param_dtype(state_dict, param_dtype):
+    sd = _fp16_table(state_dict)
+    cfg = dataclasses.replace(STORED, param_dtype=param_dtype)
+    params = convert_dit_state_dict(sd, cfg)
+    want = sd["pos_embed"].astype(HALF.get(param_dtype, np.dtype(np.float32)))
+    assert params["pos_embed"].dtype == want.dtype
+    np.testing.assert_array_equal(params["pos_embed"], want)
+    if param_dtype == "float32":  # float16 values are float32 values: bit for bit
+        assert params["pos_embed"].tobytes() == sd["pos_embed"].astype(np.float32).tobytes()
+
+
+def test_stored_table_is_what_the_model_adds(state_dict):
+    """The converted model equals the reference run with the stored (float16-rounded) table, and
+    differs from the recomputed-sin-cos model by what the reference says that table changes."""
+    sd = _fp16_table(state_dict)
+    stored = np.asarray(build_model(STORED).apply(
+        {"params": convert_dit_state_dict(sd, STORED)}, X, T, Y))
+    recomputed = np.asarray(build_model(CFG).apply(
+        {"params": convert_dit_state_dict(sd, CFG)}, X, T, Y))  # within float16 rounding: passes
+    want_stored, want_exact = _official(sd), _official(state_dict)
+    np.testing.assert_allclose(stored, want_stored, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(recomputed, want_exact, rtol=2e-4, atol=2e-4)
+    moved, want_moved = stored - recomputed, want_stored - want_exact
+    assert np.abs(want_moved).max() > 1e-3  # float16 rounding of the table: visible
+    np.testing.assert_allclose(moved, want_moved, rtol=0, atol=2e-5)
+
+
+def test_learned_table_converts_when_stored(state_dict):
+    sd = dict(state_dict)
+    rng = np.random.default_rng(3)
+    sd["pos_embed"] = (state_dict["pos_embed"]
+                       + 0.02 * rng.standard_normal(state_dict["pos_embed"].shape)).astype(np.float32)
+    params = convert_dit_state_dict(sd, STORED)
+    np.testing.assert_array_equal(params["pos_embed"], sd["pos_embed"])
+    got = np.asarray(build_model(STORED).apply({"params": params}, X, T, Y))
+    np.testing.assert_allclose(got, _official(sd), rtol=2e-4, atol=2e-4)
+    report = pos_embed_report(sd, STORED)
+    assert not report["sincos_within_rounding"] and report["stored_dtype"] == "float32"
+    assert report["max_abs_deviation_from_sincos"] == pytest.approx(
+        np.abs(sd["pos_embed"][0].astype(np.float64) - official_dit.pos_embed(32, 4)).max())
+    with pytest.raises(ConversionError, match=r"pos_embed: values differ .* converts with "
+                                              r"pos_embed='stored'"):
+        convert_dit_state_dict(sd, CFG)  # the old check, kept for the "sincos" config
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_report_calls_a_rounded_table_sincos(state_dict, dtype):
+    sd = {k: v.astype(HALF.get(dtype, np.dtype(np.float32))) for k, v in state_dict.items()}
+    report = pos_embed_report(sd, STORED)
+    assert report["sincos_within_rounding"] and report["stored_dtype"] == dtype
+    assert 0 < report["max_abs_deviation_from_sincos"] < (1e-6 if dtype == "float32" else 1e-2)
+
+
+def test_sincos_config_param_tree_is_unchanged():
+    """Default configs hold no pos_embed param; "stored" adds exactly the one top-level leaf."""
+    from trdq_jax.models import abstract_params, pos_embed_size
+    from trdq_jax.models.factory import param_count
+    assert CFG.pos_embed == "sincos" and DiTConfig().pos_embed == "sincos"
+    plain, stored = abstract_params(CFG), abstract_params(STORED)
+    assert "pos_embed" not in plain
+    assert set(stored) == set(plain) | {"pos_embed"}
+    assert stored["pos_embed"].shape == (1, 16, 32) and stored["pos_embed"].dtype == np.float32
+    assert jax.tree.structure({k: v for k, v in stored.items() if k != "pos_embed"}) == \
+        jax.tree.structure(plain)
+    assert param_count(stored) == param_count(plain) + pos_embed_size(CFG)
+
+
+def test_stored_round_trip_through_the_official_layout(tmp_path, state_dict):
+    """to_official_state_dict writes the stored table; converting that back gives the same
+    params, bit for bit; loading without a config infers "stored"."""
+    sd = dict(state_dict)
+    sd["pos_embed"] = (state_dict["pos_embed"] + 0.01).astype(np.float32)  # not sin-cos at all
+    params = convert_dit_state_dict(sd, STORED)
+    back = to_official_state_dict(params, STORED)
+    assert set(back) == set(sd)
+    np.testing.assert_array_equal(back["pos_embed"], sd["pos_embed"])
+    save_file(back, str(tmp_path / "dit.safetensors"))
+    cfg, again = load_official_dit(tmp_path / "dit.safetensors",
+                                   infer_dit_config(load_state_dict(tmp_path / "dit.safetensors"),
+                                                    num_heads=2))
+    assert cfg == STORED
+    assert jax.tree.structure(again) == jax.tree.structure(params)
+    for (k, a), b in zip(jax.tree_util.tree_flatten_with_path(again)[0], jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(k))
+
+
+def test_stored_pos_embed_problems_are_reported_with_the_others(state_dict):
+    sd = dict(state_dict)
+    pos = sd["pos_embed"].copy()
+    pos[0, 2, 3] = np.nan
+    sd["pos_embed"] = pos
+    del sd["blocks.1.mlp.fc2.bias"]
+    with pytest.raises(ConversionError) as e:
+        convert_dit_state_dict(sd, STORED)
+    assert "missing keys (1): blocks.1.mlp.fc2.bias" in str(e.value)
+    assert "non-finite keys (1): pos_embed (1 NaN, 0 Inf)" in str(e.value)
+    sd["pos_embed"] = np.zeros((1, 15, 32), np.float32)
+    sd["blocks.0.attn.proj.weight"] = np.zeros((32, 31), np.float32)
+    with pytest.raises(ConversionError) as e:
+        convert_dit_state_dict(sd, STORED)
+    assert ("mis-shaped keys (2): blocks.0.attn.proj.weight: expected (32, 32), got (32, 31), "
+            "pos_embed: expected (1, 16, 32), got (1, 15, 32)") in str(e.value)
+    del sd["pos_embed"]
+    with pytest.raises(ConversionError, match=r"missing keys \(2\): blocks.1.mlp.fc2.bias, "
+                                              r"pos_embed"):
+        convert_dit_state_dict(sd, STORED)
+    big = dict(state_dict, pos_embed=np.full((1, 16, 32), 1e5, np.float32))
+    with pytest.raises(ConversionError, match=r"pos_embed \(0 NaN, 512 Inf after the cast to "
+                                              r"param_dtype=float16"):
+        convert_dit_state_dict(big, dataclasses.replace(STORED, param_dtype="float16"))
+
+
+def test_stored_table_is_frozen(state_dict):
+    """No gradient reaches a stored table, and training such a model is refused (the training
+    loop's weight decay and EMA would still move it)."""
+    params = jax.tree.map(np.asarray, convert_dit_state_dict(state_dict, STORED))
+    model = build_model(STORED)
+    grads = jax.grad(lambda p: (model.apply({"params": p}, X, T, Y) ** 2).sum())(params)
+    assert not np.asarray(grads["pos_embed"]).any()
+    assert np.asarray(grads["x_embedder"]["proj"]["bias"]).any()
+    with pytest.raises(ValueError, match=r"^train: a DiT with pos_embed='stored'"):
+        model.apply({"params": params}, X, T, Y, train=True, rngs={"dropout": jax.random.key(0)})
+    model_init = build_model(STORED).init(jax.random.key(0), X, T, Y)["params"]
+    np.testing.assert_array_equal(model_init["pos_embed"][0],
+                                  official_dit.pos_embed(32, 4).astype(np.float32))
+
+
+def test_cli_convert_keeps_the_table_and_reports_its_distance(tmp_path, capsys, state_dict):
+    from trdq_jax import checkpoint
+    from trdq_jax.cli import main
+    sd = _fp16_table(state_dict)
+    np.savez(tmp_path / "dit.npz", **sd)
+    assert main(["convert", "--input", str(tmp_path / "dit.npz"), "--out", str(tmp_path / "ck"),
+                 "--num-heads", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"]["pos_embed"] == "stored"
+    assert printed["pos_embed"]["stored_dtype"] == "float16"
+    assert printed["pos_embed"]["sincos_within_rounding"] is True
+    assert 1e-4 < printed["pos_embed"]["max_abs_deviation_from_sincos"] < 1e-3
+    assert checkpoint.read_metadata(tmp_path / "ck")["extra"]["pos_embed"] == printed["pos_embed"]
+    params, cfg = checkpoint.restore(tmp_path / "ck")
+    assert cfg == STORED
+    np.testing.assert_array_equal(params["pos_embed"], sd["pos_embed"].astype(np.float32))
+    assert main(["convert", "--input", str(tmp_path / "dit.npz"), "--out", str(tmp_path / "old"),
+                 "--num-heads", "2", "--pos-embed", "sincos"]) == 0
+    params, cfg = checkpoint.restore(tmp_path / "old")
+    assert cfg == CFG and "pos_embed" not in params
+
+
+def test_quantizing_a_stored_dit_leaves_the_table_float_and_equal(tmp_path, state_dict):
+    import trdq_jax.quant as Q
+    from trdq_jax.config import SamplerConfig
+    from trdq_jax.models import input_shape
+    from trdq_jax.sampling import Sampler
+    sd = _fp16_table(state_dict)
+    params = convert_dit_state_dict(sd, STORED)
+    model = build_model(STORED)
+    sampler = Sampler.from_config(SamplerConfig(num_steps=4, cfg_scale=2.0))
+    labels = np.array([0, 1, 2, 3])
+    # smoothing and a rotation per layer, two time segments: the quick path of test_transform
+    recipe = Q.get_recipe("trdq_release", 8, 8, rotation_block=16, alpha_grid=(), num_segments=2,
+                          gptq=False, w_clip_search=False)
+    calib = Q.calibrate(model, params, recipe, sampler, labels=labels, null_label=7,
+                        shape=input_shape(STORED, len(labels)), rows_per_step=32)
+    assert "x_embedder/proj" in calib.roles["input"]
+    qparams = Q.quantize(params, calib, recipe)
+    assert "pos_embed" not in qparams["layers"]
+    table = qparams["float"]["pos_embed"]
+    assert table.dtype == np.float32
+    np.testing.assert_array_equal(table, sd["pos_embed"].astype(np.float32))
+    Q.save_quantized(tmp_path / "q", qparams, STORED, recipe, calib.segment_of_step)
+    restored, cfg, _, _ = Q.load_quantized(tmp_path / "q")
+    assert cfg == STORED
+    np.testing.assert_array_equal(np.asarray(restored["float"]["pos_embed"]), table)
+    x = jax.random.normal(jax.random.key(7), (4, 8, 8, 4))
+    t, y = np.array([10.0, 400.0, 700.0, 999.0]), np.array([0, 1, 2, 7])
+    quant = Q.QuantizedDenoiser(model, "xla")(restored, x, t, y, np.int32(0), False)
+    float_out = model.apply({"params": params}, x, t, y)
+    rel = float(np.linalg.norm(np.asarray(quant - float_out)) / np.linalg.norm(float_out))
+    assert rel < 0.1, rel

@@ -33,18 +33,22 @@ def _train(args) -> int:
 def _convert(args) -> int:
     from trdq_jax import checkpoint
     from trdq_jax.config import to_dict
-    from trdq_jax.models.convert import convert_dit_state_dict, infer_dit_config, load_state_dict
+    from trdq_jax.models.convert import (convert_dit_state_dict, infer_dit_config, load_state_dict,
+                                         pos_embed_report)
     from trdq_jax.files import resolve_target
     resolve_target(args.out, kind="float", overwrite=args.overwrite, is_dir=True, arg="--out")
     with blame(None, path="--input"):
         state_dict = load_state_dict(args.input)
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     with blame("--input"):
-        cfg = infer_dit_config(state_dict, **overrides)
+        cfg = infer_dit_config(state_dict, pos_embed=args.pos_embed, **overrides)
         params = convert_dit_state_dict(state_dict, cfg)
-    out = checkpoint.save(args.out, params, cfg, extra={"converted_from": str(args.input)},
+    # how far the checkpoint's table is from the 2-D sin-cos one (a learned table is fine)
+    report = pos_embed_report(state_dict, cfg)
+    out = checkpoint.save(args.out, params, cfg, extra={"converted_from": str(args.input),
+                                                        "pos_embed": report},
                           overwrite=args.overwrite, arg="--out")
-    print_json({"out": str(out), "config": to_dict(cfg)})
+    print_json({"out": str(out), "config": to_dict(cfg), "pos_embed": report})
     return 0
 
 
@@ -76,6 +80,11 @@ def register(sub) -> None:
                    help="output checkpoint directory, new or empty (required)")
     p.add_argument("--num-heads", type=positive_int,
                    help="attention heads (default: inferred for the official sizes S/B/L/XL)")
+    p.add_argument("--pos-embed", choices=("stored", "sincos"), default="stored",
+                   help="'stored': keep the checkpoint's pos_embed table as a param (the "
+                        "official model samples with it; a float16 checkpoint's rounded table "
+                        "included); 'sincos': recompute the 2-D sin-cos table, refusing a "
+                        "stored one that differs beyond its dtype's rounding (default: stored)")
     add_overwrite(p, "float checkpoint")
     add_debug(p)
     p.set_defaults(func=_convert)

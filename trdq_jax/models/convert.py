@@ -3,9 +3,16 @@
 The conversion is a table: each Flax path maps to one PyTorch key by turning ``name_N`` path
 elements back into ``name.N`` (``nn.Sequential`` indices) and the leaf names ``kernel`` /
 ``embedding`` into ``weight``. Linear weights are transposed (``[out, in]`` -> ``[in, out]``),
-conv weights go from ``[out, in, kh, kw]`` to ``[kh, kw, in, out]``. The frozen sin-cos
-``pos_embed`` is checked against the constant the Flax model computes (within the rounding of
-the dtype it is stored in, so float16/bfloat16 checkpoints convert) and then dropped.
+conv weights go from ``[out, in, kh, kw]`` to ``[kh, kw, in, out]``. A top-level Flax param
+(``pos_embed``) keeps its name.
+
+The frozen ``pos_embed`` buffer: for a config with ``pos_embed="stored"`` (what
+``infer_dit_config`` and ``load_official_dit`` give an official checkpoint) it is kept as a param,
+cast to ``param_dtype``, so the converted model samples with the checkpoint's own table (a
+float16 checkpoint's rounded values: recomputing the exact table loses most of the agreement
+with the original); ``pos_embed_report`` says how far it is from the 2-D sin-cos table. For
+``pos_embed="sincos"`` it is checked against the table the Flax model computes (within the
+rounding of the dtype it is stored in) and dropped.
 
 Every key of the state dict must be consumed: unknown, missing, mis-shaped and non-finite
 (NaN/Inf) keys are reported together in one ``ConversionError``.
@@ -158,8 +165,11 @@ def _load_torch(path: pathlib.Path, suffix: str) -> dict[str, np.ndarray]:
 
 
 def torch_key(flax_path: tuple[str, ...]) -> str:
-    """``('blocks_3', 'attn', 'qkv', 'kernel')`` -> ``'blocks.3.attn.qkv.weight'``."""
+    """``('blocks_3', 'attn', 'qkv', 'kernel')`` -> ``'blocks.3.attn.qkv.weight'``; a top-level
+    param keeps its name (``('pos_embed',)`` -> ``'pos_embed'``)."""
     *modules, leaf = flax_path
+    if not modules:
+        return leaf
     parts = []
     for name in modules:
         m = _INDEXED.match(name)
@@ -228,13 +238,35 @@ def _nonfinite(value: np.ndarray) -> str | None:
     return f"{int(np.isnan(value).sum())} NaN, {int(np.isinf(value).sum())} Inf"
 
 
+def pos_embed_report(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
+                     pos_embed_atol: float = 1e-4) -> dict | None:
+    """How far a state dict's ``pos_embed`` is from the fixed 2-D sin-cos table of ``cfg``:
+    ``{"stored_dtype", "max_abs_deviation_from_sincos", "sincos_within_rounding"}`` (the last:
+    every entry within ``pos_embed_tolerance`` of its stored dtype, i.e. the sin-cos table up to
+    storage rounding, not a learned one). None when it is missing, mis-shaped or non-finite
+    (``convert_dit_state_dict`` reports those)."""
+    if "pos_embed" not in state_dict:
+        return None
+    stored = np.asarray(state_dict["pos_embed"])
+    if stored.shape != (1, cfg.num_patches, cfg.hidden_size) or _nonfinite(stored):
+        return None
+    ref = sincos_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)
+    diff = np.abs(stored[0].astype(np.float64) - ref)
+    return {"stored_dtype": str(stored.dtype),
+            "max_abs_deviation_from_sincos": float(diff.max()),
+            "sincos_within_rounding": bool(
+                (diff <= pos_embed_tolerance(stored.dtype, ref, pos_embed_atol)).all())}
+
+
 def convert_dit_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
                            pos_embed_atol: float = 1e-4) -> dict:
     """Official DiT state dict -> Flax ``params`` for ``DiT(cfg)`` (numpy arrays, ``param_dtype``).
 
     Any float dtype converts (float16/bfloat16 checkpoints too): weights are cast to
-    ``cfg.param_dtype``, and the fixed ``pos_embed`` is compared within the stored dtype's
-    rounding (``pos_embed_tolerance``; ``pos_embed_atol`` is its absolute floor).
+    ``cfg.param_dtype``. The ``pos_embed`` buffer: with ``cfg.pos_embed == "stored"`` it becomes
+    the ``pos_embed`` param like any weight (any values: a learned table converts too); with
+    "sincos" it is compared with the fixed table within the stored dtype's rounding
+    (``pos_embed_tolerance``; ``pos_embed_atol`` is its absolute floor) and dropped.
 
     Raises ``ConversionError`` listing every unknown, missing, mis-shaped and non-finite (NaN/Inf,
     also after the cast to ``param_dtype``) key.
@@ -243,7 +275,7 @@ def convert_dit_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
     table = {torch_key(path): path for path in expected}
     unknown = sorted(set(state_dict) - set(table) - {"pos_embed"})
     missing = sorted(set(table) - set(state_dict))
-    if "pos_embed" not in state_dict:
+    if "pos_embed" not in state_dict and "pos_embed" not in table:
         missing.append("pos_embed")
     param_dtype = (np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16"
                    else np.dtype(jnp.bfloat16))
@@ -264,7 +296,7 @@ def convert_dit_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
             nonfinite.append(f"{key} ({bad})" if _nonfinite(stored) else
                              f"{key} ({bad} after the cast to param_dtype={cfg.param_dtype}: "
                              f"stored values overflow it)")
-    if "pos_embed" in state_dict:
+    if "pos_embed" in state_dict and "pos_embed" not in table:
         stored = np.asarray(state_dict["pos_embed"])
         pos = stored.astype(np.float64)
         want = (1, cfg.num_patches, cfg.hidden_size)
@@ -278,7 +310,7 @@ def convert_dit_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
             if (diff > pos_embed_tolerance(stored.dtype, ref, pos_embed_atol)).any():
                 misshaped.append(f"pos_embed: values differ from the fixed 2-D sin-cos embedding "
                                  f"by up to {diff.max():.3g}, beyond {stored.dtype} rounding (a "
-                                 "learned pos_embed is not supported)")
+                                 "learned pos_embed converts with pos_embed='stored')")
     if unknown or missing or misshaped or nonfinite:
         lines = [f"state dict does not match {cfg}:"]
         for title, keys in (("unknown keys", unknown), ("missing keys", missing),
@@ -291,19 +323,23 @@ def convert_dit_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
 
 def to_official_state_dict(params, cfg: DiTConfig) -> dict[str, np.ndarray]:
     """Flax params -> official DiT state dict (float32 numpy, C-contiguous), ``pos_embed``
-    included. Contiguous because ``safetensors.numpy.save_file`` writes an array's memory as it
-    lies: a transposed view would be saved scrambled, without an error."""
+    included: the params' own table where they hold one (``pos_embed="stored"``), else the
+    sin-cos table of ``cfg``. Contiguous because ``safetensors.numpy.save_file`` writes an
+    array's memory as it lies: a transposed view would be saved scrambled, without an error."""
     out = {torch_key(path): np.ascontiguousarray(_to_torch(np.asarray(v, np.float32), path[-1]))
            for path, v in _flat_paths(params).items()}
-    grid = cfg.input_size // cfg.patch_size
-    out["pos_embed"] = sincos_2d(cfg.hidden_size, grid)[None].astype(np.float32)
+    if "pos_embed" not in out:
+        grid = cfg.input_size // cfg.patch_size
+        out["pos_embed"] = sincos_2d(cfg.hidden_size, grid)[None].astype(np.float32)
     return out
 
 
 def infer_dit_config(state_dict: Mapping[str, np.ndarray], **overrides) -> DiTConfig:
-    """Guess a ``DiTConfig`` from tensor shapes (heads from the official size table).
+    """Guess a ``DiTConfig`` from tensor shapes (heads from the official size table), with
+    ``pos_embed="stored"``: the converted model keeps the checkpoint's own table.
 
-    ``overrides`` win over inferred values (pass ``num_heads`` for non-official sizes).
+    ``overrides`` win over inferred values (pass ``num_heads`` for non-official sizes,
+    ``pos_embed="sincos"`` to recompute the table, refusing one that is not sin-cos).
     """
     try:
         proj = np.shape(state_dict["x_embedder.proj.weight"])  # [D, C, p, p]
@@ -335,7 +371,7 @@ def infer_dit_config(state_dict: Mapping[str, np.ndarray], **overrides) -> DiTCo
     heads = {(d, h): n for d, h, n in DIT_SIZES.values()}.get((depth, hidden))
     fields = dict(input_size=grid * patch, in_channels=in_ch,
                   patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads,
-                  mlp_ratio=mlp / hidden, learn_sigma=out_ch == 2 * in_ch)
+                  mlp_ratio=mlp / hidden, learn_sigma=out_ch == 2 * in_ch, pos_embed="stored")
     fields.update(overrides)
     if "num_classes" not in overrides:
         # An official table has one extra null row when trained with label dropout.
@@ -347,7 +383,8 @@ def infer_dit_config(state_dict: Mapping[str, np.ndarray], **overrides) -> DiTCo
 
 
 def load_official_dit(path: str | pathlib.Path, cfg: DiTConfig | None = None):
-    """Read and convert an official DiT checkpoint. Returns ``(cfg, params)``."""
+    """Read and convert an official DiT checkpoint. Returns ``(cfg, params)``; ``cfg`` defaults
+    to ``infer_dit_config`` (``pos_embed="stored"``: the checkpoint's own table is kept)."""
     state_dict = load_state_dict(path)
     cfg = cfg or infer_dit_config(state_dict)
     return cfg, convert_dit_state_dict(state_dict, cfg)

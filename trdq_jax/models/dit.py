@@ -1,9 +1,12 @@
 """Class-conditional DiT with adaLN-Zero (Peebles & Xie, 2023), NHWC.
 
 Parameter paths mirror the official PyTorch state dict one-to-one (``blocks_3/attn/qkv/kernel``
-<-> ``blocks.3.attn.qkv.weight``), see ``trdq_jax.models.convert``. The fixed sin-cos
-``pos_embed`` is a constant computed from the config, not a parameter (the official code stores
-it as a frozen ``nn.Parameter``; the converter checks it and drops it).
+<-> ``blocks.3.attn.qkv.weight``), see ``trdq_jax.models.convert``. The official code stores the
+fixed sin-cos ``pos_embed`` as a frozen ``nn.Parameter``. ``DiTConfig.pos_embed`` chooses:
+"sincos" (default) computes it from the config and it is no parameter; "stored" holds it as a
+top-level ``pos_embed`` param ``[1, num_patches, hidden]`` (initialised to the sin-cos table),
+what a converted official checkpoint uses, so that it samples with its own (e.g. float16-rounded)
+table. A stored table is frozen: ``stop_gradient``, and ``train=True`` is refused.
 """
 from __future__ import annotations
 
@@ -126,7 +129,17 @@ class DiT(nn.Module):
         kw = dict(dtype=dtype, param_dtype=pdtype)
         pos = sincos_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)
         h = PatchEmbed(cfg.hidden_size, cfg.patch_size, name="x_embedder", **kw)(x.astype(dtype))
-        h = h + jnp.asarray(pos, dtype)[None]
+        if cfg.pos_embed == "stored":
+            if train:
+                raise ValueError(
+                    "train: a DiT with pos_embed='stored' (a converted checkpoint's frozen "
+                    "table) is not trained: the optimizer's weight decay and the EMA would "
+                    "change the table; train a config with pos_embed='sincos'")
+            table = self.param("pos_embed", lambda _, shape, dtype: jnp.asarray(
+                pos.reshape(shape), dtype), (1, cfg.num_patches, cfg.hidden_size), pdtype)
+            h = h + jax.lax.stop_gradient(table).astype(dtype)
+        else:
+            h = h + jnp.asarray(pos, dtype)[None]
         c = TimestepEmbedder(cfg.hidden_size, name="t_embedder", **kw)(broadcast_t(t, x.shape[0]))
         c = c + LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob,
                               param_dtype=pdtype, name="y_embedder")(y, train).astype(c.dtype)
@@ -139,7 +152,8 @@ class DiT(nn.Module):
 
 
 def pos_embed_size(cfg: DiTConfig) -> int:
-    """Number of values in the official frozen ``pos_embed`` (``num_patches * hidden``)."""
+    """Number of values in the official frozen ``pos_embed`` (``num_patches * hidden``). Part
+    of the param tree only with ``cfg.pos_embed == "stored"``."""
     return cfg.num_patches * cfg.hidden_size
 
 
