@@ -164,9 +164,12 @@ def _join_processes(args) -> None:
 def _generate(args) -> int:
     from trdq_jax.sampling.offline import check_out, generate_to_dir
     check_out(args.out, arg="--out")  # before the model loads
+    _check_export_flags(args)
     _join_processes(args)
     model, params, cfg, source, sampler, apply_fn = _denoiser(args)
     share = _share_cfg(args, cfg)
+    if args.per_class is not None:
+        args.num_samples = _per_class_count(args, cfg)
     labels = None if args.labels is None else _labels_arg(args.labels, args.num_samples)
     with blame(None, labels="--labels", num_samples="--num-samples",
                batch_per_device="--batch-per-device", batch_size="--batch-size",
@@ -184,6 +187,63 @@ def _generate(args) -> int:
     if summary["redone"]:
         print(f"trdq generate: note: redid {len(summary['redone'])} shard(s) whose files or "
               "manifest lines did not verify (see \"redone\")", file=sys.stderr)
+    if args.export_npz is not None:
+        summary["export"] = _export_after_generate(args)
+    print_json(summary)
+    return 0
+
+
+def _per_class_count(args, cfg) -> int:
+    """``--per-class K``: ``K x num_classes`` samples, labels ``i % num_classes`` (K of each)."""
+    classes = getattr(cfg.model, "num_classes", 0)
+    if not classes:
+        raise ValueError("--per-class: the model has no classes (unconditional or conditioned "
+                         "otherwise); give --num-samples")
+    if args.labels is not None:
+        raise ValueError("--per-class: gives K samples of every class in turn; to choose "
+                         "--labels, give --num-samples")
+    return args.per_class * classes
+
+
+def _check_export_flags(args) -> None:
+    """``--export-npz`` and its options, checked before the model loads."""
+    if args.export_npz is None:
+        for flag, value in (("--export-per-class", args.export_per_class),
+                            ("--overwrite", args.overwrite or None)):
+            if value is not None:
+                raise ValueError(f"{flag}: only applies with --export-npz FILE (a generation "
+                                 "directory itself is resumed, never replaced)")
+        return
+    from trdq_jax.sampling.export import check_target
+    target, _ = check_target(args.export_npz, args.overwrite, "--export-npz")
+    out = pathlib.Path(args.out).expanduser().resolve()
+    if out == target or out in target.parents:
+        raise ValueError(f"--export-npz: {str(target)!r} is inside --out {str(out)!r}, the "
+                         "generation directory; outputs do not nest: choose a path outside it")
+
+
+def _export_after_generate(args) -> dict | None:
+    """Write ``--export-npz`` once every process has finished its shards (process 0 writes
+    it); the export's summary, None on the other processes."""
+    import jax
+    from trdq_jax.sampling.export import export_npz
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("trdq generate: every shard written")
+        if jax.process_index() != 0:
+            return None
+    with blame(None, generation_dir="--out", out_file="--export-npz",
+               per_class="--export-per-class"):
+        return export_npz(args.out, args.export_npz, per_class=args.export_per_class,
+                          overwrite=args.overwrite, progress=True, arg="out_file")
+
+
+def _export_only(args) -> int:
+    from trdq_jax.sampling.export import export_npz
+    with blame(None, generation_dir="--generation", out_file="--out", per_class="--per-class"):
+        summary = export_npz(args.generation, args.out, allow_missing=args.allow_missing,
+                             per_class=args.per_class, overwrite=args.overwrite, progress=True,
+                             arg="out_file")
     print_json(summary)
     return 0
 
@@ -238,8 +298,14 @@ def register(sub) -> None:
                                         "the local devices (and processes)")
     _add_denoiser_source(p)
     add_set(p, "e.g. sampler.num_steps=100")
-    p.add_argument("--num-samples", type=positive_int, required=True,
-                   help="samples 0 .. N-1 to generate (required)")
+    count = p.add_mutually_exclusive_group(required=True)
+    count.add_argument("--num-samples", type=positive_int,
+                       help="samples 0 .. N-1 to generate (default: none; this or "
+                            "--per-class is required)")
+    count.add_argument("--per-class", type=positive_int, metavar="K",
+                       help="K samples of every class of a class-conditional model: "
+                            "--num-samples K x classes, labels i %% classes (default: none; "
+                            "this or --num-samples is required)")
     p.add_argument("--labels", default=None,
                    help="comma-separated labels used in turn (default: every class in turn)")
     batch = p.add_mutually_exclusive_group()
@@ -265,6 +331,19 @@ def register(sub) -> None:
                    help="generation directory: created (or an empty one filled), or resumed "
                         "when it holds this same run (on a file system every process sees) "
                         "(required)")
+    export = p.add_argument_group("export for FID tools (trdq export-npz does it alone)")
+    export.add_argument("--export-npz", metavar="FILE",
+                        help="then write the PNGs to FILE (.npz): arr_0 uint8 [N, H, W, 3] and, "
+                             "for class labels, arr_1 int64, in sample order (the ADM "
+                             "evaluator's layout); a rerun that would write the same file "
+                             "leaves it as it is (default: none)")
+    export.add_argument("--export-per-class", type=positive_int, metavar="K",
+                        help="with --export-npz: only the first K samples of each class "
+                             "(default: all samples)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="with --export-npz: replace an existing export FILE written by "
+                             "trdq (anything else is refused; the generation directory is "
+                             "resumed, never replaced) (default: off)")
     hosts = p.add_argument_group("several processes (hosts); each writes only its own batches")
     hosts.add_argument("--distributed", action="store_true",
                        help="jax.distributed.initialize() from the cluster's environment (TPU "
@@ -278,6 +357,24 @@ def register(sub) -> None:
                        help="this process, 0 .. P-1, with --coordinator (default: none)")
     add_debug(p)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("export-npz", help="a generation directory's images as one .npz for "
+                                          "FID tools (ADM evaluator, torch-fidelity)")
+    p.add_argument("--generation", required=True, metavar="DIR",
+                   help="generation directory (trdq generate --out DIR), finished or not "
+                        "(required)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the .npz: arr_0 uint8 [N, H, W, 3] and, for class labels, arr_1 "
+                        "int64, in sample order; written whole or not at all (required)")
+    add_overwrite(p, "export")
+    p.add_argument("--per-class", type=positive_int, default=None, metavar="K",
+                   help="only the first K samples of each class (default: all samples)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="export the finished samples of an unfinished directory (their "
+                        "indices are stored in the file's \"indices\") instead of refusing "
+                        "(default: off)")
+    add_debug(p)
+    p.set_defaults(func=_export_only)
 
     p = sub.add_parser("demo", help="the main job: sample the bundled image DiT and report")
     p.add_argument("--out", required=True, metavar="DIR",
