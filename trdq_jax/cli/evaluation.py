@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+import numpy as np
+
 from trdq_jax.cli._common import (add_debug, add_overwrite, blame, cfg_scale, positive_int,
                                   print_json, seed_int)
 
@@ -56,6 +58,32 @@ def _check_flags(args) -> None:
                                  f"{flag}")
     if args.backend is not None and not args.quantized:
         raise ValueError("--backend: only applies to --quantized checkpoints")
+    if args.reference and not args.quantized:
+        raise ValueError("--reference: compares a --quantized checkpoint with its float source; "
+                         "give --quantized QDIR too")
+    if args.labels and not args.reference:
+        raise ValueError("--labels: only with --reference (class match and digits-FID use "
+                         "every class)")
+
+
+def _against_float(args, seeds) -> dict:
+    """``trdq eval --quantized QDIR --reference DIR``: PSNR in latents and decoded pixels."""
+    from trdq_jax.eval.fidelity import compare_to_float
+    from trdq_jax.models.zoo import load_float_model
+    if len(seeds) > 1:
+        raise ValueError("--num-seeds: --reference compares one seed's samples; give one seed")
+    labels = None
+    if args.labels:
+        from trdq_jax.cli.sampling import _class_list
+        with blame("--reference"):
+            cfg = load_float_model(None, args.reference)[2]
+        labels = np.repeat(_class_list(args.labels, cfg.model.num_classes),
+                           args.per_class or 1)
+    with blame(None, float_dir="--reference", quantized_dir="--quantized"):
+        _check_dir(args.reference)
+        return compare_to_float(args.reference, args.quantized, labels=labels,
+                                per_class=args.per_class or 1, seed=seeds[0],
+                                backend=args.backend or "xla", cfg_scale=args.cfg_scale)
 
 
 def _eval(args) -> int:
@@ -69,7 +97,10 @@ def _eval(args) -> int:
             raise ValueError(f"--out: expected a .json file name, got {args.out!r}")
         files.resolve_target(args.out, kind="report", overwrite=args.overwrite, is_dir=False,
                              arg="--out")
-    if args.checkpoint or args.quantized or args.generation:
+    if args.reference:
+        results = [_against_float(args, seeds)]
+        print_json(results[0])
+    elif args.checkpoint or args.quantized or args.generation:
         flag, path = next((f, v) for f, v in (("--checkpoint", args.checkpoint),
                                               ("--quantized", args.quantized),
                                               ("--generation", args.generation)) if v)
@@ -133,6 +164,14 @@ def register(sub) -> None:
                           "there (their own seed, labels and guidance)")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="quantized execution for --quantized (default: xla)")
+    p.add_argument("--reference", metavar="DIR",
+                   help="with --quantized: the float checkpoint it was made from; instead of "
+                        "class match / digits-FID, report the PSNR of the quantized samples "
+                        "against the float ones (same labels, seed and noise) in latents and, "
+                        "for a model with a VAE, in decoded pixels (PSNR, SSIM); default: none")
+    p.add_argument("--labels", default=None, metavar="LIST",
+                   help="with --reference: the classes to sample, comma-separated, each "
+                        "--per-class times (default: every class, --per-class default 1)")
     p.add_argument("--per-class", type=positive_int, default=None,
                    help=f"samples per class and seed (default: {DEFAULT_PER_CLASS})")
     p.add_argument("--seed", type=seed_int, default=None,

@@ -75,7 +75,9 @@ def check_judgeable(sample_shape, num_classes: int) -> str:
         frame = "x".join(str(v) for v in shape[-3:]) if len(shape) >= 3 else str(shape)
         raise ValueError(f"cannot judge samples of shape {shape}: class match and digits-FID use "
                          f"the bundled {name}, which takes {side}x{side}x{channels} "
-                         f"{'frames' if video else 'images'} of digits, not {frame} {what}")
+                         f"{'frames' if video else 'images'} of digits, not {frame} {what}"
+                         " (a quantized model of your own: compare it with its float source, "
+                         "--quantized QDIR --reference DIR)")
     if num_classes > clf_cfg.num_classes:
         raise ValueError(f"cannot judge a model of {num_classes} classes: the bundled {name} "
                          f"knows {clf_cfg.num_classes} (class c must be the digit c)")
