@@ -204,3 +204,43 @@ def test_check_params_traces_each_config_once(monkeypatch):
         check_params(cfg, params)
         abstract_params(cfg)
     assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- pos_embed="stored"
+
+
+def test_stored_sincos_table_gives_the_sincos_model_bit_for_bit():
+    """A "stored" DiT whose table is the float32 sin-cos one is the "sincos" DiT; a changed
+    table changes the output. Official sizes count the table as a param."""
+    import dataclasses
+    stored_cfg = dataclasses.replace(SMALL, pos_embed="stored")
+    params = init_params(stored_cfg, jax.random.key(0))
+    check_params(stored_cfg, params)
+    plain = {k: v for k, v in params.items() if k != "pos_embed"}
+    check_params(SMALL, plain)
+    with pytest.raises(ValueError, match=r"unexpected \(1\): pos_embed"):
+        check_params(SMALL, params)
+    with pytest.raises(ValueError, match=r"missing \(1\): pos_embed"):
+        check_params(stored_cfg, plain)
+    sd = official_dit.random_state_dict(np.random.default_rng(0), **_official_dims(SMALL))
+    plain = convert_dit_state_dict(sd, SMALL)  # random weights: adaLN-Zero init outputs zeros
+    params = {**plain, "pos_embed": params["pos_embed"]}
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    t, y = jnp.array([5, 900]), jnp.array([1, 4])
+    want = build_model(SMALL).apply({"params": plain}, x, t, y)
+    got = build_model(stored_cfg).apply({"params": params}, x, t, y)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    moved = {**params, "pos_embed": params["pos_embed"] + 0.1 * jax.random.normal(
+        jax.random.key(2), params["pos_embed"].shape)}
+    assert not np.allclose(build_model(stored_cfg).apply({"params": moved}, x, t, y), want)
+    xl = dit_config("XL/2", image_size=256, pos_embed="stored")
+    assert param_count(abstract_params(xl)) == 675_129_632
+
+
+def test_pos_embed_field_is_checked_and_defaults_for_stored_configs():
+    from trdq_jax.config import ConfigError, model_config_from_dict, to_dict
+    with pytest.raises(ConfigError, match=r"^DiTConfig.pos_embed: expected one of \('sincos', "
+                                          r"'stored'\), got 'learned'"):
+        DiTConfig(pos_embed="learned")
+    old = {k: v for k, v in to_dict(SMALL).items() if k != "pos_embed"}  # saved before the field
+    assert model_config_from_dict(old) == SMALL
