@@ -72,7 +72,8 @@ def ldm_name(key: str, num_levels: int) -> str:
     rules = [
         (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
         (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
-        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
+         r"encoder.down.\1.downsample.conv."),
         (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
         (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
         (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
