@@ -1,6 +1,7 @@
 """A latent DiT with its VAE through quantize, sample, generate (killed and resumed), export and
 eval: shards keep latents, PNGs and the export are the decoded pixels (issue #22)."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -154,3 +155,73 @@ def test_quantize_sample_generate_resume_export_and_eval_a_latent_model(latent_c
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["num_samples"] == 1 and report["pixel_shape"] == [8, 8, 3]
     assert 20 < report["pixel_psnr_db"] < 200 and 20 < report["latent_psnr_db"] < 200, report
+
+
+# ----------------------------------------------------------------------------- trdq convert --vae
+
+
+FIXTURES = ROOT / "tests" / "models" / "fixtures"
+
+
+def _official_file(tmp_path, in_ch=4):
+    from tests.models import official_dit
+    sd = official_dit.random_state_dict(
+        np.random.default_rng(0), depth=1, hidden=32, in_ch=in_ch, patch=2, num_classes=3,
+        mlp_hidden=128, out_ch=2 * in_ch, n_tokens=4)
+    path = tmp_path / "dit.npz"
+    np.savez(path, **sd)
+    return path
+
+
+@pytest.mark.parametrize("source", ["diffusers", "ldm"])
+def test_convert_stores_the_vae_users_hold(tmp_path, capsys, source):
+    from trdq_jax.cli import main
+    from trdq_jax.models.convert_vae import load_diffusers_vae
+    vae_path = FIXTURES / ("tiny_vae" if source == "diffusers" else "tiny_vae_ldm.safetensors")
+    out = tmp_path / "ck"
+    config = [] if source == "diffusers" else [  # LDM files carry no config
+        "--vae-config", str(FIXTURES / "tiny_vae" / "config.json")]
+    assert main(["convert", "--input", str(_official_file(tmp_path)), "--num-heads", "2",
+                 "--vae", str(vae_path), *config, "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    cfg, params = checkpoint.restore_vae(out)
+    want_cfg, want = load_diffusers_vae(FIXTURES / "tiny_vae")
+    assert printed["vae"]["latent_channels"] == 4 and cfg == want_cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _one_line_error(capsys, argv, tmp_path, pattern):
+    from trdq_jax.cli import main
+    out = tmp_path / "ck"
+    assert main(["convert", *argv, "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(pattern, err[0]), err
+    assert not out.exists()
+
+
+def test_convert_refuses_bad_vaes_in_one_line(tmp_path, capsys):
+    import shutil
+    dit = ["--input", str(_official_file(tmp_path)), "--num-heads", "2"]
+    _one_line_error(capsys, [*dit, "--vae", str(tmp_path / "absent")], tmp_path,
+                    r"--vae: no such directory .*absent")
+    foreign = tmp_path / "foreign"
+    shutil.copytree(FIXTURES / "tiny_vae", foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**config,
+                                                     "_class_name": "UNet2DConditionModel"}))
+    _one_line_error(capsys, [*dit, "--vae", str(foreign)], tmp_path, r"--vae: .*UNet2DCondition")
+    (foreign / "config.json").unlink()
+    _one_line_error(capsys, [*dit, "--vae", str(foreign)], tmp_path,
+                    r"--vae: .*config\.json.*missing")
+    edited = tmp_path / "edited"
+    shutil.copytree(FIXTURES / "tiny_vae", edited)
+    (edited / "config.json").write_text(json.dumps({**config, "latent_channels": 3}))
+    _one_line_error(capsys, [*dit, "--vae", str(edited)], tmp_path, r"--vae: .*(mis-shaped|shape)")
+    _one_line_error(capsys, [*dit, "--vae", str(FIXTURES / "tiny_vae_ldm.safetensors")],
+                    tmp_path, r"--vae: .* does not hold the SD-VAE .*--vae-config")
+    three = tmp_path / "three"
+    three.mkdir()
+    _one_line_error(capsys, ["--input", str(_official_file(three, in_ch=3)), "--num-heads", "2",
+                             "--vae", str(FIXTURES / "tiny_vae")], tmp_path,
+                    r"--vae: the VAE's latent_channels=4 disagree with the denoiser's 3")

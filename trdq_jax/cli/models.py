@@ -43,12 +43,23 @@ def _convert(args) -> int:
     with blame("--input"):
         cfg = infer_dit_config(state_dict, pos_embed=args.pos_embed, **overrides)
         params = convert_dit_state_dict(state_dict, cfg)
+    vae = None
+    if args.vae_config is not None and args.vae is None:
+        raise ValueError("--vae-config: only with --vae FILE (an LDM checkpoint)")
+    if args.vae is not None:
+        from trdq_jax.sampling.decode import check_vae_for, load_vae
+        with blame("--vae", directory="--vae", path="--vae", config="--vae-config"):
+            vae = load_vae(args.vae, args.vae_config)
+            check_vae_for(cfg, vae[0], "--vae")
     # how far the checkpoint's table is from the 2-D sin-cos one (a learned table is fine)
     report = pos_embed_report(state_dict, cfg)
-    out = checkpoint.save(args.out, params, cfg, extra={"converted_from": str(args.input),
-                                                        "pos_embed": report},
+    extra = {"converted_from": str(args.input), "pos_embed": report}
+    if vae is not None:
+        extra["vae_from"] = str(args.vae)
+    out = checkpoint.save(args.out, params, cfg, extra=extra, vae=vae,
                           overwrite=args.overwrite, arg="--out")
-    print_json({"out": str(out), "config": to_dict(cfg), "pos_embed": report})
+    print_json({"out": str(out), "config": to_dict(cfg), "pos_embed": report,
+                **({"vae": to_dict(vae[0])} if vae else {})})
     return 0
 
 
@@ -85,6 +96,15 @@ def register(sub) -> None:
                         "official model samples with it; a float16 checkpoint's rounded table "
                         "included); 'sincos': recompute the 2-D sin-cos table, refusing a "
                         "stored one that differs beyond its dtype's rounding (default: stored)")
+    p.add_argument("--vae", metavar="PATH",
+                   help="the VAE the DiT samples decode with, stored float in the checkpoint: a "
+                        "diffusers AutoencoderKL directory (config.json + "
+                        "diffusion_pytorch_model.safetensors, e.g. stabilityai/sd-vae-ft-ema) "
+                        "or an LDM/SD checkpoint file (first_stage_model.* keys) (default: none, "
+                        "samples stay latents)")
+    p.add_argument("--vae-config", metavar="FILE",
+                   help="with an LDM --vae file: the diffusers config.json of that VAE (default: "
+                        "the SD-VAE's, block_out_channels 128,256,512,512)")
     add_overwrite(p, "float checkpoint")
     add_debug(p)
     p.set_defaults(func=_convert)

@@ -24,6 +24,44 @@ from trdq_jax.config import VAEConfig
 DEFAULT_DECODE_CHUNK = 8
 
 
+def load_vae(path, config=None) -> tuple[VAEConfig, dict]:
+    """``(VAEConfig, params)`` of what users hold: a diffusers ``AutoencoderKL`` directory
+    (``config.json`` + safetensors: ``stabilityai/sd-vae-ft-ema``, a pipeline's ``vae/``) or
+    an LDM / Stable Diffusion checkpoint file (its ``first_stage_model.*`` keys). LDM files
+    carry no config: ``config`` (a diffusers ``config.json`` path) gives it, else the SD-VAE's
+    (``VAEConfig()``). Errors name the path (``trdq_jax.models.convert_vae``)."""
+    import json
+    import pathlib
+    from trdq_jax.models.convert import ConversionError
+    from trdq_jax.models.convert_vae import (load_diffusers_vae, load_ldm_vae,
+                                             vae_config_from_diffusers)
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir() or not path.exists():
+        if config is not None:
+            raise ValueError("config: a diffusers directory has its own config.json; give a "
+                             "config only with an LDM checkpoint file")
+        return load_diffusers_vae(path)
+    cfg = None
+    if config is not None:
+        config = pathlib.Path(config).expanduser()
+        try:
+            cfg = vae_config_from_diffusers(json.loads(config.read_text(encoding="utf-8")),
+                                            repr(str(config)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config: no such file {str(config)!r}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConversionError(f"config: {str(config)!r} is not JSON ({e})") from None
+    try:
+        return load_ldm_vae(path, cfg)
+    except ConversionError as e:
+        if cfg is not None or "does not match" not in str(e):
+            raise
+        raise ConversionError(f"{str(path)!r} does not hold the SD-VAE (read as VAEConfig() "
+                              "since an LDM file carries no config): give the diffusers "
+                              "config.json of your VAE (--vae-config); "
+                              + " ".join(str(e).split())[:300]) from None
+
+
 def latent_shape(model_cfg) -> tuple[int, ...]:
     """One sample of ``model_cfg``'s denoiser, channels last (without the batch axis)."""
     from trdq_jax.models import input_shape
