@@ -175,7 +175,7 @@ def _generate(args) -> int:
                batch_per_device="--batch-per-device", batch_size="--batch-size",
                model_parallel="--model-parallel", shard_size="--shard-size", out="--out"):
         summary = generate_to_dir(args.out, model, params, cfg, num_samples=args.num_samples,
-                                  vae=_vae(args),
+                                  vae=_vae(args), decode_chunk=args.decode_batch,
                                   labels=labels, seed=args.seed, cfg_scale=args.cfg_scale,
                                   batch_per_device=args.batch_per_device,
                                   batch_size=args.batch_size,
@@ -325,6 +325,10 @@ def register(sub) -> None:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="write NaN/Inf samples (listed in the summary and the manifest) instead "
                         "of stopping with their indices (default: off)")
+    p.add_argument("--decode-batch", type=positive_int, default=None, metavar="K",
+                   help="a latent model (a checkpoint with a VAE): samples decoded at once, "
+                        "which bounds the decoder's memory (its activations grow with K; see "
+                        "BENCHMARKS.md for the SD-VAE at 256x256) (default: 8)")
     add_seed(p)
     _add_guidance(p, "the plan stored with --quantized, else none")
     p.add_argument("--out", required=True, metavar="DIR",

@@ -355,7 +355,8 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
     "num_samples", "shard_size", "extents", "generated", "skipped", "redone", "unreadable_lines",
     "removed_temporaries", "nonfinite", "seconds", "samples_per_s", "devices", "mesh",
     "processes"}`` for this process (``redone``: ``{shard file: why}`` of this process's shards
-    whose files or manifest lines did not verify).
+    whose files or manifest lines did not verify); with a ``vae`` also ``"decode_seconds"``,
+    the part of ``"seconds"`` spent decoding (the sampler's result awaited first).
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -414,7 +415,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
                    dynamic_ncols=True)
     buffers = {}  # shard start -> [samples of it computed so far]
     t0 = time.perf_counter()
-    generated, nonfinite = 0, []
+    generated, nonfinite, decode_seconds = 0, [], 0.0
     try:
         for indices in _pending_batches(todo, grid, batch):
             n = len(indices)
@@ -427,7 +428,11 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
                        shape=shape, share_cfg=share_cfg, sample_indices=chosen, x_T=x_T,
                        **batch_null)
             samples = np.asarray(jax.device_get(x))[:n]
-            pixels = None if decode is None else np.asarray(jax.device_get(decode(x)))[:n]
+            pixels = None
+            if decode is not None:
+                t_decode = time.perf_counter()
+                pixels = np.asarray(jax.device_get(decode(x)))[:n]
+                decode_seconds += time.perf_counter() - t_decode
             for start, rows, rows_pixels in _by_shard(indices, samples, grid, pixels):
                 buffers.setdefault(start, []).append((rows, rows_pixels))
                 want = len(grid[start])
@@ -463,7 +468,8 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
             "nonfinite": nonfinite, "seconds": round(seconds, 3),
             "samples_per_s": round(generated / seconds, 3) if generated else None,
             "devices": len(mesh.devices.flat), "mesh": dict(mesh.shape),
-            "processes": processes}
+            "processes": processes,
+            **({"decode_seconds": round(decode_seconds, 3)} if decode is not None else {})}
 
 
 def _run_conditioning(cfg, num_samples: int, labels, cond, null_cond):
