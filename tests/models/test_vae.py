@@ -162,6 +162,16 @@ def test_init_and_abstract_params(cfg):
     assert "quant_conv" not in no_quant and "post_quant_conv" not in no_quant
 
 
+def test_bfloat16_compute_and_params(io):
+    cfg16, params = load_diffusers_vae(DIFFUSERS_DIR, dtype="bfloat16", param_dtype="bfloat16")
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree_util.tree_leaves(params))
+    model = AutoencoderKL(cfg16)
+    mean, logvar = model.apply({"params": params}, io["images"], method=AutoencoderKL.encode)
+    assert mean.dtype == jnp.bfloat16
+    out = {"mean": np.asarray(mean, np.float32), "logvar": np.asarray(logvar, np.float32)}
+    assert_parity(out, io, rtol=5e-2)  # bfloat16 keeps ~3 significant digits
+
+
 # ----------------------------------------------------------------------------- round trips
 
 
@@ -257,7 +267,7 @@ def test_invisible_swaps_are_indeed_invisible(cfg, state_dict, run, io):
 
 def test_every_mutation_is_refused_or_breaks_parity(cfg, state_dict, run, io):
     """For every tensor: drop it; transpose it (each way that changes it); swap it with another
-    tensor of the same shape. Each mutation must be refused by the converter or move some
+    tensor of the same shape (one with no such partner has its axis 0 reversed instead). Each mutation must be refused by the converter or move some
     output beyond the parity tolerance."""
     keys = sorted(state_dict)
     by_shape = defaultdict(list)
@@ -287,8 +297,10 @@ def test_every_mutation_is_refused_or_breaks_parity(cfg, state_dict, run, io):
         for how, value in _transposes(state_dict[key]).items():
             check("transpose", f"transpose ({how}) {key}", {**state_dict, key: value})
         group = by_shape[state_dict[key].shape]
-        if len(group) < 2:
+        if len(group) < 2:  # no partner: reverse its output channels instead
             outcomes["swap"]["no same-shaped partner"] += 1
+            check("flip", f"flip axis 0 of {key}",
+                  {**state_dict, key: np.ascontiguousarray(state_dict[key][::-1])})
             continue
         start = group.index(key)
         candidates = [group[(start + i) % len(group)] for i in range(1, len(group))]
