@@ -8,6 +8,10 @@ separate virtualenv (the project's tests never import torch)::
     /tmp/torchenv/bin/pip install diffusers safetensors numpy
     /tmp/torchenv/bin/python scripts/make_vae_fixture.py
 
+(any CPU torch wheel does: where that index is out of reach, install a local
+``torch-*+cpu-*.whl`` by path instead.) Written with torch 2.13.0+cpu and diffusers 0.42.1;
+rerunning with those versions reproduces the committed files byte for byte.
+
 It writes, under ``tests/models/fixtures/`` (about 0.5 MB in all):
 
 * ``tiny_vae/``: ``config.json`` + ``diffusion_pytorch_model.safetensors`` from
