@@ -351,6 +351,12 @@ class VAEConfig:
                 _fail(self, name, "a finite number", value)
         if self.scaling_factor <= 0:
             _fail(self, "scaling_factor", "a positive number", self.scaling_factor)
+        for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(self, name, "true or false", getattr(self, name))
+        if self.sample_size % self.downsample_factor:
+            _fail(self, "sample_size", f"a multiple of the downsample factor "
+                  f"{self.downsample_factor}", self.sample_size)
         _check_choice(self, "dtype", DTYPES)
         _check_choice(self, "param_dtype", DTYPES)
 

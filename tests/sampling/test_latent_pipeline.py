@@ -225,3 +225,13 @@ def test_convert_refuses_bad_vaes_in_one_line(tmp_path, capsys):
     _one_line_error(capsys, ["--input", str(_official_file(three, in_ch=3)), "--num-heads", "2",
                              "--vae", str(FIXTURES / "tiny_vae")], tmp_path,
                     r"--vae: the VAE's latent_channels=4 disagree with the denoiser's 3")
+
+
+def test_calibration_labels_spread_over_many_classes():
+    from trdq_jax.quant.pipeline import spread_labels
+    labels = spread_labels(1000, 32)
+    assert len(set(labels.tolist())) == 32 and labels[0] == 0 and labels[-1] == 968
+    assert set(np.diff(labels).tolist()) == {31, 32}  # evenly spread, not bunched
+    np.testing.assert_array_equal(spread_labels(3, 6), [0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="^num_samples: expected a positive int"):
+        spread_labels(3, 0)

@@ -1,5 +1,5 @@
-"""The ``trdq`` command: ``trdq {info,train,convert,sample,demo,eval,calibrate,quantize,
-plot-ranges,cfg-analysis} --help``.
+"""The ``trdq`` command: ``trdq {info,train,convert,sample,generate,export-npz,demo,eval,
+calibrate,quantize,plot-ranges,cfg-analysis} --help``.
 
 This package only parses arguments, calls library functions, prints and maps failures to exit
 codes; nothing outside it imports it. Expected failures (bad arguments or files, refused

@@ -36,7 +36,8 @@ def _calibrate_from_args(args, recipe, loaded=None):
                          f"{cfg.sampler.num_steps} steps")
     t0 = time.perf_counter()
     calib = run_calibration(model, params, cfg, recipe, per_class=args.per_class, seed=args.seed,
-                            rows_per_step=args.rows_per_step, progress=True)
+                            rows_per_step=args.rows_per_step, num_samples=args.num_samples,
+                            progress=True)
     return model, params, cfg, calib, time.perf_counter() - t0
 
 
@@ -50,6 +51,7 @@ def _calibrate(args) -> int:
     _, params, cfg, calib, seconds = _calibrate_from_args(args, recipe)
     out = save_calibration(args.out, calib, recipe, cfg, source=source_of(args),
                            params_sha256=tree_digest(params), per_class=args.per_class,
+                           num_samples=args.num_samples,
                            seed=args.seed, rows_per_step=args.rows_per_step, seconds=seconds,
                            overwrite=args.overwrite, arg="--out")
     print_json({"out": str(out), "layers": len(calib.stats),
@@ -181,6 +183,9 @@ def _add_calibration_flags(p, recipe_default: str | None) -> None:
                    help="time segments (default: the recipe's)")
     p.add_argument("--per-class", type=positive_int, default=4,
                    help="calibration samples per class (default: %(default)s)")
+    p.add_argument("--num-samples", type=positive_int, default=None, metavar="N",
+                   help="instead of --per-class: N calibration samples of classes spread evenly "
+                        "over all (e.g. 32 for ImageNet's 1000 classes) (default: none)")
     add_seed(p, "calibration seed, not an evaluation seed")
     p.set_defaults(seed=DEFAULT_CALIB_SEED)
     p.add_argument("--rows-per-step", type=positive_int, default=64,

@@ -71,11 +71,13 @@ def source_record(model_name: str | None = None,
 
 def save_calibration(path, calib: Calibration, recipe, cfg: ExperimentConfig, *, source: dict,
                      params_sha256: str, per_class: int, seed: int, rows_per_step: int,
+                     num_samples: int | None = None,
                      seconds: float = 0.0, overwrite: bool = False,
                      arg: str = "path") -> pathlib.Path:
     """Write ``calib`` (statistics + segment table) and how it was made to ``path``.
 
     ``source``: ``{"model": NAME}`` or ``{"checkpoint": DIR}``, where the float weights live.
+    ``num_samples``: recorded instead of ``per_class`` when the labels were ``spread_labels``.
     """
     layers = list(calib.stats)
     body = {"format": CALIB_FORMAT, "kind": "calibration", "library_version": __version__,
@@ -84,7 +86,9 @@ def save_calibration(path, calib: Calibration, recipe, cfg: ExperimentConfig, *,
             "keep_float": {k: list(v) for k, v in calib.keep_float.items()}, "layers": layers,
             "weight_only": list(calib.weight_only), "roles": calib.roles,
             "source": source, "config": to_dict(cfg), "params_sha256": params_sha256,
-            "per_class": per_class, "seed": seed, "rows_per_step": rows_per_step,
+            **({"per_class": per_class} if num_samples is None else
+               {"num_samples": int(num_samples)}),
+            "seed": seed, "rows_per_step": rows_per_step,
             "seconds": round(seconds, 3)}
     arrays = {}
     for i, p in enumerate(layers):

@@ -47,17 +47,28 @@ def calibration_labels(num_classes: int, per_class: int) -> np.ndarray:
     return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
 
+def spread_labels(num_classes: int, num_samples: int) -> np.ndarray:
+    """int32 ``[num_samples]``: classes spread evenly over ``0 .. num_classes - 1``
+    (``i * num_classes // num_samples``): distinct classes when ``num_samples <= num_classes``
+    (e.g. 32 of ImageNet's 1000), about equally many of each otherwise."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+    return (np.arange(num_samples, dtype=np.int64) * num_classes // num_samples).astype(np.int32)
+
+
 def run_calibration(model, params, cfg: ExperimentConfig, recipe: Recipe, *, per_class: int = 4,
                     seed: int = DEFAULT_CALIB_SEED, rows_per_step: int = 64,
-                    progress: bool = False):
-    """``trdq_jax.quant.calibrate`` on ``per_class`` labels of every class with ``cfg``'s
-    sampler and guidance. Returns the ``Calibration``."""
+                    num_samples: int | None = None, progress: bool = False):
+    """``trdq_jax.quant.calibrate`` on ``per_class`` labels of every class (or, with
+    ``num_samples``, that many samples of classes spread over all, ``spread_labels``) with
+    ``cfg``'s sampler and guidance. Returns the ``Calibration``."""
     if recipe.num_segments > cfg.sampler.num_steps:
         raise ValueError(f"recipe: {recipe.num_segments} segments but the sampler has only "
                          f"{cfg.sampler.num_steps} steps")
     if isinstance(rows_per_step, bool) or not isinstance(rows_per_step, int) or rows_per_step < 1:
         raise ValueError(f"rows_per_step: expected a positive int, got {rows_per_step!r}")
-    labels = calibration_labels(cfg.model.num_classes, per_class)
+    labels = (calibration_labels(cfg.model.num_classes, per_class) if num_samples is None
+              else spread_labels(cfg.model.num_classes, num_samples))
     return calibrate(model, params, recipe, Sampler.from_config(cfg.sampler), labels=labels,
                      null_label=null_label(cfg.model), shape=input_shape(cfg.model, len(labels)),
                      seed=seed, rows_per_step=rows_per_step, progress=progress)
