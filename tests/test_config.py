@@ -151,3 +151,23 @@ def test_sampler_config_uses_the_cfg_scale_policy():
                                               r"\[0, 100\], got "):
             SamplerConfig(cfg_scale=bad)
     assert SamplerConfig(cfg_scale=0).cfg_scale == 0 and SamplerConfig(cfg_scale=100.0)
+
+
+def test_a_field_added_later_keeps_old_digests_while_at_its_implied_value():
+    """DiTConfig.pos_embed came after configs were stored: at "sincos" it is left out, so
+    fingerprints of plans, generation runs and training workdirs made before stay valid."""
+    import hashlib
+    import json as _json
+
+    from trdq_jax.config import DiTConfig, experiment_from_dict, to_dict
+    from trdq_jax.sampling.cfg_plan import model_fingerprint
+    old = {"family": "dit", "input_size": 32, "in_channels": 4, "patch_size": 2,
+           "hidden_size": 1152, "depth": 28, "num_heads": 16, "mlp_ratio": 4.0,
+           "num_classes": 1000, "class_dropout_prob": 0.1, "learn_sigma": True}
+    digest = hashlib.sha256(_json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    assert model_fingerprint(DiTConfig()) == f"DiTConfig:{digest}"
+    assert "pos_embed" not in to_dict(DiTConfig())
+    assert to_dict(DiTConfig(pos_embed="stored"))["pos_embed"] == "stored"
+    assert model_fingerprint(DiTConfig(pos_embed="stored")) != model_fingerprint(DiTConfig())
+    stored = {"name": "x", "model": to_dict(DiTConfig(pos_embed="stored"))}
+    assert experiment_from_dict(stored).model.pos_embed == "stored"

@@ -494,9 +494,28 @@ class ExperimentConfig:
 
 # ----------------------------------------------------------------------------- (de)serialisation
 
+# Fields added after configs were first stored, omitted while at the value every older config
+# had: digests and fingerprints of existing runs, plans and checkpoints stay what they were.
+_OMITTED_AT_DEFAULT = {DiTConfig: {"pos_embed": "sincos"}}
+
+
+def _without_new_defaults(obj: Any, d: Any) -> Any:
+    if not dataclasses.is_dataclass(obj) or not isinstance(d, dict):
+        return d
+    for name, value in _OMITTED_AT_DEFAULT.get(type(obj), {}).items():
+        if d.get(name) == value:
+            del d[name]
+    for f in dataclasses.fields(obj):
+        if f.name in d:
+            d[f.name] = _without_new_defaults(getattr(obj, f.name), d[f.name])
+    return d
+
+
 def to_dict(cfg: Any) -> dict:
-    """Config -> JSON-compatible dict (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """Config -> JSON-compatible dict (tuples become lists). A field added later is left out
+    while it holds the value older configs implied (``DiTConfig.pos_embed == "sincos"``), so
+    what was stored before it existed keeps its digest."""
+    return _without_new_defaults(cfg, json.loads(json.dumps(dataclasses.asdict(cfg))))
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

@@ -247,8 +247,8 @@ def load_plan(path) -> CFGPlan:
 def model_fingerprint(model_cfg) -> str:
     """``"DiTConfig:1a2b3c4d5e6f"``: the config class and a digest of its architecture fields
     (everything but dtypes), so that a plan is not used on another architecture."""
-    fields = {k: v for k, v in dataclasses.asdict(model_cfg).items()
-              if k not in ("dtype", "param_dtype")}
+    from trdq_jax.config import to_dict
+    fields = {k: v for k, v in to_dict(model_cfg).items() if k not in ("dtype", "param_dtype")}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
     return f"{type(model_cfg).__name__}:{digest.hexdigest()[:12]}"
 
