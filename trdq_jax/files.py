@@ -63,6 +63,7 @@ KIND_NAMES = {
     "cfg_plan": "CFG sharing plan",
     "cfg_analysis": "CFG analysis directory",
     "generation": "generation directory",
+    "export": "sample export (npz)",
 }
 
 
@@ -96,7 +97,8 @@ def file_kind(path: str | os.PathLike) -> str | None:
     """The ``kind`` marker of a file this project wrote, else None.
 
     PNG: the text chunk ``trdq_jax.kind``; JSON: a top-level object with a ``trdq_jax.``
-    ``format`` and a ``kind``. Other files are never recognised as ours.
+    ``format`` and a ``kind``; npz: such a JSON object in its ``trdq_export`` member (a 0-d
+    string array, read without unpickling). Other files are never recognised as ours.
     """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
@@ -106,14 +108,40 @@ def file_kind(path: str | os.PathLike) -> str | None:
             with Image.open(path) as image:
                 kind = getattr(image, "text", {}).get(_PNG_KEY)
             return kind if isinstance(kind, str) else None
+        data = None
         if suffix == ".json":
             data = json.loads(path.read_text())
-            if (isinstance(data, dict) and str(data.get("format", "")).startswith(FORMAT_PREFIX)
-                    and isinstance(data.get("kind"), str)):
-                return data["kind"]
+        elif suffix == ".npz":
+            data = npz_marker(path)
+        if (isinstance(data, dict) and str(data.get("format", "")).startswith(FORMAT_PREFIX)
+                and isinstance(data.get("kind"), str)):
+            return data["kind"]
     except Exception:  # unreadable or not what its name says: not ours
         return None
     return None
+
+
+NPZ_MARKER = "trdq_export"
+_NPZ_MARKER_LIMIT = 64 << 20  # a foreign file's member is not read when larger than this
+
+
+def npz_marker(path: str | os.PathLike) -> dict | None:
+    """The JSON object in the ``NPZ_MARKER`` member of an npz (a 0-d string array), else None
+    (not a zip, no such member, too large, not JSON): nothing is unpickled."""
+    import zipfile
+
+    import numpy as np
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(f"{NPZ_MARKER}.npy")
+            if info.file_size > _NPZ_MARKER_LIMIT:
+                return None
+            with zf.open(info) as f:
+                value = np.lib.format.read_array(f, allow_pickle=False)
+        data = json.loads(str(value[()]))
+    except Exception:  # not a zip, no marker, not JSON: not ours
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def png_marker(kind: str) -> dict[str, str]:

@@ -116,7 +116,7 @@ def test_layout_values_and_order(tmp_path):
     assert marker["format"] == export.FORMAT and marker["count"] == 10
     assert marker["generation"] == str(gen.resolve())
     assert export.read_marker(tmp_path / "s.npz") == marker
-    assert files.file_kind(tmp_path / "s.npz") is None  # only export.read_marker knows it
+    assert files.file_kind(tmp_path / "s.npz") == "export"  # --overwrite knows it as ours
     assert hidden(tmp_path) == []
 
 

@@ -52,8 +52,7 @@ from trdq_jax.sampling import generation_dir as gd
 
 FORMAT = "trdq_jax.export/1"
 KIND = "export"
-MARKER = "trdq_export"
-_MARKER_LIMIT = 64 << 20  # a foreign file's member is not read when larger than this
+MARKER = files.NPZ_MARKER
 
 
 class ExportError(ValueError):
@@ -84,17 +83,8 @@ def _listed(indices, limit: int = 8) -> str:
 
 def read_marker(path: str | os.PathLike) -> dict | None:
     """The ``trdq_export`` marker of an npz this module wrote, else None (any other file)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo(f"{MARKER}.npy")
-            if info.file_size > _MARKER_LIMIT:
-                return None
-            with zf.open(info) as f:
-                value = np.lib.format.read_array(f, allow_pickle=False)
-        data = json.loads(str(value[()]))
-    except Exception:  # not a zip, no marker, not JSON: not ours
-        return None
-    if (isinstance(data, dict) and str(data.get("format", "")).startswith("trdq_jax.export/")
+    data = files.npz_marker(path)
+    if (data is not None and str(data.get("format", "")).startswith("trdq_jax.export/")
             and data.get("kind") == KIND):
         return data
     return None
@@ -137,35 +127,6 @@ def check_target(out_file, overwrite: bool, arg: str) -> tuple[pathlib.Path, dic
         raise files.OutputError(f"{arg}: cannot write {str(target)!r}: {str(target.parent)!r} "
                                 "is not writable (read-only file system or permissions)")
     return target, marker
-
-
-def _replace_own(target: pathlib.Path, write, arg: str) -> None:
-    """Atomically replace the trdq export at ``target`` by what ``write(tmp)`` writes, checking
-    on what the swap displaced that it still was a trdq export (else it is put back).
-
-    ``files.file_kind`` recognises only PNG and JSON files as the project's, so
-    ``files.write_file`` cannot replace an npz; this is its replacement step with the npz
-    marker (``read_marker``) as the ownership test."""
-    def move(tmp: pathlib.Path) -> None:
-        try:
-            swapped = files._exchange(tmp, target)
-        except FileNotFoundError:  # removed meanwhile: nothing left to replace
-            if not files._renameat2(tmp, target, files._RENAME_NOREPLACE):
-                if os.path.lexists(target):
-                    raise files._appeared(arg, target) from None
-                os.rename(tmp, target)
-            return
-        if swapped:
-            files.crash_point("exchanged")
-            if read_marker(tmp) is None:  # tmp now holds what was displaced
-                files._exchange(tmp, target)
-                raise files._appeared(arg, target)
-            files._remove(tmp)
-            return
-        if read_marker(target) is None:  # no exchange on this file system: check, then rename
-            raise files._appeared(arg, target)
-        os.replace(tmp, target)
-    files._write_one_file(target, write, arg, move)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -317,10 +278,7 @@ def export_npz(generation_dir, out_file, *, allow_missing: bool = False,
     def write(tmp: pathlib.Path) -> None:
         _write_npz(tmp, where, chosen, records, first, labels, marker, progress)
 
-    if existing is None:
-        files.write_file(target, write, kind=KIND, overwrite=False, arg=arg)
-    else:
-        _replace_own(target, write, arg)
+    files.write_file(target, write, kind=KIND, overwrite=existing is not None, arg=arg)
     return {**summary, "unchanged": False, "bytes": target.stat().st_size,
             "seconds": round(time.perf_counter() - t0, 3)}
 
