@@ -47,8 +47,10 @@ def latent_ckpt(tmp_path_factory):
     return path
 
 
-def _trdq(*args, crash=None):
+def _trdq(*args, crash=None, devices=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env.pop("TRDQ_CRASH_AT", None)
     if crash:
         env["TRDQ_CRASH_AT"] = crash
@@ -155,6 +157,19 @@ def test_quantize_sample_generate_resume_export_and_eval_a_latent_model(latent_c
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["num_samples"] == 1 and report["pixel_shape"] == [8, 8, 3]
     assert 20 < report["pixel_psnr_db"] < 200 and 20 < report["latent_psnr_db"] < 200, report
+
+
+@pytest.mark.slow
+def test_the_decode_runs_sharded_and_gives_the_one_device_pictures(latent_ckpt, tmp_path):
+    args = ["generate", "--checkpoint", latent_ckpt, "--num-samples", 8, "--batch-size", 4]
+    one = _trdq(*args, "--out", tmp_path / "one")
+    four = _trdq(*args, "--decode-batch", 2, "--out", tmp_path / "four", devices=4)
+    assert one.returncode == 0 and four.returncode == 0, (one.stderr[-1500:], four.stderr[-1500:])
+    summary = json.loads(four.stdout.strip().splitlines()[-1])
+    assert summary["devices"] == 4 and 0 < summary["decode_seconds"] < summary["seconds"]
+    a, b = _pngs(tmp_path / "one").astype(int), _pngs(tmp_path / "four").astype(int)
+    assert a.shape == (8, 8, 8, 3)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01  # float rounding at most
 
 
 # ----------------------------------------------------------------------------- trdq convert --vae

@@ -118,9 +118,12 @@ def make_decoder(vae_cfg: VAEConfig, vae_params, chunk: int | None = DEFAULT_DEC
         pad = -n % chunk
         padded = jnp.concatenate([latents, jnp.repeat(latents[-1:], pad, axis=0)]) if pad \
             else latents
-        blocks = padded.reshape(-1, chunk, *latents.shape[1:])
+        # step s decodes samples s, s + steps, s + 2 steps, ...: on a batch sharded over the
+        # data axis every device then decodes its own samples at every step
+        steps = padded.shape[0] // chunk
+        blocks = padded.reshape(chunk, steps, *latents.shape[1:]).swapaxes(0, 1)
         out = jax.lax.map(lambda z: to_uint8_pixels(decode_latents(params, vae_cfg, z)), blocks)
-        return out.reshape(-1, *out.shape[2:])[:n]
+        return out.swapaxes(0, 1).reshape(-1, *out.shape[2:])[:n]
 
     return decode
 
