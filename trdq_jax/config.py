@@ -159,6 +159,88 @@ class DiTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PixArtConfig:
+    """Text-conditioned PixArt-α / PixArt-Σ transformer (Chen et al. 2023, 2024), NHWC latents
+    ``[B, input_size, input_size, in_channels]`` conditioned on T5 caption embeddings
+    ``[B, L, caption_channels]`` with a mask (``trdq_jax.models.pixart``).
+
+    α and Σ share one architecture (diffusers' ``PixArtTransformer2DModel`` for both); what
+    differs between checkpoints is data, not structure:
+
+    - ``max_tokens``: the caption token count the model was trained with (T5 truncation): 120
+      for α, 300 for Σ. Captions longer than this are refused.
+    - ``interpolation_scale``: the 2-D sin-cos position table takes patch positions
+      ``arange(grid) / interpolation_scale`` (diffusers' ``PatchEmbed`` at its base size):
+      0.5 for 256 px, 1 for 512 px, 2 for 1024 px, 4 for 2K checkpoints. A diffusers config
+      without the key means ``max(sample_size // 64, 1)``.
+    - ``use_micro_conditions``: the resolution and aspect-ratio embedders of the α 1024-MS
+      models (diffusers' ``use_additional_conditions``; off for Σ and the α 256/512 models).
+      Each embeds into ``hidden_size // 3`` values (resolution: two of them), so it needs
+      ``hidden_size`` divisible by 3.
+
+    ``learn_sigma`` doubles the output channels (eps then variance values).
+    """
+
+    family: Literal["pixart"] = "pixart"
+    input_size: int = 64
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096
+    max_tokens: int = 120
+    learn_sigma: bool = True
+    use_micro_conditions: bool = False
+    interpolation_scale: float = 1.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_choice(self, "family", ("pixart",))
+        _check_positive_int(self, "input_size", "in_channels", "patch_size", "hidden_size",
+                            "depth", "num_heads", "caption_channels", "max_tokens")
+        if self.input_size % self.patch_size:
+            _fail(self, "input_size", f"a multiple of patch_size={self.patch_size}", self.input_size)
+        if self.hidden_size % self.num_heads:
+            _fail(self, "hidden_size", f"a multiple of num_heads={self.num_heads}", self.hidden_size)
+        if self.hidden_size % 4:
+            _fail(self, "hidden_size", "a multiple of 4 (2-D sin-cos position embedding)",
+                  self.hidden_size)
+        _check_mlp_ratio(self)
+        for name in ("learn_sigma", "use_micro_conditions"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(self, name, "True or False", getattr(self, name))
+        if self.use_micro_conditions and self.hidden_size % 3:
+            _fail(self, "hidden_size", "a multiple of 3 with use_micro_conditions (resolution "
+                  "and aspect ratio embed into hidden_size // 3 values each)", self.hidden_size)
+        value = self.interpolation_scale
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value) or not 0 < value <= 64):
+            _fail(self, "interpolation_scale", "a number in (0, 64]", value)
+        _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "param_dtype", DTYPES)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """Width of each block's MLP: exactly ``hidden_size * mlp_ratio`` (validated whole)."""
+        return exact_width(self.hidden_size, self.mlp_ratio)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
 class VideoDiTConfig:
     """Class-conditional spatio-temporal DiT (Latte-style alternating spatial/temporal blocks).
 
@@ -373,9 +455,11 @@ def vae_config_from_dict(d: dict) -> VAEConfig:
     return _from_dict(VAEConfig, d, "vae")
 
 
-ModelConfig = Union[DiTConfig, VideoDiTConfig, UNetConfig, ClassifierConfig, ExternalModelConfig]
+ModelConfig = Union[DiTConfig, VideoDiTConfig, UNetConfig, ClassifierConfig, ExternalModelConfig,
+                    PixArtConfig]
 MODEL_CONFIGS = {"dit": DiTConfig, "video_dit": VideoDiTConfig, "unet": UNetConfig,
-                 "classifier": ClassifierConfig, "external": ExternalModelConfig}
+                 "classifier": ClassifierConfig, "external": ExternalModelConfig,
+                 "pixart": PixArtConfig}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from trdq_jax.config import (ClassifierConfig, DiTConfig, ExternalModelConfig, ModelConfig,
-                             UNetConfig, VideoDiTConfig)
+                             PixArtConfig, UNetConfig, VideoDiTConfig)
 from trdq_jax.models.dit import DiT
 
 
@@ -23,6 +23,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if isinstance(cfg, UNetConfig):
         from trdq_jax.models.unet import UNet
         return UNet(cfg)
+    if isinstance(cfg, PixArtConfig):
+        from trdq_jax.models.pixart import PixArt
+        return PixArt(cfg)
     if isinstance(cfg, ClassifierConfig):
         from trdq_jax.eval.classifier import DigitsClassifier
         return DigitsClassifier(cfg)
@@ -43,9 +46,13 @@ def input_shape(cfg: ModelConfig, batch: int = 1) -> tuple[int, ...]:
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1):
-    """Zero ``(x, t, y)`` of the right shapes and dtypes, for ``init`` and ``eval_shape``."""
-    return (jnp.zeros(input_shape(cfg, batch), jnp.float32), jnp.zeros((batch,), jnp.float32),
-            jnp.zeros((batch,), jnp.int32))
+    """Zero ``(x, t, y)`` of the right shapes and dtypes, for ``init`` and ``eval_shape``;
+    for a PixArt ``y`` is its conditioning pytree (``pixart.dummy_cond``: captions and mask)."""
+    x, t = jnp.zeros(input_shape(cfg, batch), jnp.float32), jnp.zeros((batch,), jnp.float32)
+    if isinstance(cfg, PixArtConfig):
+        from trdq_jax.models.pixart import dummy_cond
+        return x, t, dummy_cond(cfg, batch)
+    return x, t, jnp.zeros((batch,), jnp.int32)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array):
