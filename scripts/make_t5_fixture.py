@@ -10,7 +10,7 @@ by hand in a separate virtualenv (the project's tests never import torch)::
 
 (any CPU torch wheel does: where that index is out of reach, install a local
 ``torch-*+cpu-*.whl`` by path instead.) Written with torch 2.13.0+cpu, transformers 5.25.0 and
-tokenizers 0.23.3.
+tokenizers 0.23.3; rerunning with those versions reproduces the committed files byte for byte.
 
 It writes, under ``tests/models/fixtures/`` (about 0.2 MB in all):
 
@@ -22,8 +22,8 @@ It writes, under ``tests/models/fixtures/`` (about 0.2 MB in all):
   splits on whitespace and punctuation, appends ``</s>`` like T5; ``<pad>`` = 0, ``</s>`` = 1,
   ``<unk>`` = 2 as in T5. Saved by ``PreTrainedTokenizerFast.save_pretrained`` (``tokenizer.json``
   + ``tokenizer_config.json``, whose ``tokenizer_class`` is set to ``PreTrainedTokenizerFast``,
-  a name transformers 4 and 5 both resolve) and a ``special_tokens_map.json``, so ``AutoTokenizer.from_pretrained(dir, local_files_only=True)``
-  loads it as a fast tokenizer.
+  a name transformers 4 and 5 both resolve) and a ``special_tokens_map.json``, so
+  ``AutoTokenizer.from_pretrained(dir, local_files_only=True)`` loads it as a fast tokenizer.
   Every weight is drawn at random and non-zero: linear weights uniform with variance 1 / fan_in,
   the token embedding uniform in +-1, the relative attention bias uniform in +-1 (so the
   position bias visibly changes the attention), RMSNorm weights in [0.6, 1.4].

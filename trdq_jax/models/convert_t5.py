@@ -17,7 +17,7 @@ Key table (``i`` over the blocks)::
     encoder.block.{i}.layer.0.layer_norm.weight                -> block_i/layer_0/layer_norm/scale
     encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}.weight   -> .../SelfAttention/{q,k,v,o}/kernel
     encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight
-                                        -> block_0/layer_0/SelfAttention/relative_attention_bias/embedding
+                         -> block_0/layer_0/SelfAttention/relative_attention_bias/embedding
     encoder.block.{i}.layer.1.layer_norm.weight                -> block_i/layer_1/layer_norm/scale
     encoder.block.{i}.layer.1.DenseReluDense.{wi_0,wi_1,wo}.weight
                                         -> block_i/layer_1/DenseReluDense/{wi_0,wi_1,wo}/kernel
@@ -407,9 +407,9 @@ def tokenize(tokenizer_dir, prompts: Sequence[str], max_length: int, *,
         raise ValueError("prompts: empty list; expected at least one prompt")
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ValueError(f"prompts: expected strings, got {type(prompts[bad[0]]).__name__} at "
-                         f"index {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1
-                                               else ""))
+                         f"index {bad[0]}{more}")
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise ValueError(f"max_length: expected a positive int, got {max_length!r}")
     if tokenizer is None:
