@@ -62,10 +62,10 @@ def runners(loaded, io):
     out = {}
     for v in VARIANTS:
         model = PixArt(loaded[v][0])
-        fn = jax.jit(lambda p, c, model=model, v=v: model.apply({"params": p}, io[f"{v}_x"],
-                                                                 io[f"{v}_t"], c))
-        out[v] = lambda p, c=None, fn=fn, v=v: np.asarray(fn(p, cond_of(io, v) if c is None
-                                                             else c))
+        fn = jax.jit(lambda p, c, model=model, v=v: model.apply(
+            {"params": p}, io[f"{v}_x"], io[f"{v}_t"], c))
+        out[v] = lambda p, c=None, fn=fn, v=v: np.asarray(
+            fn(p, cond_of(io, v) if c is None else c))
     return out
 
 

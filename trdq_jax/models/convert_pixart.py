@@ -213,7 +213,8 @@ def key_table(cfg: PixArtConfig) -> dict[tuple[str, ...], tuple[str, ...]]:
         mods[(b, "cross_attn", "proj")] = _linear(f"{t}.attn2.to_out.0")
         mods[(b, "mlp", "fc1")] = _linear(f"{t}.ff.net.0.proj")
         mods[(b, "mlp", "fc2")] = _linear(f"{t}.ff.net.2")
-    return {mod + leaf: tuple(keys) for mod, leaves in mods.items() for leaf, keys in leaves.items()}
+    return {mod + leaf: tuple(keys)
+            for mod, leaves in mods.items() for leaf, keys in leaves.items()}
 
 
 @functools.lru_cache(maxsize=32)
