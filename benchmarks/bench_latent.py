@@ -12,8 +12,9 @@ Parts (``--part``, comma-separated; default all):
   hidden ``--gen-hidden``, depth ``--gen-depth``, 10 classes) saved with the full SD-VAE
   (``checkpoint.save(..., vae=...)``); ``trdq generate --checkpoint`` runs as subprocesses for
   each (samples, decode batch) of ``--gen-runs`` (batch size ``--gen-batch``, ``--set
-  sampler.num_steps=--gen-steps``), then ``trdq quantize ... --w-bits 8 --a-bits 8`` and
-  ``trdq generate --quantized`` for ``--gen-quant-runs``: max RSS (``wait4``), peak VmRSS
+  sampler.num_steps=--gen-steps``), then ``trdq quantize ... --w-bits 8 --a-bits 8`` (same
+  ``--set``) and ``trdq generate --quantized`` for ``--gen-quant-runs`` (no ``--set``: a
+  quantized checkpoint fixes its steps): max RSS (``wait4``), peak VmRSS
   (polled from /proc every 0.1 s), wall, and the summary's ``seconds`` / ``decode_seconds``.
 * ``dit-xl``: an official-layout DiT-XL/2 256x256 state dict with random non-zero weights
   (written as .safetensors) and a random SD-VAE in the diffusers layout (``save_diffusers_vae``);
@@ -234,9 +235,11 @@ def make_small_checkpoint(args, path: pathlib.Path) -> dict:
 def gen_run(source: list[str], n: int, k: int, tag: str, args, work: pathlib.Path) -> dict:
     out = work / f"gen_{tag}_n{n}_k{k}"
     shutil.rmtree(out, ignore_errors=True)
+    # a quantized checkpoint fixes its sampler steps (calibrated on that trajectory): --set
+    # sampler.num_steps only for the float checkpoint (the quantized one was made with it)
+    steps = [] if tag != "float" else ["--set", f"sampler.num_steps={args.gen_steps}"]
     res = trdq(["generate", *source, "--num-samples", str(n), "--batch-size",
-                str(args.gen_batch), "--decode-batch", str(k), "--set",
-                f"sampler.num_steps={args.gen_steps}", "--out", str(out)],
+                str(args.gen_batch), "--decode-batch", str(k), *steps, "--out", str(out)],
                work / f"gen_{tag}_n{n}_k{k}.log", work)
     res.pop("stdout")
     s = res["summary"]
