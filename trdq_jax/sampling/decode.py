@@ -16,6 +16,8 @@ Calibration and quantization stay in latent space; only the pictures go through 
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -107,23 +109,24 @@ def make_decoder(vae_cfg: VAEConfig, vae_params, chunk: int | None = DEFAULT_DEC
     """
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
+    params = jax.tree.map(jnp.asarray, vae_params)  # on the device once, an argument of the
+    # program (not constants compiled into it: one program serves any VAE of this config)
+    return lambda latents: _decode(params, latents, vae_cfg, chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _decode(params, latents, vae_cfg: VAEConfig, chunk: int | None):
     from trdq_jax.models.vae import decode_latents
-    params = jax.tree.map(jnp.asarray, vae_params)
-
-    @jax.jit
-    def decode(latents):
-        n = latents.shape[0]
-        if chunk is None or n <= chunk:
-            return to_uint8_pixels(decode_latents(params, vae_cfg, latents))
-        pad = -n % chunk
-        padded = jnp.concatenate([latents, jnp.repeat(latents[-1:], pad, axis=0)]) if pad \
-            else latents
-        # step s decodes samples s, s + steps, s + 2 steps, ...: on a batch sharded over the
-        # data axis every device then decodes its own samples at every step
-        steps = padded.shape[0] // chunk
-        blocks = padded.reshape(chunk, steps, *latents.shape[1:]).swapaxes(0, 1)
-        out = jax.lax.map(lambda z: to_uint8_pixels(decode_latents(params, vae_cfg, z)), blocks)
-        return out.swapaxes(0, 1).reshape(-1, *out.shape[2:])[:n]
-
-    return decode
+    n = latents.shape[0]
+    if chunk is None or n <= chunk:
+        return to_uint8_pixels(decode_latents(params, vae_cfg, latents))
+    pad = -n % chunk
+    padded = jnp.concatenate([latents, jnp.repeat(latents[-1:], pad, axis=0)]) if pad \
+        else latents
+    # step s decodes samples s, s + steps, s + 2 steps, ...: on a batch sharded over the
+    # data axis every device then decodes its own samples at every step
+    steps = padded.shape[0] // chunk
+    blocks = padded.reshape(chunk, steps, *latents.shape[1:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda z: to_uint8_pixels(decode_latents(params, vae_cfg, z)), blocks)
+    return out.swapaxes(0, 1).reshape(-1, *out.shape[2:])[:n]
 
