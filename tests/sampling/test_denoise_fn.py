@@ -38,6 +38,9 @@ def test_dit_sampling_matches_a_float64_ddpm_loop_and_reuses_the_compiled_progra
     n, w, labels = 4, 2.0, np.array([0, 2])
     sampler = Sampler.from_config(SamplerConfig(solver="ddpm", num_steps=n))
     shape = (2, 4, 4, 2)
+    # counted from an empty cache: what earlier tests compiled (or evicted, the cache is
+    # bounded) does not change the count
+    scan_sampler._sample_scan.clear_cache()
     before = scan_sampler._sample_scan._cache_size()
     got = sample(denoise_fn_for(model), params, sampler, labels, seed=4, cfg_scale=w,
                  null_label=3, shape=shape)
