@@ -8,7 +8,7 @@ the parameters as XXL's 32128 x 4096 is of its 4.76B); and XXL's own shapes, cou
 
 The byte bound of the issue (int8 <= 0.52 x bf16, whole tree) is a statement about Dense-
 dominated encoders: int8 halves the Dense kernels only, the embedding stays bf16. It holds on
-XXL (0.514) and on the XXL-proportioned one (0.518); the fixture, whose embedding is 15% of its
+XXL (0.514) and on the XXL-proportioned one (0.517); the fixture, whose embedding is 15% of its
 parameters, is at 0.63, checked against the formula instead. (The 256-wide, vocabulary-2000
 config with 6 layers has a 10% embedding share, hence 0.56: not XXL's proportions.)
 """
