@@ -156,7 +156,8 @@ def test_quantize_sample_generate_resume_export_and_eval_a_latent_model(latent_c
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["num_samples"] == 1 and report["pixel_shape"] == [8, 8, 3]
-    assert 20 < report["pixel_psnr_db"] < 200 and 20 < report["latent_psnr_db"] < 200, report
+    assert 20 < report["latent_psnr_db"] < 200, report  # close, but not the float model itself
+    assert report["pixel_psnr_db"] > 20, report  # inf when uint8 rounding hides the difference
 
 
 @pytest.mark.slow
