@@ -178,14 +178,6 @@ def torch_key(flax_path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _to_flax(value: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    return value
-
-
 def _to_torch(value: np.ndarray, leaf: str) -> np.ndarray:
     if leaf == "kernel" and value.ndim == 2:
         return value.T
@@ -238,6 +230,99 @@ def _nonfinite(value: np.ndarray) -> str | None:
     return f"{int(np.isnan(value).sum())} NaN, {int(np.isinf(value).sum())} Inf"
 
 
+# ----------------------------------------------------------------------------- shared core
+# What every converter here (DiT, T5, VAE, PixArt diffusers and original) does with its key
+# table: check each stored tensor's shape, bring it to the Flax layout, cast it to param_dtype,
+# and report every problem together in one ConversionError.
+
+MAX_LISTED = 40  # keys listed per kind in an error (the count is always given)
+
+
+def _param_dtype(name: str) -> np.dtype:
+    """A config's ``param_dtype`` name -> numpy dtype (``"bfloat16"`` -> ``ml_dtypes``')."""
+    return np.dtype(jnp.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _listing(keys: list[str], limit: int | None = MAX_LISTED) -> str:
+    """``keys`` joined with ", ": the first ``limit`` (None: all) and a count of the rest."""
+    if limit is None or len(keys) <= limit:
+        return ", ".join(keys)
+    return ", ".join(keys[:limit]) + f", ... ({len(keys) - limit} more)"
+
+
+def torch_layout(path: tuple[str, ...], want: tuple[int, ...], stored: np.ndarray
+                 ) -> tuple[np.ndarray | None, tuple[int, ...]]:
+    """The usual accepted-shape rule: a ``kernel`` of Flax shape ``want`` is stored as a torch
+    conv ``[out, in, kh, kw]`` (4-D) or Linear ``[out, in]`` (2-D); anything else as is.
+    Returns ``(stored in the Flax layout, or None when its shape is not the torch one, the torch
+    shape expected)``."""
+    if path[-1] == "kernel" and len(want) == 4:  # conv [kh, kw, in, out] <- [out, in, kh, kw]
+        torch_shape = (want[3], want[2], want[0], want[1])
+        return (stored.transpose(2, 3, 1, 0) if stored.shape == torch_shape else None), torch_shape
+    if path[-1] == "kernel" and len(want) == 2:  # Dense [in, out] <- Linear [out, in]
+        torch_shape = (want[1], want[0])
+        return (stored.T if stored.shape == torch_shape else None), torch_shape
+    return (stored if stored.shape == want else None), want
+
+
+def as_stored(target, want: tuple[int, ...], stored: np.ndarray
+              ) -> tuple[np.ndarray | None, tuple[int, ...]]:
+    """The accepted-shape rule for a tensor read in its stored layout: exactly ``want``."""
+    return (stored if stored.shape == want else None), want
+
+
+def convert_keys(state_dict: Mapping[str, np.ndarray], table: Mapping[str, object],
+                 shapes: Mapping[object, object], dtype, cast_label: str, *,
+                 rule=torch_layout) -> tuple[dict, list[str], list[str]]:
+    """Read every key of ``table`` (stored key -> target, e.g. a Flax path) that ``state_dict``
+    holds: ``rule(target, want, stored)`` (``want``: ``shapes[target]``, a shape or anything with
+    a ``.shape``) gives the value in the Flax layout, or None with the shape it expected; the
+    value is cast to ``dtype`` (C-contiguous). Returns ``(values by target, mis-shaped keys,
+    non-finite keys)``: NaN/Inf in the file, or made by the cast ("... after the cast to
+    {cast_label}: stored values overflow it"); such values are left out. Keys that
+    ``state_dict`` lacks are skipped (the caller lists them as missing)."""
+    flat, misshaped, nonfinite = {}, [], []
+    for key, target in table.items():
+        if key not in state_dict:
+            continue
+        stored = np.asarray(state_dict[key])
+        want = tuple(getattr(shapes[target], "shape", shapes[target]))
+        value, torch_shape = rule(target, want, stored)
+        if value is None:
+            misshaped.append(f"{key}: expected {torch_shape}, got {tuple(stored.shape)}")
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below as non-finite
+            cast = np.ascontiguousarray(value.astype(dtype))
+        bad = _nonfinite(cast)
+        if bad:
+            nonfinite.append(f"{key} ({bad})" if _nonfinite(stored) else
+                             f"{key} ({bad} after the cast to {cast_label}: stored values "
+                             "overflow it)")
+            continue
+        flat[target] = cast
+    return flat, misshaped, nonfinite
+
+
+def key_problems(unknown: list[str], missing: list[str], misshaped: list[str],
+                 nonfinite: list[str]) -> list[tuple[str, list[str]]]:
+    """The four kinds every converter reports, titled as in its ``ConversionError``."""
+    return [("unknown keys", unknown), ("missing keys", missing),
+            ("mis-shaped keys", misshaped), ("non-finite keys", nonfinite)]
+
+
+def raise_problems(problems, subject: str, *, where: str | None = None,
+                   limit: int | None = MAX_LISTED) -> None:
+    """Raise one ``ConversionError`` when any ``(title, keys)`` of ``problems`` has keys:
+    ``"{where}: {subject}:"`` and a line ``"  {title} ({count}): key, key, ..."`` per kind."""
+    if not any(keys for _, keys in problems):
+        return
+    lines = [f"{where}: {subject}:" if where else f"{subject}:"]
+    for title, keys in problems:
+        if keys:
+            lines.append(f"  {title} ({len(keys)}): {_listing(keys, limit)}")
+    raise ConversionError("\n".join(lines))
+
+
 def pos_embed_report(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
                      pos_embed_atol: float = 1e-4) -> dict | None:
     """How far a state dict's ``pos_embed`` is from the fixed 2-D sin-cos table of ``cfg``:
@@ -277,25 +362,9 @@ def convert_dit_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
     missing = sorted(set(table) - set(state_dict))
     if "pos_embed" not in state_dict and "pos_embed" not in table:
         missing.append("pos_embed")
-    param_dtype = (np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16"
-                   else np.dtype(jnp.bfloat16))
-    misshaped, nonfinite, flat = [], [], {}
-    for key, path in table.items():
-        if key not in state_dict:
-            continue
-        stored = np.asarray(state_dict[key])
-        value = np.asarray(_to_flax(stored, path[-1]))
-        if value.shape != tuple(expected[path].shape):
-            torch_shape = _to_torch(np.empty(expected[path].shape), path[-1]).shape
-            misshaped.append(f"{key}: expected {torch_shape}, got {tuple(stored.shape)}")
-            continue
-        with np.errstate(over="ignore"):  # an overflow is reported below as non-finite
-            flat[path] = value.astype(param_dtype)
-        bad = _nonfinite(flat[path])
-        if bad:
-            nonfinite.append(f"{key} ({bad})" if _nonfinite(stored) else
-                             f"{key} ({bad} after the cast to param_dtype={cfg.param_dtype}: "
-                             f"stored values overflow it)")
+    flat, misshaped, nonfinite = convert_keys(state_dict, table, expected,
+                                              _param_dtype(cfg.param_dtype),
+                                              f"param_dtype={cfg.param_dtype}")
     if "pos_embed" in state_dict and "pos_embed" not in table:
         stored = np.asarray(state_dict["pos_embed"])
         pos = stored.astype(np.float64)
@@ -311,13 +380,8 @@ def convert_dit_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig,
                 misshaped.append(f"pos_embed: values differ from the fixed 2-D sin-cos embedding "
                                  f"by up to {diff.max():.3g}, beyond {stored.dtype} rounding (a "
                                  "learned pos_embed converts with pos_embed='stored')")
-    if unknown or missing or misshaped or nonfinite:
-        lines = [f"state dict does not match {cfg}:"]
-        for title, keys in (("unknown keys", unknown), ("missing keys", missing),
-                            ("mis-shaped keys", misshaped), ("non-finite keys", nonfinite)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
-        raise ConversionError("\n".join(lines))
+    raise_problems(key_problems(unknown, missing, misshaped, nonfinite),
+                   f"state dict does not match {cfg}", limit=None)
     return _unflatten(flat)
 
 

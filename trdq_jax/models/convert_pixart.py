@@ -46,15 +46,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from trdq_jax.config import ConfigError, PixArtConfig
-from trdq_jax.models.convert import (ConversionError, _flat_paths, _nonfinite, _unflatten,
-                                     load_state_dict)
+from trdq_jax.models.convert import (ConversionError, _flat_paths, _listing, _param_dtype,
+                                     _unflatten, as_stored, convert_keys, key_problems,
+                                     load_state_dict, raise_problems)
 
 DIFFUSERS_CLASS = "PixArtTransformer2DModel"
 LEGACY_CLASS = "Transformer2DModel"  # PixArt-α hub uploads that predate the PixArt class
 CONFIG_NAME = "config.json"
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 INDEX_NAMES = tuple(n + ".index.json" for n in WEIGHT_NAMES)
-_MAX_LISTED = 40
 
 # diffusers' PixArtTransformer2DModel.__init__ defaults: what a config.json without the key means
 _DEFAULTS = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
@@ -234,16 +234,6 @@ def _source_shape(want: tuple[int, ...], path: tuple[str, ...], n: int) -> tuple
     return want
 
 
-def _param_dtype(cfg: PixArtConfig) -> np.dtype:
-    import jax.numpy as jnp
-    return np.dtype(jnp.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
-
-
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-
-
 def convert_diffusers_pixart_state_dict(state_dict: Mapping[str, np.ndarray],
                                         cfg: PixArtConfig, *, where: str | None = None) -> dict:
     """A diffusers ``PixArtTransformer2DModel`` state dict (numpy, any float dtype) -> Flax
@@ -256,51 +246,27 @@ def convert_diffusers_pixart_state_dict(state_dict: Mapping[str, np.ndarray],
     used = {k for keys in table.values() for k in keys}
     unknown = sorted(set(state_dict) - used)
     missing = sorted(used - set(state_dict))
-    dtype = _param_dtype(cfg)
-    misshaped, nonfinite, flat = [], [], {}
+    shapes = {key: _source_shape(tuple(expected[path].shape), path, len(keys))
+              for path, keys in table.items() for key in keys}
+    parts, misshaped, nonfinite = convert_keys(state_dict, {k: k for k in shapes}, shapes,
+                                               _param_dtype(cfg.param_dtype),
+                                               f"param_dtype={cfg.param_dtype}", rule=as_stored)
+    flat = {}
     for path, keys in table.items():
-        want = tuple(expected[path].shape)
-        shape = _source_shape(want, path, len(keys))
-        parts, ok = [], True
-        for key in keys:
-            if key not in state_dict:
-                ok = False
-                continue
-            stored = np.asarray(state_dict[key])
-            if tuple(stored.shape) != shape:
-                misshaped.append(f"{key}: expected {shape}, got {tuple(stored.shape)}")
-                ok = False
-                continue
-            with np.errstate(over="ignore", invalid="ignore"):
-                cast = stored.astype(dtype)
-            bad = _nonfinite(cast)
-            if bad:
-                nonfinite.append(f"{key} ({bad})" if _nonfinite(stored) else
-                                 f"{key} ({bad} after the cast to param_dtype="
-                                 f"{cfg.param_dtype}: stored values overflow it)")
-                ok = False
-                continue
-            parts.append(cast)
-        if not ok:
+        if not all(key in parts for key in keys):
             continue
+        want = expected[path].shape
         if path[-1] == "kernel" and len(want) == 4:
-            value = parts[0].transpose(2, 3, 1, 0)
+            value = parts[keys[0]].transpose(2, 3, 1, 0)
         elif path[-1] == "kernel":
-            value = np.concatenate(parts, axis=0).T
+            value = np.concatenate([parts[key] for key in keys], axis=0).T
         elif path[-1] == "bias":
-            value = np.concatenate(parts, axis=0)
+            value = np.concatenate([parts[key] for key in keys], axis=0)
         else:
-            value = parts[0]
+            value = parts[keys[0]]
         flat[path] = np.ascontiguousarray(value)
-    problems = [("unknown keys", unknown), ("missing keys", missing),
-                ("mis-shaped keys", misshaped), ("non-finite keys", nonfinite)]
-    if any(keys for _, keys in problems):
-        head = f"{where}: " if where else ""
-        lines = [f"{head}state dict does not match {cfg}:"]
-        for title, keys in problems:
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): {_listing(keys)}")
-        raise ConversionError("\n".join(lines))
+    raise_problems(key_problems(unknown, missing, misshaped, nonfinite),
+                   f"state dict does not match {cfg}", where=where)
     return _unflatten(flat)
 
 

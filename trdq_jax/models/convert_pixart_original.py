@@ -62,14 +62,15 @@ from typing import Mapping
 import numpy as np
 
 from trdq_jax.config import ConfigError, PixArtConfig
-from trdq_jax.models.convert import (ConversionError, _flat_paths, _nonfinite, _unflatten,
-                                     load_state_dict, pos_embed_tolerance)
+from trdq_jax.models.convert import (ConversionError, _flat_paths, _listing, _nonfinite,
+                                     _param_dtype, _unflatten, as_stored, convert_keys,
+                                     key_problems, load_state_dict, pos_embed_tolerance,
+                                     raise_problems)
 
 Y_EMBEDDING = "y_embedder.y_embedding"
 POS_EMBED = "pos_embed"
 HEAD_DIM = 72  # PixArt-XL/2: 1152 / 16; the checkpoint does not say how many heads
 _SCALES = (0.5, 1.0, 2.0, 4.0)  # interpolation scales of the released checkpoints
-_MAX_LISTED = 40
 # Flax module under blocks_{i} -> the original linear under blocks.{i}
 _BLOCK_LINEARS = ((("attn", "qkv"), "attn.qkv"), (("attn", "proj"), "attn.proj"),
                   (("cross_attn", "q"), "cross_attn.q_linear"),
@@ -116,32 +117,6 @@ def _expected(cfg: PixArtConfig) -> dict:
     return _flat_paths(abstract_params(cfg))
 
 
-def _source_shape(want: tuple[int, ...], leaf: str) -> tuple[int, ...]:
-    if leaf == "kernel" and len(want) == 4:  # conv [p, p, C, D] <- [D, C, p, p]
-        return (want[3], want[2], want[0], want[1])
-    if leaf == "kernel":  # [in, out] <- [out, in]
-        return (want[1], want[0])
-    return want
-
-
-def _to_flax(value: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    if leaf == "kernel":
-        return value.T
-    return value
-
-
-def _param_dtype(cfg: PixArtConfig) -> np.dtype:
-    import jax.numpy as jnp
-    return np.dtype(jnp.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
-
-
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-
-
 def _pos_embed_problem(stored: np.ndarray, cfg: PixArtConfig) -> str | None:
     """Why a stored ``pos_embed`` is not the sin-cos table of ``cfg`` (None when it is)."""
     from trdq_jax.models.pixart import pos_embed
@@ -177,48 +152,23 @@ def convert_original_pixart_state_dict(state_dict: Mapping[str, np.ndarray], cfg
     used = set(table.values()) | {Y_EMBEDDING}
     unknown = sorted(set(state_dict) - used - {POS_EMBED})
     missing = sorted(used - set(state_dict))
-    dtype = _param_dtype(cfg)
-    misshaped, nonfinite, other, flat = [], [], [], {}
-
-    def read(key, shape, cast_to):
-        stored = np.asarray(state_dict[key])
-        if tuple(stored.shape) != shape:
-            misshaped.append(f"{key}: expected {shape}, got {tuple(stored.shape)}")
-            return None
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = stored.astype(cast_to)
-        bad = _nonfinite(cast)
-        if bad:
-            nonfinite.append(f"{key} ({bad})" if _nonfinite(stored) else
-                             f"{key} ({bad} after the cast to {np.dtype(cast_to).name}: "
-                             "stored values overflow it)")
-            return None
-        return cast
-
-    for path, key in table.items():
-        if key not in state_dict:
-            continue
-        value = read(key, _source_shape(tuple(expected[path].shape), path[-1]), dtype)
-        if value is not None:
-            flat[path] = np.ascontiguousarray(_to_flax(value, path[-1]))
-    y_embedding = None
-    if Y_EMBEDDING in state_dict:
-        y_embedding = read(Y_EMBEDDING, (cfg.max_tokens, cfg.caption_channels), np.float32)
+    dtype = _param_dtype(cfg.param_dtype)
+    by_key = {key: path for path, key in table.items()}
+    flat, misshaped, nonfinite = convert_keys(state_dict, by_key, expected, dtype, dtype.name)
+    y_embedding, bad_shape, bad_values = convert_keys(
+        state_dict, {Y_EMBEDDING: Y_EMBEDDING},
+        {Y_EMBEDDING: (cfg.max_tokens, cfg.caption_channels)}, np.float32, "float32",
+        rule=as_stored)
+    misshaped += bad_shape
+    nonfinite += bad_values
+    other = []
     if POS_EMBED in state_dict:
         problem = _pos_embed_problem(np.asarray(state_dict[POS_EMBED]), cfg)
         if problem:
             other.append(problem)
-    problems = [("unknown keys", unknown), ("missing keys", missing),
-                ("mis-shaped keys", misshaped), ("non-finite keys", nonfinite),
-                ("other", other)]
-    if any(keys for _, keys in problems):
-        head = f"{where}: " if where else ""
-        lines = [f"{head}original PixArt state dict does not match {cfg}:"]
-        for title, keys in problems:
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): {_listing(keys)}")
-        raise ConversionError("\n".join(lines))
-    return _unflatten(flat), np.ascontiguousarray(y_embedding)
+    raise_problems(key_problems(unknown, missing, misshaped, nonfinite) + [("other", other)],
+                   f"original PixArt state dict does not match {cfg}", where=where)
+    return _unflatten(flat), y_embedding[Y_EMBEDDING]
 
 
 def infer_original_pixart_config(state_dict: Mapping[str, np.ndarray], *,

@@ -43,8 +43,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from trdq_jax.config import ConfigError
-from trdq_jax.models.convert import (ConversionError, _flat_paths, _nonfinite, _unflatten,
-                                     load_state_dict)
+from trdq_jax.models.convert import (ConversionError, _flat_paths, _param_dtype, _unflatten,
+                                     convert_keys, key_problems, load_state_dict,
+                                     raise_problems)
 from trdq_jax.models.t5 import (DENSE_ACT_FN, FEED_FORWARD_PROJ, T5EncoderConfig,
                                 abstract_t5_params)
 
@@ -54,7 +55,6 @@ INDEX_NAME = "model.safetensors.index.json"
 MODEL_TYPE = "t5"
 SHARED, TIED = "shared.weight", "encoder.embed_tokens.weight"
 IGNORED_PREFIXES = ("decoder.", "lm_head.")
-_MAX_LISTED = 40
 _INDEXED = re.compile(r"^(block|layer)_(\d+)$")
 
 # transformers' T5Config defaults: what a config.json without the key means
@@ -158,16 +158,6 @@ def key_table(cfg: T5EncoderConfig) -> dict[str, tuple[str, ...]]:
 # ----------------------------------------------------------------------------- conversion
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-
-
-def _param_dtype(cfg: T5EncoderConfig) -> np.dtype:
-    import jax.numpy as jnp
-    return np.dtype(jnp.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
-
-
 def convert_t5_state_dict(state_dict: Mapping[str, np.ndarray], cfg: T5EncoderConfig, *,
                           where: str | None = None,
                           problems: Sequence[tuple[str, list[str]]] = ()) -> dict:
@@ -181,7 +171,6 @@ def convert_t5_state_dict(state_dict: Mapping[str, np.ndarray], cfg: T5EncoderCo
     """
     expected = _expected(cfg)
     table = key_table(cfg)
-    dtype = _param_dtype(cfg)
     sd = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
     problems = [(title, list(keys)) for title, keys in problems]
     tied = []
@@ -194,38 +183,10 @@ def convert_t5_state_dict(state_dict: Mapping[str, np.ndarray], cfg: T5EncoderCo
             tied.append(f"{TIED} differs from {SHARED} (they are one tied embedding)")
     unknown = sorted(set(sd) - set(table))
     missing = sorted(set(table) - set(sd))
-    misshaped, nonfinite, flat = [], [], {}
-    for key, path in table.items():
-        if key not in sd:
-            continue
-        stored = np.asarray(sd[key])
-        want = tuple(expected[path].shape)
-        if path[-1] == "kernel":  # torch Linear [out, in]
-            torch_shape = (want[1], want[0])
-            value = stored.T if stored.shape == torch_shape else None
-        else:
-            torch_shape = want
-            value = stored if stored.shape == want else None
-        if value is None:
-            misshaped.append(f"{key}: expected {torch_shape}, got {tuple(stored.shape)}")
-            continue
-        with np.errstate(over="ignore", invalid="ignore"):  # reported below as non-finite
-            flat[path] = np.ascontiguousarray(value.astype(dtype))
-        bad = _nonfinite(flat[path])
-        if bad:
-            nonfinite.append(f"{key} ({bad})" if _nonfinite(stored) else
-                             f"{key} ({bad} after the cast to param_dtype={cfg.param_dtype}: "
-                             "stored values overflow it)")
-    problems += [("unknown keys", unknown), ("missing keys", missing),
-                 ("mis-shaped keys", misshaped), ("non-finite keys", nonfinite),
-                 ("tied embedding", tied)]
-    if any(keys for _, keys in problems):
-        head = f"{where}: " if where else ""
-        lines = [f"{head}state dict does not match {cfg}:"]
-        for title, keys in problems:
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): {_listing(keys)}")
-        raise ConversionError("\n".join(lines))
+    flat, misshaped, nonfinite = convert_keys(sd, table, expected, _param_dtype(cfg.param_dtype),
+                                              f"param_dtype={cfg.param_dtype}")
+    raise_problems(problems + key_problems(unknown, missing, misshaped, nonfinite)
+                   + [("tied embedding", tied)], f"state dict does not match {cfg}", where=where)
     return _unflatten(flat)
 
 

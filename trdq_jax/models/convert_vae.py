@@ -37,8 +37,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from trdq_jax.config import ConfigError, VAEConfig
-from trdq_jax.models.convert import (ConversionError, _flat_paths, _nonfinite, _to_torch,
-                                     _unflatten, load_state_dict, torch_key)
+from trdq_jax.models.convert import (ConversionError, _flat_paths, _param_dtype, _to_torch,
+                                     _unflatten, convert_keys, key_problems, load_state_dict,
+                                     raise_problems, torch_key, torch_layout)
 from trdq_jax.models.vae import abstract_vae_params
 
 DIFFUSERS_CLASS = "AutoencoderKL"
@@ -46,7 +47,6 @@ CONFIG_NAME = "config.json"
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 LDM_PREFIX = "first_stage_model."
 _DOWN, _UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
-_MAX_LISTED = 40  # keys listed per kind in an error; the count is always given
 
 # diffusers' AutoencoderKL.__init__ defaults: what a config.json without the key means
 _DIFFUSERS_DEFAULTS = dict(in_channels=3, out_channels=3, block_out_channels=(64,),
@@ -206,68 +206,29 @@ def _is_attention_kernel(path: tuple[str, ...]) -> bool:
 # ----------------------------------------------------------------------------- conversion
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-
-
-def _param_dtype(cfg: VAEConfig) -> np.dtype:
-    import jax.numpy as jnp
-    return np.dtype(jnp.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
+def _ldm_layout(path: tuple[str, ...], want: tuple[int, ...], stored: np.ndarray
+                ) -> tuple[np.ndarray | None, tuple[int, ...]]:
+    """``convert.torch_layout``, but the attention's q/k/v/proj_out kernels are LDM's 1x1 convs
+    ``[C, C, 1, 1]`` (or already squeezed ``[C, C]``)."""
+    if not _is_attention_kernel(path):
+        return torch_layout(path, want, stored)
+    torch_shape = (want[1], want[0], 1, 1)
+    if stored.shape == torch_shape:
+        return stored[:, :, 0, 0].T, torch_shape
+    return (stored.T if stored.shape == torch_shape[:2] else None), torch_shape
 
 
 def _convert(state_dict: Mapping[str, np.ndarray], cfg: VAEConfig, table: dict, *,
              ldm: bool, where: str | None, problems: list[tuple[str, list[str]]]) -> dict:
     """``table``: stored key -> Flax path. Raises one ``ConversionError`` for every problem."""
-    expected = _expected(cfg)
-    dtype = _param_dtype(cfg)
     unknown = sorted(set(state_dict) - set(table))
     missing = sorted(set(table) - set(state_dict))
-    misshaped, nonfinite, flat = [], [], {}
-    for key, path in table.items():
-        if key not in state_dict:
-            continue
-        stored = np.asarray(state_dict[key])
-        want = tuple(expected[path].shape)
-        leaf = path[-1]
-        if leaf == "kernel" and len(want) == 4:  # conv [kh, kw, in, out]
-            torch_shape = (want[3], want[2], want[0], want[1])
-            value = stored.transpose(2, 3, 1, 0) if stored.shape == torch_shape else None
-        elif leaf == "kernel":  # Dense [in, out]
-            torch_shape = (want[1], want[0])
-            if ldm and _is_attention_kernel(path):  # LDM's 1x1 conv, or already squeezed
-                torch_shape = torch_shape + (1, 1)
-                if stored.shape == torch_shape:
-                    stored2 = stored[:, :, 0, 0]
-                elif stored.shape == torch_shape[:2]:
-                    stored2 = stored
-                else:
-                    stored2 = None
-                value = None if stored2 is None else stored2.T
-            else:
-                value = stored.T if stored.shape == torch_shape else None
-        else:
-            torch_shape = want
-            value = stored if stored.shape == want else None
-        if value is None:
-            misshaped.append(f"{key}: expected {torch_shape}, got {tuple(stored.shape)}")
-            continue
-        with np.errstate(over="ignore", invalid="ignore"):  # reported below as non-finite
-            flat[path] = np.ascontiguousarray(value.astype(dtype))
-        bad = _nonfinite(flat[path])
-        if bad:
-            nonfinite.append(f"{key} ({bad})" if _nonfinite(stored) else
-                             f"{key} ({bad} after the cast to param_dtype={cfg.param_dtype}: "
-                             "stored values overflow it)")
-    problems = problems + [("unknown keys", unknown), ("missing keys", missing),
-                           ("mis-shaped keys", misshaped), ("non-finite keys", nonfinite)]
-    if any(keys for _, keys in problems):
-        head = f"{where}: " if where else ""
-        lines = [f"{head}state dict does not match {cfg}:"]
-        for title, keys in problems:
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): {_listing(keys)}")
-        raise ConversionError("\n".join(lines))
+    flat, misshaped, nonfinite = convert_keys(state_dict, table, _expected(cfg),
+                                              _param_dtype(cfg.param_dtype),
+                                              f"param_dtype={cfg.param_dtype}",
+                                              rule=_ldm_layout if ldm else torch_layout)
+    raise_problems(problems + key_problems(unknown, missing, misshaped, nonfinite),
+                   f"state dict does not match {cfg}", where=where)
     return _unflatten(flat)
 
 
