@@ -9,6 +9,7 @@ in a row, and the CLI prints one line.
 """
 import asyncio
 import errno
+import logging
 import os
 import pathlib
 import subprocess
@@ -195,6 +196,34 @@ def test_cli_hides_only_late_event_loop_callbacks(monkeypatch):
     for exc in (late, lookalike, other):
         sys.unraisablehook(_unraisable(exc))
     assert seen == [lookalike, other]
+
+
+def test_cli_hides_only_unretrieved_failed_writes(caplog):
+    """The sibling writes of a failed save, logged by asyncio when their futures are collected,
+    are dropped; any other asyncio error (another exception, or a write error logged with
+    other words) is still logged."""
+    from trdq_jax.cli import _hide_unretrieved_failed_writes
+    _hide_unretrieved_failed_writes()
+    _hide_unretrieved_failed_writes()  # installed once
+    logger = logging.getLogger("asyncio")
+    assert sum(type(f).__name__ == "_HideUnretrievedFailedWrites" for f in logger.filters) == 1
+
+    def failure(exc):
+        try:
+            raise exc
+        except Exception:
+            return sys.exc_info()
+    write = ValueError('RESOURCE_EXHAUSTED: Error writing "a/0" in OCDBT database: No space')
+    cases = [("Future exception was never retrieved\nfuture: <F>", write, False),
+             ("Task exception was never retrieved\nfuture: <T>", write, False),
+             ("Task exception was never retrieved\nfuture: <T>", ValueError("bad shape"), True),
+             ("Task exception was never retrieved\nfuture: <T>", OSError("Error writing"), True),
+             ("Exception in callback <C>", write, True)]
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for message, exc, shown in cases:
+            caplog.clear()
+            logger.error(message, exc_info=failure(exc))
+            assert bool(caplog.records) == shown, message
 
 
 _CLI_RACE = textwrap.dedent("""

@@ -15,6 +15,7 @@ turns it off.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -80,9 +81,38 @@ def _hide_late_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+_UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+
+def _unretrieved_failed_write(record: logging.LogRecord) -> bool:
+    """What ``asyncio`` logs when it collects one of tensorstore's sibling writes that failed
+    after orbax had already raised (and the CLI reported) the save's first failure: a
+    ``ValueError`` naming the failed write, inside a future nobody awaits any more."""
+    if not record.getMessage().startswith(_UNRETRIEVED) or not record.exc_info:
+        return False
+    exc = record.exc_info[1]
+    return isinstance(exc, ValueError) and "Error writing" in str(exc)
+
+
+class _HideUnretrievedFailedWrites(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _unretrieved_failed_write(record)
+
+
+def _hide_unretrieved_failed_writes() -> None:
+    """Keep the one error line the last line when a save fails part-way (a full disk): drop
+    only ``_unretrieved_failed_write`` records from the ``asyncio`` logger; every other record
+    is still logged. Installed once per process and left in place: the futures are collected
+    whenever the garbage collector gets to them, also after ``main`` has returned."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _HideUnretrievedFailedWrites) for f in logger.filters):
+        logger.addFilter(_HideUnretrievedFailedWrites())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (usage errors and ``--help`` included)."""
     _hide_late_loop_callbacks()
+    _hide_unretrieved_failed_writes()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage error or the help
