@@ -277,9 +277,10 @@ class PixArt(nn.Module):
                                     axis=-1).astype(c.dtype)
         return c
 
-    def precompute_caption(self, cond):
+    def precompute_cond(self, cond):
         """``cond`` with ``"caption"`` -> the same conditioning with ``"kv"`` instead: every
-        block's cross-attention keys and values ``[B, depth, L, 2 * hidden]``."""
+        block's cross-attention keys and values ``[B, depth, L, 2 * hidden]``. The samplers
+        call it once before their step loop (``trdq_jax.sampling.conditioning.precompute``)."""
         if check_pixart_cond(cond, self.config):
             return dict(cond)
         caption = jnp.asarray(cond["caption"]).astype(jnp.dtype(self.config.dtype))
@@ -323,7 +324,7 @@ def caption_kv(params, cfg: PixArtConfig, cond) -> dict:
     gives the model's output unchanged, without recomputing them: compute it once per prompt
     (batch), outside a sampler's step loop. ``cond`` already holding ``"kv"`` is returned as
     it is."""
-    return PixArt(cfg).apply({"params": params}, cond, method=PixArt.precompute_caption)
+    return PixArt(cfg).apply({"params": params}, cond, method=PixArt.precompute_cond)
 
 
 def dummy_cond(cfg: PixArtConfig, batch: int = 1, length: int | None = None) -> dict:

@@ -11,7 +11,8 @@
 from trdq_jax.quant.calibrate import Calibration, calibrate
 from trdq_jax.quant.calib_io import CalibrationError, load_calibration, save_calibration
 from trdq_jax.quant.io import load_quantized, load_quantized_model, save_quantized
-from trdq_jax.quant.qlinear import BACKENDS, QLinear, qlinear_apply, qlinear_bytes
+from trdq_jax.quant.qlinear import (BACKENDS, QLinear, qlinear_apply, qlinear_bytes,
+                                    segment_invariant)
 from trdq_jax.quant.recipe import (DEFAULT_KEEP_FLOAT, DEFAULT_WEIGHT_ONLY, RECIPES, Recipe,
                                    get_recipe)
 from trdq_jax.quant.roles import layer_roles
@@ -24,4 +25,5 @@ __all__ = ["BACKENDS", "Calibration", "CalibrationError", "DEFAULT_KEEP_FLOAT",
            "calibrate", "calibrated_selection", "float_bytes_of", "get_recipe", "layer_roles",
            "load_calibration", "load_quantized", "load_quantized_model", "qlinear_apply",
            "qlinear_bytes", "quantize", "quantize_layer", "quantized_layer_paths",
-           "save_calibration", "save_quantized", "select_layers", "weight_bytes"]
+           "save_calibration", "save_quantized", "segment_invariant", "select_layers",
+           "weight_bytes"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import struct
 
@@ -208,6 +209,13 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
                 acc = acc - a_zero * _select(q.w_colsum, segment)
             y = acc.astype(jnp.float32) * a_scale * _select(q.w_scale, segment)
     return y + q.bias if q.bias is not None else y
+
+
+def segment_invariant(q: QLinear) -> bool:
+    """Whether ``q`` computes the same in every time segment: each per-segment array (weight
+    copies, smoothing, DuQuant rotations, activation scales and clips) has one entry."""
+    per_segment = (q.w_q, q.w_scale, q.smooth, q.r1, q.perm, q.r2, q.a_scale, q.a_zero, q.a_clip)
+    return all(a is None or int(np.shape(a)[0]) == 1 for a in per_segment)
 
 
 def output_columns(q: QLinear, start: int, stop: int) -> QLinear:

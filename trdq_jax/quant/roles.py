@@ -9,11 +9,14 @@ Three roles decide how a layer is quantized by default (``Recipe.keep_float`` /
   final projection, a UNet's last conv): kept in float;
 - ``conditioning``: the layer's input is one vector per sample (``[B, K]``, or that vector
   repeated over a sample's rows, e.g. per video frame): the timestep MLP, adaLN modulation, a
-  conditioning projection; quantized weight-only.
+  conditioning projection; or it depends on neither ``x`` nor the time step ``t``, only on the
+  conditioning: a caption projection and the cross-attention keys and values of its tokens
+  (computed once per prompt, not per step). Quantized weight-only.
 
-Found in one forward-mode and one reverse-mode pass over a single example batch, in which every
-Dense / Conv output is cut off from the derivatives (``stop_gradient``): the tangent of ``x``
-then reaches exactly the inputs of the input layers, and the cotangent of the model output
+Found in two forward-mode passes and one reverse-mode pass over a single example batch, in
+which every Dense / Conv output is cut off from the derivatives (``stop_gradient``): the tangent
+of ``x`` then reaches exactly the inputs of the input layers, a tangent of ``x`` and ``t``
+together (without the cut-off) reaches every layer but the conditioning-only ones, and the cotangent of the model output
 reaches back exactly to the outputs of the output layers (a random direction each, so nothing
 cancels by symmetry; a missing dependency gives an exact zero).
 """
@@ -31,7 +34,7 @@ from trdq_jax.sampling.conditioning import apply_model
 
 ROLES = ("input", "output", "conditioning")
 REASONS = {"input": "reads the model input", "output": "writes the model output",
-           "conditioning": "takes one vector per sample (conditioning)"}
+           "conditioning": "takes only the conditioning (or one vector per sample)"}
 
 
 def layer_roles(model: nn.Module, params: Any, example_inputs: Sequence[Any],
@@ -47,8 +50,9 @@ def layer_roles(model: nn.Module, params: Any, example_inputs: Sequence[Any],
     key = jax.random.key(0)
     paths: list[str] = []
 
-    def forward(params, x, eps):
+    def forward(params, x, eps, t=None, cut_off=True):
         inputs: dict[str, list] = {}
+        inputs_after_x = rest if t is None else (t, *rest[1:])
 
         def cut(next_fn, args, kwargs, context):
             if not (isinstance(context.module, classes) and context.method_name == "__call__"):
@@ -57,14 +61,16 @@ def layer_roles(model: nn.Module, params: Any, example_inputs: Sequence[Any],
             if path not in paths:
                 paths.append(path)
             inputs.setdefault(path, []).append(args[0])
-            out = jax.lax.stop_gradient(next_fn(*args, **kwargs))
+            out = next_fn(*args, **kwargs)
+            out = jax.lax.stop_gradient(out) if cut_off else out
             if eps is None:
                 return out
             direction = jax.random.normal(jax.random.fold_in(key, _key(path)), out.shape)
             return out + eps.get(path, 0.0) * direction.astype(out.dtype)
 
         with nn.intercept_methods(cut):
-            out = apply_model(model, {"params": params}, x, *rest, *(None,) * (2 - len(rest)))
+            out = apply_model(model, {"params": params}, x, *inputs_after_x,
+                              *(None,) * (2 - len(inputs_after_x)))
         return out, inputs
 
     shape = jax.eval_shape(forward, params, x, None)[0]  # finds the layers (trace only)
@@ -81,13 +87,27 @@ def layer_roles(model: nn.Module, params: Any, example_inputs: Sequence[Any],
                 {p: every(lambda v: _one_vector_per_sample(v, batch), vs)
                  for p, vs in inputs.items()})
 
+    x_dir = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
     moved, reached, per_sample = derivatives(
-        params, x, jax.random.normal(jax.random.fold_in(key, 1), x.shape),
-        jax.random.normal(jax.random.fold_in(key, 2), shape.shape, shape.dtype))
+        params, x, x_dir, jax.random.normal(jax.random.fold_in(key, 2), shape.shape, shape.dtype))
+    static = _conditioning_only(forward, params, x, x_dir, rest[0] if rest else None, key)
     roles = {"input": [p for p in paths if bool(moved[p])],
              "output": [p for p in paths if bool(reached[p])],
-             "conditioning": [p for p in paths if bool(per_sample[p])]}
+             "conditioning": [p for p in paths if bool(per_sample[p]) or p in static]}
     return roles
+
+
+def _conditioning_only(forward, params, x, x_dir, t, key) -> set[str]:
+    """The layers whose inputs move with neither ``x`` nor a float time step ``t`` (a random
+    tangent of both at once, through every layer): computed from the conditioning alone. None when ``t`` is not a
+    float array (nothing to differentiate: then only ``_one_vector_per_sample`` decides)."""
+    if t is None or not jnp.issubdtype(jnp.result_type(t), jnp.floating):
+        return set()
+    t = jnp.asarray(t)
+    t_dir = jax.random.normal(jax.random.fold_in(key, 3), t.shape, t.dtype)
+    _, moved = jax.jvp(lambda v, s: forward(params, v, None, s, cut_off=False)[1], (x, t),
+                       (x_dir, t_dir))
+    return {p for p, ts in moved.items() if all(bool(jnp.all(d == 0)) for d in ts)}
 
 
 def _one_vector_per_sample(inputs: jax.Array, batch: int) -> jax.Array:

@@ -22,10 +22,10 @@ import numpy as np
 
 from trdq_jax.quant.fit import quantize_layer
 from trdq_jax.quant.qconv import module_geometry, qconv_apply
-from trdq_jax.quant.qlinear import QLinear, output_columns, qlinear_apply
+from trdq_jax.quant.qlinear import QLinear, output_columns, qlinear_apply, segment_invariant
 from trdq_jax.quant.recipe import DEFAULT_KEEP_FLOAT, DEFAULT_WEIGHT_ONLY, Recipe
 from trdq_jax.quant.roles import REASONS
-from trdq_jax.sampling.conditioning import apply_model
+from trdq_jax.sampling.conditioning import apply_model, precompute
 
 # The keep-float defaults before weight-only layers and convolutions were quantized: recipes
 # stored with them (calibrations, checkpoints) are not asked to match every one.
@@ -197,13 +197,20 @@ def float_bytes_of(params, paths: list[str], dtype=jnp.bfloat16) -> int:
 class QuantizedDenoiser:
     """Sampler ``apply_fn`` running ``model`` with quantized layers (hashable: jit cache key).
     Every ``Dense`` and ``Conv`` whose module path holds a ``QLinear`` runs quantized (a conv
-    takes its strides and padding from the module)."""
+    takes its strides and padding from the module).
+
+    precompute_cond: run the model's ``precompute_cond`` (PixArt: caption projection and
+      cross-attention K/V) once per batch before the step loop, when every quantized layer it
+      uses is the same in every time segment (``segment_invariant``: the default weight-only
+      quantization of conditioning-only layers); otherwise, or with False, at every step."""
 
     model: Any
     backend: str = "xla"
+    precompute_cond: bool = True
 
-    def __call__(self, qparams, x, t, y, segment, share_cfg):
-        layers = qparams["layers"]
+    def _interceptor(self, layers, segment, touched: list | None = None):
+        """Flax method interceptor running the ``QLinear`` of each quantized layer; appends
+        every ``QLinear`` it runs to ``touched`` when given."""
         backend = self.backend
 
         def interceptor(next_fun, args, kwargs, context):
@@ -216,6 +223,8 @@ class QuantizedDenoiser:
                     if node is None:
                         break
                 if isinstance(node, QLinear):
+                    if touched is not None:
+                        touched.append(node)
                     x = args[0]
                     if isinstance(module, nn.Conv):
                         strides, pads = module_geometry(module, x.shape)
@@ -228,6 +237,23 @@ class QuantizedDenoiser:
                         out = qlinear_apply(node, x, segment, backend)
                     return out.astype(module.dtype or jnp.float32)
             return next_fun(*args, **kwargs)
+        return interceptor
 
-        with nn.intercept_methods(interceptor):
+    def __call__(self, qparams, x, t, y, segment, share_cfg):
+        with nn.intercept_methods(self._interceptor(qparams["layers"], segment)):
             return apply_model(self.model, {"params": qparams["float"]}, x, t, y, share_cfg)
+
+    def prepare_cond(self, qparams, cond):
+        """``conditioning.precompute`` with the quantized layers, when allowed (see the class
+        docstring); else ``cond`` unchanged."""
+        if not self.precompute_cond:
+            return cond
+        touched: list = []
+
+        def run(layers):
+            with nn.intercept_methods(self._interceptor(layers, 0, touched)):
+                return precompute(self.model, {"params": qparams["float"]}, cond)
+        jax.eval_shape(run, qparams["layers"])  # which quantized layers it runs (trace only)
+        if not all(segment_invariant(q) for q in touched):
+            return cond
+        return run(qparams["layers"])

@@ -14,6 +14,12 @@ sharding it go leaf by leaf, so no code path is written per conditioning kind.
 A model is called as ``model.apply(variables, x, t, cond)`` (``model.apply(variables, x, t)``
 when ``cond`` is None), with ``share_cfg=`` only when its ``__call__`` takes it
 (``apply_model``): the bundled models and any Flax denoiser of that shape work as they are.
+
+A model may also define ``precompute_cond(self, cond) -> cond``: the part of its work that
+depends on the conditioning alone (PixArt: the caption projection and every block's
+cross-attention keys and values), returned as a conditioning its ``__call__`` accepts in place
+of the original with the same output. The sampler calls it once per batch, before the step
+loop (``precompute``), instead of at every step.
 """
 from __future__ import annotations
 
@@ -142,6 +148,14 @@ def describe(cond) -> str:
     parts = [f"{jax.tree_util.keystr(p) or 'labels'} {np.asarray(leaf).dtype} "
              f"{list(np.shape(leaf))}" for p, leaf in jax.tree_util.tree_flatten_with_path(cond)[0]]
     return ", ".join(parts)
+
+
+def precompute(model, variables, cond):
+    """``model.precompute_cond(cond)`` applied with ``variables`` when the model defines it
+    (and ``cond`` is not None), else ``cond`` unchanged."""
+    if cond is None or not callable(getattr(type(model), "precompute_cond", None)):
+        return cond
+    return model.apply(variables, cond, method=type(model).precompute_cond)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,7 @@
 """The sampling loop: one jitted ``lax.scan`` over steps with batched classifier-free guidance.
 
-``apply_fn(params, x, t, y, segment, share_cfg) -> out`` is the denoiser:
+``apply_fn(params, x, t, y, segment, share_cfg) -> out`` is the denoiser (optionally with a
+``prepare_cond(params, y) -> y`` method, run once on the conditioning before the step loop):
   x ``[2N, ...spatial, C]`` float32 (``[x; x]``), t ``[2N]`` float32 in training units,
   y the conditioning ``[cond; null]`` with leading axis 2N (class labels: int32 ``[2N]``; see
   ``trdq_jax.sampling.conditioning``), segment a traced int32 scalar (the step's time segment),
@@ -215,6 +216,10 @@ def _sample_scan(apply_fn, params, sampler, cond, seed, cfg_scale, null_cond, in
     # x_T None or an array is part of the jit signature: two programs, never a retrace per value
     x = _noise_from_keys(sample_keys, shape) if x_T is None else x_T.astype(jnp.float32)
     y_both, y_cond = conditioning.with_null(cond, null_cond), cond
+    prepare = getattr(apply_fn, "prepare_cond", None)
+    if prepare is not None and cond is not None:  # once per batch, outside the step loop
+        y_both = prepare(params, y_both)
+        y_cond = jax.tree.map(lambda a: a[:n], y_both)
     guidance = cond is not None  # static: an unconditional model runs one branch
     num_steps = sampler.num_steps
     uses_cache = any(step.uncond == "cached" for p in phases for step in p.pattern)
@@ -385,10 +390,18 @@ class _FloatModelDenoiser:
     ``denoise_fn_for(model)`` calls reuse one compiled sampler."""
 
     model: Any
+    precompute_cond: bool = True
 
     def __call__(self, params, x, t, y, segment, share_cfg):
         del segment  # a float model is the same in every time segment
         return conditioning.apply_model(self.model, {"params": params}, x, t, y, share_cfg)
+
+    def prepare_cond(self, params, cond):
+        """The conditioning with the model's step-independent work done once
+        (``conditioning.precompute``); unchanged with ``precompute_cond=False``."""
+        if not self.precompute_cond:
+            return cond
+        return conditioning.precompute(self.model, {"params": params}, cond)
 
     def check_params(self, params) -> None:
         """``trdq_jax.models.factory.check_params`` for the model's config (shapes and dtypes
@@ -400,11 +413,16 @@ class _FloatModelDenoiser:
             check_params(cfg, params)
 
 
-def denoise_fn_for(model) -> ApplyFn:
+def denoise_fn_for(model, precompute_cond: bool = True) -> ApplyFn:
     """``apply_fn(params, x, t, y, segment, share_cfg)`` that calls
     ``model.apply({'params': params}, x, t, y, share_cfg=share_cfg)`` and ignores ``segment``
     (``y`` left out when None, ``share_cfg`` when the model takes none:
-    ``conditioning.apply_model``): any Flax denoiser ``__call__(x, t[, cond])``."""
+    ``conditioning.apply_model``): any Flax denoiser ``__call__(x, t[, cond])``.
+    precompute_cond: when the model defines ``precompute_cond`` (PixArt), the sampler runs it
+      once per batch before the step loop (the same samples, less work per step); False calls
+      the model on the raw conditioning at every step (for comparisons)."""
     if not hasattr(model, "apply"):
         raise ValueError(f"model: expected a Flax module, got {type(model).__name__}")
-    return _FloatModelDenoiser(model)
+    if not isinstance(precompute_cond, bool):
+        raise ValueError(f"precompute_cond: expected True or False, got {precompute_cond!r}")
+    return _FloatModelDenoiser(model, precompute_cond)
