@@ -509,6 +509,12 @@ class TrainConfig:
     also trains on this many still frames drawn from the training videos, fed as 1-frame videos;
     the loss is the mean over all frames of the step. Stills are ``num_frames`` times cheaper than
     videos, so the spatial blocks see many more digits for the same compute. 0 turns it off.
+
+    ``dataset="captioned_digits"`` (PixArt models): each digit image is paired with a caption
+    (``trdq_jax.data.captions.TRAIN_TEMPLATES``, one drawn per example and step) encoded by
+    ``text_encoder`` (a bundled text encoder's name, e.g. "digits-t5", or a Hugging Face T5
+    directory holding its tokenizer); with probability ``caption_dropout_prob`` the caption is
+    replaced by the empty prompt's encoding, the null branch of classifier-free guidance.
     """
 
     dataset: str = "digits"
@@ -523,9 +529,18 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 100
     seed: int = 0
+    text_encoder: str = ""
+    caption_dropout_prob: float = 0.1
 
     def __post_init__(self):
-        _check_choice(self, "dataset", ("digits", "moving_digits"))
+        _check_choice(self, "dataset", ("digits", "moving_digits", "captioned_digits"))
+        if not isinstance(self.text_encoder, str):
+            _fail(self, "text_encoder", "a string (a bundled text encoder's name or a "
+                  "directory)", self.text_encoder)
+        if (self.dataset == "captioned_digits") != bool(self.text_encoder):
+            _fail(self, "text_encoder", "a text encoder with dataset 'captioned_digits' (and "
+                  "only then)", self.text_encoder)
+        _check_float_range(self, "caption_dropout_prob", 0.0, 1.0)
         _check_positive_int(self, "num_steps", "batch_size", "checkpoint_every", "log_every")
         _check_float_range(self, "learning_rate", 1e-8, 1.0)
         _check_float_range(self, "weight_decay", 0.0, 1.0)
@@ -580,7 +595,8 @@ class ExperimentConfig:
 
 # Fields added after configs were first stored, omitted while at the value every older config
 # had: digests and fingerprints of existing runs, plans and checkpoints stay what they were.
-_OMITTED_AT_DEFAULT = {DiTConfig: {"pos_embed": "sincos"}}
+_OMITTED_AT_DEFAULT = {DiTConfig: {"pos_embed": "sincos"},
+                       TrainConfig: {"text_encoder": "", "caption_dropout_prob": 0.1}}
 
 
 def _without_new_defaults(obj: Any, d: Any) -> Any:

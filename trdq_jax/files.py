@@ -64,6 +64,7 @@ KIND_NAMES = {
     "cfg_analysis": "CFG analysis directory",
     "generation": "generation directory",
     "export": "sample export (npz)",
+    "prompt_embedding": "cached prompt embedding (npz)",
 }
 
 

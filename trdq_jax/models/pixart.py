@@ -290,7 +290,8 @@ class PixArt(nn.Module):
         out["kv"] = kv
         return out
 
-    def __call__(self, x, t, cond, share_cfg=False):
+    def __call__(self, x, t, cond, share_cfg=False, train: bool = False):
+        del train  # no dropout inside: caption dropout is the data's (trdq_jax.training.text)
         cfg = self.config
         check_share_cfg(share_cfg)
         # x and t as every model checks them (labels: none here, so a dummy that passes)

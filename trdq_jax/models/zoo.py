@@ -21,8 +21,15 @@ BUNDLED = {
     "digits-dit": "class-conditional DiT on 8x8 scikit-learn digits (hidden 192 = 12*16)",
     "digits-unet": "class-conditional ADM-style UNet on 8x8 digits",
     "moving-digits-vdit": "class-conditional spatio-temporal DiT on 5-frame 12x12 moving digits",
+    "digits-pixart": "text-conditioned PixArt on captioned 8x8 digits (T5: digits-t5)",
     "digits-classifier": "CNN digit classifier (8x8): digits-FID features and class match",
     "moving-digits-classifier": "CNN digit classifier for 12x12 moving-digits frames",
+}
+
+# Text encoders in the Hugging Face layout (config.json, model.safetensors, tokenizer files),
+# read by trdq_jax.models.text_encoder; built by scripts/make_text_encoder.py.
+TEXT_ENCODERS = {
+    "digits-t5": "small frozen random T5 v1.1 encoder + BPE tokenizer trained on digit captions",
 }
 
 

@@ -23,7 +23,8 @@ import pathlib
 import jax
 import numpy as np
 
-from trdq_jax.config import ClassifierConfig, ExperimentConfig, VideoDiTConfig, to_dict
+from trdq_jax.config import (ClassifierConfig, ExperimentConfig, PixArtConfig, VideoDiTConfig,
+                             to_dict)
 from trdq_jax.training.diffusion import make_diffusion_loss
 from trdq_jax.training.loop import (NonFiniteLossError, TrainResult, ema_update, fit,
                                     learning_rate_schedule, make_optimizer)
@@ -46,6 +47,14 @@ def load_training_arrays(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]
     if model.in_channels != 1:
         raise ValueError(f"cfg.model.in_channels: the digit datasets have 1 channel, got "
                          f"{model.in_channels}")
+    if dataset == "captioned_digits":
+        if not isinstance(model, PixArtConfig):
+            raise ValueError(f"cfg.train.dataset: 'captioned_digits' needs a pixart model, got "
+                             f"family {model.family!r}")
+        return load_dataset("digits", "train", image_size=model.input_size)
+    if isinstance(model, PixArtConfig):
+        raise ValueError(f"cfg.train.dataset: a pixart model trains on 'captioned_digits', got "
+                         f"{dataset!r}")
     if dataset == "digits":
         if isinstance(model, VideoDiTConfig):
             raise ValueError("cfg.train.dataset: a video_dit model needs 'moving_digits', "
@@ -126,6 +135,13 @@ def _training_batches(cfg: ExperimentConfig, arrays: tuple[np.ndarray, np.ndarra
     from trdq_jax.data import batch_iterator
 
     train_cfg = cfg.train
+    if train_cfg.dataset == "captioned_digits":
+        from trdq_jax.training.text import caption_bank, captioned_batches
+        bank = caption_bank(train_cfg.text_encoder, cfg.model.max_tokens,
+                            cfg.model.caption_channels)
+        return lambda start: captioned_batches(
+            batch_iterator(arrays, train_cfg.batch_size, train_cfg.seed, start_step=start),
+            bank, train_cfg.seed, start, train_cfg.caption_dropout_prob)
     if not train_cfg.image_batch_size:
         return lambda start: batch_iterator(arrays, train_cfg.batch_size, train_cfg.seed,
                                             start_step=start)
