@@ -45,9 +45,9 @@ from trdq_jax.sampling.generate import null_label  # noqa: E402
 from trdq_jax.models import input_shape, zoo  # noqa: E402
 from trdq_jax.quant import duquant  # noqa: E402
 from trdq_jax.quant.calibrate import derive_calibration  # noqa: E402
-from trdq_jax.sampling import Sampler, denoise_fn_for, sample  # noqa: E402
+from trdq_jax.sampling import Sampler, conditioning, denoise_fn_for, sample  # noqa: E402
 
-DIFFUSION_MODELS = ("digits-dit", "digits-unet", "moving-digits-vdit")
+DIFFUSION_MODELS = ("digits-dit", "digits-unet", "moving-digits-vdit", "digits-pixart")
 BEGIN, END = "<!-- bench_quant:begin -->", "<!-- bench_quant:end -->"
 TIE_DB = 0.5  # recipes closer than this in PSNR are reported as tied
 
@@ -104,15 +104,30 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _sample_all(apply_fn, params, sampler, labels, cfg, seed):
-    """Samples of every label in batches of ``cfg.generation.batch_size``; sample i depends on
-    ``(seed, i)`` only, so float and quantized runs see the same noise."""
-    out, batch = [], cfg.generation.batch_size
-    for start in range(0, len(labels), batch):
-        chunk = labels[start:start + batch]
-        out.append(np.asarray(sample(apply_fn, params, sampler, chunk, seed=seed,
-                                     cfg_scale=cfg.sampler.cfg_scale,
-                                     null_label=null_label(cfg.model),
+def _conditions(cfg, labels, templates=None):
+    """``(cond, null)`` asking ``cfg``'s model for ``labels``: the labels and the null label,
+    or, for a text model, the digits in words (``templates``, default the held-out ones) and
+    the empty prompt."""
+    if cfg.model.family != "pixart":
+        return labels, null_label(cfg.model)
+    from trdq_jax.sampling.prompts import digit_prompt_conditioning
+    cond, null, _ = digit_prompt_conditioning(labels, cfg.train.text_encoder,
+                                              cfg.model.max_tokens, templates=templates)
+    return cond, null
+
+
+def _sample_all(apply_fn, params, sampler, conds, cfg, seed):
+    """Samples of every conditioning in ``conds`` (``_conditions``) in batches of
+    ``cfg.generation.batch_size``; sample i depends on ``(seed, i)`` only, so float and
+    quantized runs see the same noise."""
+    cond, null = conds
+    out, batch, n = [], cfg.generation.batch_size, conditioning.batch_size(cond)
+    for start in range(0, n, batch):
+        chunk = np.arange(start, min(start + batch, n))
+        nulls = ({"null_label": null} if isinstance(null, int) else
+                 {"null_cond": conditioning.take_null(null, cond, chunk)})
+        out.append(np.asarray(sample(apply_fn, params, sampler, conditioning.take(cond, chunk),
+                                     seed=seed, cfg_scale=cfg.sampler.cfg_scale, **nulls,
                                      shape=input_shape(cfg.model, len(chunk)),
                                      sample_offset=start)))
     return np.concatenate(out)
@@ -140,19 +155,25 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
     """Every (bits, recipe) row of one bundled model (plus its float row)."""
     model, params, cfg = zoo.load(name)
     sampler = Sampler.from_config(cfg.sampler)
-    labels = np.repeat(np.arange(cfg.model.num_classes), per_class).astype(np.int32)
+    num_classes = getattr(cfg.model, "num_classes", 10)  # a text model: the ten digits
+    labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+    conds = _conditions(cfg, labels)
     reference, _ = heldout_data(cfg.model)
-    float_samples = np.clip(_sample_all(denoise_fn_for(model), params, sampler, labels, cfg, seed),
+    float_samples = np.clip(_sample_all(denoise_fn_for(model), params, sampler, conds, cfg, seed),
                             -1.0, 1.0)
     result = {"model": name, "float": _scores(float_samples, labels, reference), "rows": [],
               "num_samples": len(labels), "sampler": f"{cfg.sampler.solver} "
               f"{cfg.sampler.num_steps} steps, cfg {cfg.sampler.cfg_scale}"}
     bar.write(f"{name} float: FID {result['float']['fid']:.2f}, "
               f"match {_match(result['float'])}")
-    calib_labels = np.repeat(np.arange(cfg.model.num_classes), calib_per_class)
+    calib_labels = np.repeat(np.arange(num_classes), calib_per_class)
+    # a text model calibrates on its training phrasings; it is judged on the held-out ones
+    from trdq_jax.data.captions import TRAIN_TEMPLATES
+    calib_cond, calib_null = _conditions(cfg, calib_labels, TRAIN_TEMPLATES)
     start = time.perf_counter()
-    shared = Q.calibrate(model, params, Q.get_recipe(recipes[0][1]), sampler, labels=calib_labels,
-                         null_label=null_label(cfg.model),
+    given = ({"labels": calib_cond, "null_label": calib_null} if isinstance(calib_null, int)
+             else {"cond": calib_cond, "null_cond": calib_null})
+    shared = Q.calibrate(model, params, Q.get_recipe(recipes[0][1]), sampler, **given,
                          shape=input_shape(cfg.model, len(calib_labels)), seed=seed + 1,
                          cfg_scale=cfg.sampler.cfg_scale)
     result["calib_seconds"] = time.perf_counter() - start
@@ -171,7 +192,7 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
             qbytes = held["quantized_layers"]
             samples = _sample_all(Q.QuantizedDenoiser(model, "xla"), qparams,
                                   sampler.with_segments(calib.segment_of_step,
-                                                        calib.num_segments), labels, cfg, seed)
+                                                        calib.num_segments), conds, cfg, seed)
             result["rows"].append({"bits": f"W{w_bits}A{a_bits}", "recipe": recipe_name,
                                    **_scores(samples, labels, reference, float_samples),
                                    "bytes": qbytes,
@@ -207,7 +228,9 @@ def verdict(rows: list[dict]) -> str:
 LEGEND = ("PSNR / SSIM: quantized vs float samples from the same noise and labels (clipped to "
           "[-1, 1], data range 2); digits-FID vs held-out data (our digits classifier's features, "
           "comparable within this project only); class match: fraction classified as their "
-          "label. Bytes: every array of the quantized layers (codes, scales, rotations, "
+          "label (for the text model `digits-pixart`: prompt match, the digit named by a "
+          "prompt phrased in a template held out of training; calibrated on the training "
+          "phrasings). Bytes: every array of the quantized layers (codes, scales, rotations, "
           "per-segment copies); x bf16: ratio to the same layers stored as bf16; model x bf16: "
           "every byte the quantized model holds (quantized layers + float remainder, float32) "
           "over the whole float model in bf16. Quantize s: "

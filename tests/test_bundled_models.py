@@ -18,7 +18,7 @@ def _need(name):
 
 
 SHIPPED = ["digits-classifier", "moving-digits-classifier", "digits-dit", "digits-unet",
-           "moving-digits-vdit"]
+           "moving-digits-vdit", "digits-pixart"]
 
 
 def test_every_shipped_model_is_present_and_restores():
@@ -38,9 +38,10 @@ def test_classifier_heldout_accuracy(name):
 
 # Videos are judged frame by frame (the acceptance bar: every frame classified); 30 videos are
 # 150 frames. The sample counts are sized to the suite's time budget (a 0.9 bar on 100 images
-# or 150 frames still fails a model that lost a class).
+# or 150 frames still fails a model that lost a class). The text model is asked for each digit
+# in phrasings held out of its training (each digit in all four held-out templates, twice).
 @pytest.mark.parametrize("name, per_class", [("digits-dit", 10), ("digits-unet", 10),
-                                             ("moving-digits-vdit", 3)])
+                                             ("moving-digits-vdit", 3), ("digits-pixart", 8)])
 def test_conditional_samples_match_their_class(name, per_class):
     from trdq_jax.eval.judge import evaluate_generator
     _need(name)

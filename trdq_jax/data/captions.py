@@ -45,7 +45,13 @@ def caption_table(templates=TRAIN_TEMPLATES) -> list[list[str]]:
 
 
 def prompts_for(labels, templates=HELDOUT_TEMPLATES) -> list[str]:
-    """One prompt per label, cycling through ``templates`` (sample ``i`` gets template
-    ``i % len(templates)``): the prompts of a class-match evaluation."""
-    labels = np.asarray(labels)
-    return [caption(int(d), templates[i % len(templates)]) for i, d in enumerate(labels)]
+    """One prompt per label: the ``k``-th occurrence of a digit takes template
+    ``k % len(templates)``, so every digit cycles through every template whatever the label
+    layout (the prompts of a class-match evaluation)."""
+    seen: dict[int, int] = {}
+    out = []
+    for d in np.asarray(labels).reshape(-1):
+        k = seen.get(int(d), 0)
+        seen[int(d)] = k + 1
+        out.append(caption(int(d), templates[k % len(templates)]))
+    return out

@@ -188,16 +188,23 @@ def evaluate_model(model, params, cfg, *, source: str, per_class: int = 30, seed
     from trdq_jax.models import input_shape
     from trdq_jax.sampling.generate import generate
     seeds = check_seeds(seeds)
-    labels = eval_labels(cfg.model.num_classes, per_class)
+    text = cfg.model.family == "pixart"
+    num_classes = 10 if text else cfg.model.num_classes
+    labels = eval_labels(num_classes, per_class)
     shape = input_shape(cfg.model, 1)[1:]
-    check_judgeable(shape, cfg.model.num_classes)  # before any sampling
+    check_judgeable(shape, num_classes)  # before any sampling
     reference = reference_for(shape)
+    cond, null = labels, None
+    if text:  # a text-to-digit model: asked for each digit in the held-out phrasings
+        from trdq_jax.sampling.prompts import digit_prompt_conditioning
+        cond, null, _ = digit_prompt_conditioning(labels, cfg.train.text_encoder,
+                                                  cfg.model.max_tokens)
     batches, per_seed, seconds = [], [], 0.0
     for seed in seeds:
         t0 = time.perf_counter()
-        samples = generate(model, params, cfg, labels, seed=seed, cfg_scale=cfg_scale,
-                           sampler=sampler, apply_fn=apply_fn, share_cfg=share_cfg,
-                           progress=progress)
+        samples = generate(model, params, cfg, cond, null_cond=null, seed=seed,
+                           cfg_scale=cfg_scale, sampler=sampler, apply_fn=apply_fn,
+                           share_cfg=share_cfg, progress=progress)
         took = time.perf_counter() - t0
         seconds += took
         batches.append(samples)
@@ -208,7 +215,8 @@ def evaluate_model(model, params, cfg, *, source: str, per_class: int = 30, seed
                    resamples=resamples)
     out = {"source": source, "num_samples": int(len(labels) * len(seeds)),
            "per_class": per_class, "seeds": seeds, "label_layout": "sample i: class i % "
-           f"{cfg.model.num_classes}",
+           f"{num_classes}" + (" asked in words: the k-th sample of a digit takes held-out "
+                               "caption template k % 4 (trdq_jax.data.captions)" if text else ""),
            "cfg_scale": cfg.sampler.cfg_scale if cfg_scale is None else cfg_scale,
            "sampler": f"{cfg.sampler.solver} {cfg.sampler.num_steps} steps",
            "sampling_seconds": round(seconds, 2), **judged}

@@ -190,3 +190,15 @@ def encode_prompts(prompts: Sequence[str], text_encoder, max_tokens: int, *,
     mask = np.stack([found[p][1] for p in prompts]).astype(np.int32)
     return emb, mask, {"cached": len(unique) - len(missing), "encoded": len(missing),
                        "encoder": encoder_fp}
+
+
+def digit_prompt_conditioning(labels, text_encoder, max_tokens: int, *, templates=None,
+                              cache_dir=None) -> tuple[dict, dict, list[str]]:
+    """``(cond, null_cond, prompts)`` asking a text-to-digit model for ``labels``: prompts from
+    ``templates`` (default the held-out ones, ``trdq_jax.data.captions.prompts_for``), the
+    empty-prompt null branch (what the bundled text model is trained with)."""
+    from trdq_jax.data.captions import HELDOUT_TEMPLATES, prompts_for
+    prompts = prompts_for(labels, HELDOUT_TEMPLATES if templates is None else templates)
+    emb, mask, _ = encode_prompts(prompts + [""], text_encoder, max_tokens, cache_dir=cache_dir)
+    cond = caption_conditioning(emb[:-1], mask[:-1])
+    return cond, null_conditioning(cond, "empty_prompt", empty=(emb[-1], mask[-1])), prompts
