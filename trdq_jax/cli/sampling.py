@@ -9,6 +9,8 @@ import numpy as np
 
 from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_set, blame, cfg_scale,
                                   float_model, positive_int, print_json, seed_int, stored_vae)
+from trdq_jax.cli._prompts import (add_prompt_args, check_prompt_flags, is_text_model,
+                                   prompt_conditioning, prompt_list)
 
 BACKENDS = ("xla", "fake", "pallas", "auto")  # trdq_jax.quant.BACKENDS, without importing quant
 
@@ -51,31 +53,44 @@ def _sample(args) -> int:
     from trdq_jax.sampling.sample_dir import save_sample_dir
     resolve_target(args.out, kind="samples", overwrite=args.overwrite, is_dir=True, arg="--out")
     model, params, cfg, source, sampler, apply_fn = _denoiser(args)
+    check_prompt_flags(args, cfg)
     vae = _vae(args)
     share = _share_cfg(args, cfg)
-    classes = _class_list(args.labels, cfg.model.num_classes)
-    labels = np.repeat(classes, args.per_class)
+    null, text_info = None, {}
+    if is_text_model(cfg):  # rows are prompts; "labels" holds each sample's prompt index
+        prompts = prompt_list(args, cfg)
+        classes = np.arange(len(prompts))
+        labels = np.repeat(classes, args.per_class)
+        cond, null, text_info = prompt_conditioning(args, cfg, prompts, labels)
+        row_names = [p if len(p) <= 40 else p[:37] + "..." for p in prompts]
+    else:
+        classes = _class_list(args.labels, cfg.model.num_classes)
+        labels = cond = np.repeat(classes, args.per_class)
+        row_names = [f"class {c}" for c in classes]
     if vae is not None:
         from trdq_jax.sampling.decode import check_vae_for
         with blame("--checkpoint" if args.checkpoint else "--quantized"):
             check_vae_for(cfg.model, vae[0])
     t0 = time.perf_counter()
-    samples = generate(model, params, cfg, labels, seed=args.seed, cfg_scale=args.cfg_scale,
-                       share_cfg=share, progress=True, sampler=sampler, apply_fn=apply_fn)
+    samples = generate(model, params, cfg, cond, null_cond=null, seed=args.seed,
+                       cfg_scale=args.cfg_scale, share_cfg=share, progress=True,
+                       sampler=sampler, apply_fn=apply_fn)
     seconds = time.perf_counter() - t0
     pixels, shown = None, samples
     if vae is not None:  # the grid shows the decoded pictures; samples.npz keeps the latents
         from trdq_jax.sampling.decode import make_decoder
         pixels = np.asarray(make_decoder(*vae)(samples))
         shown = pixels.astype(np.float32) / 127.5 - 1.0
-    rows = [r for c, r in enumerate(grid_rows(shown, labels, cfg.model.num_classes))
+    num_rows = len(classes) if is_text_model(cfg) else cfg.model.num_classes
+    rows = [r for c, r in enumerate(grid_rows(shown, labels, num_rows))
             if c in set(classes.tolist())]
     out = save_sample_dir(
         args.out, samples, labels, cfg=cfg, source=source, grid_rows=rows, pixels=pixels,
-        row_labels=[f"class {c}" for c in classes],
+        row_labels=row_names,
         title=f"{source} | {cfg.sampler.solver} {cfg.sampler.num_steps} steps",
         info={"seed": args.seed, "share_cfg": share if isinstance(share, bool) else share.name,
-              "cfg_scale": cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale},
+              "cfg_scale": cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+              **text_info},
         overwrite=args.overwrite, arg="--out")
     print_json({"out": str(out), "num_samples": int(len(labels)), "seconds": round(seconds, 2)})
     return 0
@@ -168,10 +183,18 @@ def _generate(args) -> int:
     _check_export_flags(args)
     _join_processes(args)
     model, params, cfg, source, sampler, apply_fn = _denoiser(args)
+    check_prompt_flags(args, cfg)
     share = _share_cfg(args, cfg)
     if args.per_class is not None:
         args.num_samples = _per_class_count(args, cfg)
     labels = None if args.labels is None else _labels_arg(args.labels, args.num_samples)
+    text = {}
+    if is_text_model(cfg):  # sample i takes prompt i mod P
+        prompts = prompt_list(args, cfg)
+        cond, null, info = prompt_conditioning(args, cfg, prompts,
+                                               np.arange(args.num_samples) % len(prompts))
+        text = {"cond": cond, "null_cond": null, "run_info": {
+            k: info[k] for k in ("prompts", "null_branch")}}
     with blame(None, labels="--labels", num_samples="--num-samples",
                batch_per_device="--batch-per-device", batch_size="--batch-size",
                model_parallel="--model-parallel", shard_size="--shard-size", out="--out"):
@@ -184,7 +207,7 @@ def _generate(args) -> int:
                                   sampler=sampler, share_cfg=share, source=source,
                                   shard_size=args.shard_size,
                                   allow_nonfinite=args.allow_nonfinite, progress=True,
-                                  arg="--out")
+                                  arg="--out", **text)
     if summary["redone"]:
         print(f"trdq generate: note: redid {len(summary['redone'])} shard(s) whose files or "
               "manifest lines did not verify (see \"redone\")", file=sys.stderr)
@@ -290,6 +313,7 @@ def register(sub) -> None:
     p.add_argument("--labels", default=None, metavar="LIST",
                    help="the classes to sample, comma-separated, e.g. 207,360,387 (default: "
                         "every class)")
+    add_prompt_args(p)
     add_seed(p)
     _add_guidance(p, "the plan stored with --quantized, else none")
     add_debug(p)
@@ -309,6 +333,7 @@ def register(sub) -> None:
                             "this or --num-samples is required)")
     p.add_argument("--labels", default=None,
                    help="comma-separated labels used in turn (default: every class in turn)")
+    add_prompt_args(p)
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-per-device", type=positive_int, default=None,
                        help="samples per data-axis device per batch (default: "

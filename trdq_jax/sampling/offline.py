@@ -328,7 +328,7 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
                     model_parallel: int = 1, cfg_scale: float | None = None, apply_fn=None,
                     sampler=None, share_cfg=False, source: str = "",
                     shard_size: int | None = None, allow_nonfinite: bool = False,
-                    vae=None, decode_chunk: int | None = None,
+                    vae=None, decode_chunk: int | None = None, run_info: dict | None = None,
                     progress: bool = False, on_shard=None, arg: str = "out") -> dict:
     """Generate ``num_samples`` samples into ``out`` (see the module docstring); resumable.
 
@@ -351,7 +351,9 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
     params)`` of a latent model (``trdq_jax.checkpoint.restore_vae``): the shards keep the
     latents and the PNGs are the decoded pixels, decoded on the devices right after each batch
     is sampled, ``decode_chunk`` samples at a time (default ``decode.DEFAULT_DECODE_CHUNK``;
-    part of the fingerprint: the VAE's config and weights). Returns ``{"out",
+    part of the fingerprint: the VAE's config and weights); ``run_info``: JSON describing the
+    conditioning for people (e.g. ``{"prompts": [...], "null_branch": ...}``: sample i took
+    prompt i mod P), recorded in the run (``metadata.json``) and part of its fingerprint. Returns ``{"out",
     "num_samples", "shard_size", "extents", "generated", "skipped", "redone", "unreadable_lines",
     "removed_temporaries", "nonfinite", "seconds", "samples_per_s", "devices", "mesh",
     "processes"}`` for this process (``redone``: ``{shard file: why}`` of this process's shards
@@ -393,6 +395,8 @@ def generate_to_dir(out, model, params, cfg, *, num_samples: int, labels=None, c
                       params, null)
     if vae is not None:
         run["vae"] = {"config": to_dict(vae[0]), "params_sha256": tree_digest(vae[1])}
+    if run_info:
+        run["text"] = json.loads(json.dumps(run_info))
     meta, _ = _open_dir(target, run, run_cond, images, shard_size, arg)
     size, grid = meta["shard_size"], gd.shard_grid(meta)
     process, processes = jax.process_index(), jax.process_count()

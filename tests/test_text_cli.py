@@ -1,0 +1,106 @@
+"""``trdq sample`` / ``trdq generate`` with prompts, on a tiny random text model that reads the
+bundled digits-t5 encoder; the flags' unhappy paths."""
+from __future__ import annotations
+
+import json
+import re
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from trdq_jax import checkpoint
+from trdq_jax.cli import main
+from trdq_jax.config import (ExperimentConfig, GenerationConfig, PixArtConfig, SamplerConfig,
+                             TrainConfig)
+from trdq_jax.models.factory import init_params
+from trdq_jax.sampling.prompts import encode_prompts
+
+FIXTURE_T5 = pathlib.Path(__file__).parent / "models" / "fixtures" / "tiny_t5"
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    cfg = ExperimentConfig(
+        name="tiny-text",
+        model=PixArtConfig(input_size=8, in_channels=1, hidden_size=24, depth=1, num_heads=2,
+                           caption_channels=64, max_tokens=24, learn_sigma=False),
+        sampler=SamplerConfig(num_steps=3, cfg_scale=3.0),
+        generation=GenerationConfig(batch_size=4),
+        train=TrainConfig(dataset="captioned_digits", text_encoder="digits-t5"))
+    params = jax.tree.map(lambda a: a + 0.05, init_params(cfg.model, jax.random.key(0)))
+    path = tmp_path_factory.mktemp("ck") / "text"
+    checkpoint.save(path, jax.device_get(params), cfg)
+    return path
+
+
+def run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_with_prompts_and_a_cache(text_ckpt, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    code, out, err = run(capsys, "sample", "--checkpoint", text_ckpt, "--out", tmp_path / "s",
+                         "--prompt", "a handwritten seven", "--prompt", "digit 3",
+                         "--per-class", 2, "--prompt-cache", cache)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "s" / "metadata.json").read_text())
+    assert meta["prompts"] == ["a handwritten seven", "digit 3"]
+    assert meta["null_branch"] == "empty_prompt"
+    assert meta["prompt_cache"] == {"cached": 0, "encoded": 3}  # two prompts and ""
+    with np.load(tmp_path / "s" / "samples.npz") as data:
+        assert data["labels"].tolist() == [0, 0, 1, 1]  # each sample's prompt index
+        first = data["samples"]
+    code, out, err = run(capsys, "sample", "--checkpoint", text_ckpt, "--out", tmp_path / "t",
+                         "--prompt", "a handwritten seven", "--prompt", "digit 3",
+                         "--per-class", 2, "--prompt-cache", cache)
+    assert code == 0, err
+    assert json.loads((tmp_path / "t" / "metadata.json").read_text())["prompt_cache"] == {
+        "cached": 3, "encoded": 0}
+    with np.load(tmp_path / "t" / "samples.npz") as data:
+        np.testing.assert_array_equal(data["samples"], first)
+
+
+def test_generate_cycles_the_prompts_and_records_them(text_ckpt, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("digit 1\n\n  a handwritten two  \ndigit 3\n")
+    code, out, err = run(capsys, "generate", "--checkpoint", text_ckpt, "--out", tmp_path / "g",
+                         "--prompts", prompts, "--num-samples", 5)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "g" / "metadata.json").read_text())
+    assert meta["run"]["text"] == {"prompts": ["digit 1", "a handwritten two", "digit 3"],
+                                   "null_branch": "empty_prompt"}
+    # sample i took prompt i mod 3: its stored conditioning is that prompt's embedding
+    with np.load(tmp_path / "g" / "cond.npz") as data:
+        stored = {k: data[k] for k in data.files}
+    emb, mask, _ = encode_prompts(["digit 1", "a handwritten two", "digit 3"], "digits-t5", 24)
+    caption = next(v for k, v in stored.items() if "caption" in k)
+    np.testing.assert_array_equal(caption, emb[np.arange(5) % 3])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts", "EMPTY"], "--prompts: .* holds no prompt"),
+    (["--prompts", "MISSING"], "--prompts: no such file"),
+    (["--prompt", " "], "--prompt: empty prompt"),
+    (["--labels", "1,2"], "--labels: the model is conditioned on text"),
+    (["--prompt", "digit 1", "--text-encoder", FIXTURE_T5],
+     "--text-encoder: gives 32 channels per token, the model takes caption_channels=64"),
+])
+def test_bad_prompt_flags(text_ckpt, tmp_path, capsys, argv, message):
+    (tmp_path / "EMPTY").write_text("\n  \n")
+    argv = [str(tmp_path / a) if a in ("EMPTY", "MISSING") else a for a in argv]
+    code, out, err = run(capsys, "sample", "--checkpoint", text_ckpt, "--out", tmp_path / "s",
+                         *argv)
+    assert code == 2 and err.count("\n") == 1, err
+
+    assert re.search(message, err), err
+    assert not (tmp_path / "s").exists()
+
+
+def test_prompt_flags_on_a_class_model_are_refused(tmp_path, capsys):
+    code, out, err = run(capsys, "sample", "--model", "digits-dit", "--out", tmp_path / "s",
+                         "--prompt", "a seven")
+    assert code == 2 and "--prompt: the model (dit) is not conditioned on text" in err, err
