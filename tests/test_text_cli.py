@@ -26,7 +26,7 @@ def text_ckpt(tmp_path_factory):
         name="tiny-text",
         model=PixArtConfig(input_size=8, in_channels=1, hidden_size=24, depth=1, num_heads=2,
                            caption_channels=64, max_tokens=24, learn_sigma=False),
-        sampler=SamplerConfig(num_steps=3, cfg_scale=3.0),
+        sampler=SamplerConfig(num_steps=4, cfg_scale=3.0),
         generation=GenerationConfig(batch_size=4),
         train=TrainConfig(dataset="captioned_digits", text_encoder="digits-t5"))
     params = jax.tree.map(lambda a: a + 0.05, init_params(cfg.model, jax.random.key(0)))
@@ -104,3 +104,25 @@ def test_prompt_flags_on_a_class_model_are_refused(tmp_path, capsys):
     code, out, err = run(capsys, "sample", "--model", "digits-dit", "--out", tmp_path / "s",
                          "--prompt", "a seven")
     assert code == 2 and "--prompt: the model (dit) is not conditioned on text" in err, err
+
+
+def test_quantize_a_text_model_on_prompts_and_sample_it(text_ckpt, tmp_path, capsys):
+    """Calibration on the given prompts (2 samples each), the caption-side layers weight-only,
+    then sampling the quantized checkpoint with prompts."""
+    code, out, err = run(capsys, "quantize", "--checkpoint", text_ckpt, "--out", tmp_path / "q",
+                         "--prompt", "digit 1", "--prompt", "a handwritten two",
+                         "--per-class", 2, "--w-bits", 8, "--a-bits", 8)
+    assert code == 0, err
+    from trdq_jax.quant.io import load_quantized_model
+    stored = json.loads((tmp_path / "q" / "metadata.json").read_text())
+    weight_only = stored["extra"]["weight_only"] if "extra" in stored else stored["weight_only"]
+    assert set(weight_only) == {"caption_projection/fc1", "caption_projection/fc2",
+                                "blocks_0/cross_attn/kv", "t_block", "t_embedder/mlp_0",
+                                "t_embedder/mlp_2"}
+    load_quantized_model(tmp_path / "q")
+    code, out, err = run(capsys, "sample", "--quantized", tmp_path / "q", "--out",
+                         tmp_path / "s", "--prompt", "digit 5", "--per-class", 2)
+    assert code == 0, err
+    code, out, err = run(capsys, "quantize", "--model", "digits-dit", "--out", tmp_path / "r",
+                         "--prompt", "digit 1")
+    assert code == 2 and "--prompts: the model (dit) is not conditioned on text" in err, err

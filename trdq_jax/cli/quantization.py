@@ -35,9 +35,19 @@ def _calibrate_from_args(args, recipe, loaded=None):
         raise ValueError(f"--segments: {recipe.num_segments} segments but the sampler has only "
                          f"{cfg.sampler.num_steps} steps")
     t0 = time.perf_counter()
-    calib = run_calibration(model, params, cfg, recipe, per_class=args.per_class, seed=args.seed,
-                            rows_per_step=args.rows_per_step, num_samples=args.num_samples,
-                            progress=True)
+    text = {}
+    if getattr(cfg.model, "family", None) == "pixart":
+        from trdq_jax.cli._prompts import prompt_list
+        given = args.prompt or args.prompts
+        text = {"prompts": prompt_list(args, cfg) if given else None,
+                "text_encoder": args.text_encoder, "prompt_cache": args.prompt_cache}
+    elif args.prompt or args.prompts or args.text_encoder or args.prompt_cache:
+        raise ValueError(f"--prompts: the model ({cfg.model.family}) is not conditioned on text")
+    with blame(None, text_encoder="--text-encoder", prompts="--prompts",
+               cache_dir="--prompt-cache"):
+        calib = run_calibration(model, params, cfg, recipe, per_class=args.per_class,
+                                seed=args.seed, rows_per_step=args.rows_per_step,
+                                num_samples=args.num_samples, progress=True, **text)
     return model, params, cfg, calib, time.perf_counter() - t0
 
 
@@ -190,6 +200,8 @@ def _add_calibration_flags(p, recipe_default: str | None) -> None:
     p.set_defaults(seed=DEFAULT_CALIB_SEED)
     p.add_argument("--rows-per-step", type=positive_int, default=64,
                    help="activation rows kept per step and layer (default: %(default)s)")
+    from trdq_jax.cli._prompts import add_prompt_args
+    add_prompt_args(p)  # a text model's calibration prompts (--per-class samples of each)
 
 
 def register(sub) -> None:

@@ -58,20 +58,62 @@ def spread_labels(num_classes: int, num_samples: int) -> np.ndarray:
 
 def run_calibration(model, params, cfg: ExperimentConfig, recipe: Recipe, *, per_class: int = 4,
                     seed: int = DEFAULT_CALIB_SEED, rows_per_step: int = 64,
-                    num_samples: int | None = None, progress: bool = False):
+                    num_samples: int | None = None, progress: bool = False,
+                    prompts=None, text_encoder=None, prompt_cache=None):
     """``trdq_jax.quant.calibrate`` on ``per_class`` labels of every class (or, with
     ``num_samples``, that many samples of classes spread over all, ``spread_labels``) with
-    ``cfg``'s sampler and guidance. Returns the ``Calibration``."""
+    ``cfg``'s sampler and guidance. Returns the ``Calibration``.
+
+    A text-conditioned (PixArt) model calibrates on ``prompts`` (sample i takes prompt i mod P;
+    ``per_class`` samples of each, or ``num_samples`` in all) encoded by ``text_encoder``
+    (default ``cfg.train.text_encoder``; embeddings cached in ``prompt_cache``), with the
+    empty-prompt null branch; the bundled text model defaults to its training phrasings of
+    every digit (``trdq_jax.data.captions.TRAIN_TEMPLATES``)."""
     if recipe.num_segments > cfg.sampler.num_steps:
         raise ValueError(f"recipe: {recipe.num_segments} segments but the sampler has only "
                          f"{cfg.sampler.num_steps} steps")
     if isinstance(rows_per_step, bool) or not isinstance(rows_per_step, int) or rows_per_step < 1:
         raise ValueError(f"rows_per_step: expected a positive int, got {rows_per_step!r}")
+    sampler = Sampler.from_config(cfg.sampler)
+    if cfg.model.family == "pixart":
+        cond, null = _text_calibration(cfg, per_class, num_samples, prompts, text_encoder,
+                                       prompt_cache)
+        return calibrate(model, params, recipe, sampler, cond=cond, null_cond=null,
+                         shape=input_shape(cfg.model, len(cond["mask"])), seed=seed,
+                         rows_per_step=rows_per_step, progress=progress)
+    if prompts is not None:
+        raise ValueError(f"prompts: the model ({cfg.model.family}) is not conditioned on text")
     labels = (calibration_labels(cfg.model.num_classes, per_class) if num_samples is None
               else spread_labels(cfg.model.num_classes, num_samples))
-    return calibrate(model, params, recipe, Sampler.from_config(cfg.sampler), labels=labels,
+    return calibrate(model, params, recipe, sampler, labels=labels,
                      null_label=null_label(cfg.model), shape=input_shape(cfg.model, len(labels)),
                      seed=seed, rows_per_step=rows_per_step, progress=progress)
+
+
+def _text_calibration(cfg, per_class, num_samples, prompts, text_encoder, prompt_cache):
+    """``(cond, null_cond)`` of a text model's calibration set (see ``run_calibration``)."""
+    from trdq_jax.data.captions import TRAIN_TEMPLATES, prompts_for
+    from trdq_jax.sampling.prompts import (caption_conditioning, encode_prompts,
+                                           null_conditioning)
+    if prompts is None:
+        if cfg.train.dataset != "captioned_digits":
+            raise ValueError("prompts: a text-conditioned model calibrates on prompts; give "
+                             "a list of them (e.g. captions like those it will draw)")
+        labels = (calibration_labels(10, per_class) if num_samples is None
+                  else spread_labels(10, num_samples))
+        prompts = prompts_for(labels, TRAIN_TEMPLATES)
+        per_sample = np.arange(len(prompts))
+    else:
+        count = len(prompts) * per_class if num_samples is None else num_samples
+        per_sample = np.arange(count) % max(len(prompts), 1)
+    encoder = text_encoder or cfg.train.text_encoder
+    if not encoder:
+        raise ValueError("text_encoder: the model's config names no text encoder; give its T5 "
+                         "directory")
+    emb, mask, _ = encode_prompts(list(prompts) + [""], encoder, cfg.model.max_tokens,
+                                  cache_dir=prompt_cache)
+    cond = caption_conditioning(emb[:-1][per_sample], mask[:-1][per_sample])
+    return cond, null_conditioning(cond, "empty_prompt", empty=(emb[-1], mask[-1]))
 
 
 def quantize_summary(params, qparams, recipe: Recipe, seconds: float) -> dict:
