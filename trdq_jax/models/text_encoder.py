@@ -53,6 +53,18 @@ class TextEncoder:
         return emb, mask
 
 
+def shard_encoder(encoder: TextEncoder, mesh) -> TextEncoder:
+    """``encoder`` with its parameters split over ``mesh``'s ``"model"`` axis (each weight's
+    widest divisible dimension; ``trdq_jax.sampling.offline.param_sharding``): T5-XXL's 4.7B
+    parameters over M devices hold 1/M of the bytes each. ``encode`` then runs on the mesh
+    (jit follows the parameters' placement) and gives the unsharded results."""
+    import jax
+
+    from trdq_jax.sampling.offline import param_sharding
+    params = jax.device_put(encoder.params, param_sharding(mesh, encoder.params))
+    return dataclasses.replace(encoder, params=params)
+
+
 def resolve(name_or_path: str | pathlib.Path) -> pathlib.Path:
     """A bundled text encoder's name (``zoo.TEXT_ENCODERS``) or a directory."""
     if isinstance(name_or_path, str) and name_or_path in zoo.TEXT_ENCODERS:
