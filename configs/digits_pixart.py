@@ -1,9 +1,10 @@
 """digits-pixart: text-conditioned PixArt (adaLN-single, cross-attention to T5 captions) on the
 8x8 scikit-learn digits (bundled model).
 
-Captions come from ``trdq_jax.data.captions.TRAIN_TEMPLATES`` ("a handwritten seven", "the
-number 7, thin strokes", ...) encoded by the bundled frozen ``digits-t5`` encoder (64 channels
-per token, up to 24 tokens); 10% of the examples get the empty prompt (the CFG null branch).
+Captions come from ``trdq_jax.data.captions.TRAIN_TEMPLATES`` (380 phrasings: "a handwritten
+seven", "the number 7, thin strokes", ...; four more are held out for evaluation) encoded by the
+bundled frozen ``digits-t5`` encoder (64 channels per token, up to 24 tokens); 10% of the
+examples get the empty prompt (the CFG null branch).
 Width 192 = 12 * 16 (block Hadamard), 6 heads of 32, depth 6, patch 2 -> 16 tokens, as the
 digits-dit. Reproduce with ``bash scripts/train_bundled.sh digits-pixart`` (after
 ``python scripts/make_text_encoder.py`` has written the encoder).

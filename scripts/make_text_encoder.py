@@ -32,8 +32,8 @@ from trdq_jax.models.t5 import T5EncoderConfig, init_t5_params
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "trdq_jax" / "assets" / "models" / "digits-t5"
-VOCAB_SIZE = 160  # tokenizer entries; the encoder has a few spare embedding rows
-CONFIG = T5EncoderConfig(vocab_size=192, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+VOCAB_SIZE = 240  # tokenizer entries; the encoder has a few spare embedding rows
+CONFIG = T5EncoderConfig(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                          num_heads=4, relative_attention_num_buckets=16,
                          relative_attention_max_distance=32)
 MAX_TOKENS = 24

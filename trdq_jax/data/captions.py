@@ -1,34 +1,37 @@
 """Captions of the digits: the text side of the bundled text-to-image model.
 
-Each digit ``d`` is described by templates filled with its word ("seven") or numeral ("7").
-``TRAIN_TEMPLATES`` are the only phrasings the denoiser is trained on (and the only text the
-bundled tokenizer learns its merges from); ``HELDOUT_TEMPLATES`` are never seen in training, so
-samples drawn from them measure whether the model follows the digit named, not a memorised
-sentence. Both sets use every digit's word and numeral forms.
+A caption is a *template* filled with the digit's word ("seven", ``{w}``) or numeral ("7",
+``{n}``). Templates are made from a prefix, the digit and a suffix ("a small blurry {w},
+centered"): ``len(PREFIXES) x 2 x len(SUFFIXES)`` phrasings, so that a model trained on them
+learns to read the digit out of varied context instead of memorising a few sentences.
+``HELDOUT_TEMPLATES`` are combinations taken out of that grid: the denoiser never sees them in
+training (nor does the bundled tokenizer learn its merges from them), so samples drawn from them
+measure whether the model follows the digit named in a new sentence.
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
-# {w}: the digit's word, {n}: its numeral
-TRAIN_TEMPLATES = (
-    "a handwritten {w}",
-    "the number {n}, thin strokes",
-    "digit {n}",
-    "a picture of the digit {w}",
-    "{w}",
-    "an image of a {n}",
-    "a small blurry {w}",
-    "the numeral {n} written by hand",
-)
+PREFIXES = ("", "a ", "a handwritten ", "the number ", "digit ", "a picture of the digit ",
+            "an image of a ", "a small blurry ", "the numeral ", "a drawing of a ",
+            "a photo of the number ", "a sketch of a ", "a thick ", "a thin ", "a messy ",
+            "a neat ")
+SUFFIXES = ("", ", thin strokes", " written by hand", " on paper", ", bold strokes",
+            " in black ink", " on a dark background", ", centered", ", slightly rotated",
+            ", low resolution", " drawn quickly", ", scanned")
 HELDOUT_TEMPLATES = (
-    "a drawing of the number {w}",
-    "handwritten digit {n}",
-    "{n} on a dark background",
-    "a scanned {w}, bold strokes",
+    "a drawing of a {w} on a dark background",
+    "digit {n} written by hand",
+    "the numeral {w}, slightly rotated",
+    "a messy {n} in black ink",
 )
+TRAIN_TEMPLATES = tuple(
+    t for t in (f"{p}{{{form}}}{s}" for p, form, s in itertools.product(PREFIXES, "wn", SUFFIXES))
+    if t not in HELDOUT_TEMPLATES)
 
 
 def caption(digit: int, template: str) -> str:
