@@ -51,7 +51,9 @@ def quality(result: dict) -> str:
                 f"{_interval(ci['frame_accuracy'], _pct)} ({_pct(match['video_accuracy'])} "
                 f"{_interval(ci['video_accuracy'], _pct)} of videos all frames right), {fid} "
                 f"({n} videos, {setting})")
-    return (f"class match {_pct(match['accuracy'])} {_interval(ci['accuracy'], _pct)}, {fid} "
+    what = ("prompt match (digits asked in held-out phrasings)"
+            if "asked in words" in result.get("label_layout", "") else "class match")
+    return (f"{what} {_pct(match['accuracy'])} {_interval(ci['accuracy'], _pct)}, {fid} "
             f"({n} samples, {setting})")
 
 
