@@ -120,6 +120,9 @@ def test_quantize_a_text_model_on_prompts_and_sample_it(text_ckpt, tmp_path, cap
                                 "blocks_0/cross_attn/kv", "t_block", "t_embedder/mlp_0",
                                 "t_embedder/mlp_2"}
     load_quantized_model(tmp_path / "q")
+    from trdq_jax.quant.io import stored_conditioning
+    assert stored_conditioning(tmp_path / "q") == {
+        "null_branch": "empty_prompt", "prompts": ["digit 1", "a handwritten two"]}
     code, out, err = run(capsys, "sample", "--quantized", tmp_path / "q", "--out",
                          tmp_path / "s", "--prompt", "digit 5", "--per-class", 2)
     assert code == 0, err

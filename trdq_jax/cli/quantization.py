@@ -133,8 +133,16 @@ def _quantize(args) -> int:
     t0 = time.perf_counter()
     qparams = quantize(params, calib, recipe, progress=True)
     summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
+    conditioning = None
+    if getattr(cfg.model, "family", None) == "pixart":  # text: the null branch calibrated with
+        conditioning = {"null_branch": "empty_prompt"}
+        if not args.calib:
+            from trdq_jax.cli._prompts import prompt_list
+            conditioning["prompts"] = (prompt_list(args, cfg) if args.prompt or args.prompts
+                                       else "the model's training phrasings of every digit")
     out = save_quantized(args.out, qparams, cfg, recipe, calib.segment_of_step, cfg_plan=plan,
-                         vae=vae, overwrite=args.overwrite, arg="--out")
+                         vae=vae, conditioning=conditioning, overwrite=args.overwrite,
+                         arg="--out")
     print_json({"out": str(out), **summary,
                 "calibration_seconds": round(float(calib_seconds), 3)})
     return 0

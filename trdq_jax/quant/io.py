@@ -9,6 +9,7 @@ segment table against the sampler, layers against the model config.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 
@@ -51,15 +52,18 @@ def recipe_from_dict(d: dict) -> Recipe:
 
 
 def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segment_of_step,
-                   *, weight_only=None, cfg_plan=None, vae=None, overwrite: bool = False,
-                   arg: str = "path") -> pathlib.Path:
+                   *, weight_only=None, cfg_plan=None, vae=None, conditioning=None,
+                   overwrite: bool = False, arg: str = "path") -> pathlib.Path:
     """Write a quantized model: arrays via orbax, static layer fields/recipe/segments as JSON.
     The model is checked first (``check_quantized``), so an inconsistent one is never written.
     ``weight_only``: the paths quantized weight-only (``Calibration.weight_only``; None: the
     layers whose fields say so, see ``weight_only_layers``). ``cfg_plan``: an optional
     ``CFGPlan`` stored with it (``stored_cfg_plan`` restores it), checked against the model and
     the sampler's step count. ``vae``: ``(VAEConfig, params)`` of a latent model, stored float
-    beside the quantized denoiser (``trdq_jax.checkpoint.restore_vae``)."""
+    beside the quantized denoiser (``trdq_jax.checkpoint.restore_vae``). ``conditioning``:
+    JSON describing what it was calibrated on (a text model: ``{"null_branch": ...,
+    "prompts": [...]}``), stored as ``extra["calibration_conditioning"]``
+    (``stored_conditioning``)."""
     weight_only = sorted(weight_only_layers(qparams, recipe) if weight_only is None
                          else weight_only)
     check_quantized(qparams, recipe, segment_of_step, cfg, "qparams", weight_only)
@@ -78,6 +82,8 @@ def save_quantized(path: str | os.PathLike, qparams, cfg, recipe: Recipe, segmen
              "segment_of_step": [int(v) for v in np.asarray(segment_of_step)]}
     if cfg_plan is not None:
         extra["cfg_plan"] = cfg_plan.to_json()
+    if conditioning is not None:
+        extra["calibration_conditioning"] = json.loads(json.dumps(conditioning))
     return checkpoint.save(path, tree, cfg, kind="quantized", extra=extra, vae=vae,
                            overwrite=overwrite, arg=arg)
 
@@ -195,3 +201,11 @@ def load_quantized_model(qdir: str | os.PathLike, backend: str = "xla", override
     model = build_model(cfg.model)
     source = f"{qdir} ({recipe.name} W{recipe.w_bits}A{recipe.a_bits}, {backend})"
     return model, qparams, cfg, source, sampler, QuantizedDenoiser(model, backend)
+
+
+def stored_conditioning(path) -> dict | None:
+    """What a quantized checkpoint was calibrated on (``save_quantized(conditioning=...)``):
+    for a text model ``{"null_branch": "empty_prompt" | "learned", "prompts": [...]}``; None
+    when it recorded nothing (class-label models)."""
+    meta = checkpoint.read_metadata(path, kind="quantized")
+    return meta.get("extra", {}).get("calibration_conditioning")
