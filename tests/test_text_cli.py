@@ -20,6 +20,11 @@ from trdq_jax.sampling.prompts import encode_prompts
 FIXTURE_T5 = pathlib.Path(__file__).parent / "models" / "fixtures" / "tiny_t5"
 
 
+def te_dir():
+    from trdq_jax.models.text_encoder import resolve
+    return resolve("digits-t5")
+
+
 @pytest.fixture(scope="module")
 def text_ckpt(tmp_path_factory):
     cfg = ExperimentConfig(
@@ -88,10 +93,18 @@ def test_generate_cycles_the_prompts_and_records_them(text_ckpt, tmp_path, capsy
     (["--labels", "1,2"], "--labels: the model is conditioned on text"),
     (["--prompt", "digit 1", "--text-encoder", FIXTURE_T5],
      "--text-encoder: gives 32 channels per token, the model takes caption_channels=64"),
+    (["--prompt", "digit 1", "--text-encoder", "BIGVOCAB"],
+     "--text-encoder: .*BIGVOCAB.*: tokenizer: vocabulary of 2.. tokens does not fit the "
+     "encoder's embedding of vocab_size=100"),
 ])
 def test_bad_prompt_flags(text_ckpt, tmp_path, capsys, argv, message):
+    import shutil
     (tmp_path / "EMPTY").write_text("\n  \n")
-    argv = [str(tmp_path / a) if a in ("EMPTY", "MISSING") else a for a in argv]
+    shutil.copytree(FIXTURE_T5, tmp_path / "BIGVOCAB")  # T5 of 100 rows, a 214-token tokenizer
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(te_dir() / name, tmp_path / "BIGVOCAB" / name)
+    (tmp_path / "BIGVOCAB" / "special_tokens_map.json").unlink()
+    argv = [str(tmp_path / a) if a in ("EMPTY", "MISSING", "BIGVOCAB") else a for a in argv]
     code, out, err = run(capsys, "sample", "--checkpoint", text_ckpt, "--out", tmp_path / "s",
                          *argv)
     assert code == 2 and err.count("\n") == 1, err

@@ -312,6 +312,18 @@ def save_t5_encoder(directory: str | pathlib.Path, params, cfg: T5EncoderConfig
 # ----------------------------------------------------------------------------- tokenization
 
 
+def quiet_transformers() -> None:
+    """Before transformers is first imported, default its verbosity to "error"
+    (``TRANSFORMERS_VERBOSITY``, which it reads when it sets its logger up; a value the user set
+    is kept): its import-time notice that PyTorch is absent (this project never uses it) and
+    its over-length warnings (``tokenize`` warns itself, naming the prompt) would otherwise add
+    lines to every command's output."""
+    import os
+    import sys
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def load_tokenizer(tokenizer_dir: str | pathlib.Path):
     """``transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)``:
     nothing downloads. Raises ``ImportError`` without transformers, ``FileNotFoundError`` for a
@@ -319,6 +331,7 @@ def load_tokenizer(tokenizer_dir: str | pathlib.Path):
     path = pathlib.Path(tokenizer_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer_dir: no such directory {str(path)!r}")
+    quiet_transformers()
     try:
         from transformers import AutoTokenizer
     except ImportError:
