@@ -142,3 +142,13 @@ def test_quantize_a_text_model_on_prompts_and_sample_it(text_ckpt, tmp_path, cap
     code, out, err = run(capsys, "quantize", "--model", "digits-dit", "--out", tmp_path / "r",
                          "--prompt", "digit 1")
     assert code == 2 and "--prompts: the model (dit) is not conditioned on text" in err, err
+
+
+def test_a_long_prompt_is_truncated_with_a_one_line_warning(text_ckpt, tmp_path, capsys):
+    long = "a handwritten seven " * 8
+    code, out, err = run(capsys, "sample", "--checkpoint", text_ckpt, "--out", tmp_path / "s",
+                         "--prompt", "digit 1", "--prompt", long, "--per-class", 1)
+    assert code == 0, err
+    assert re.fullmatch(r"trdq sample: warning: prompts\[1\]: 25 tokens, truncated to "
+                        r"max_length=24 \('a handwritten seven a handwritten seven '\.\.\.\)\n",
+                        err.split("\r")[0].split("sampling")[0]), err

@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from trdq_jax.cli import cfg, evaluation, models, quantization, sampling
 from trdq_jax.cli._common import (Parser, add_no_compile_cache, state_defaults,
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed the usage error or the help
         return e.code if isinstance(e.code, int) else 2
     debug = args.debug or os.environ.get("TRDQ_DEBUG") == "1"
+    shown = warnings.showwarning
+    if not debug:  # one line each, naming the command, like the errors
+        warnings.showwarning = lambda message, category, *a, **k: print(
+            f"trdq {args.command}: warning: {_one_line(message)}", file=sys.stderr)
     try:
         args.compile_cache = use_compilation_cache(args.no_compile_cache)
         return args.func(args)
@@ -138,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trdq {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
               "(a bug; rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":
