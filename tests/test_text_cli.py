@@ -152,3 +152,16 @@ def test_a_long_prompt_is_truncated_with_a_one_line_warning(text_ckpt, tmp_path,
     assert re.fullmatch(r"trdq sample: warning: prompts\[1\]: 25 tokens, truncated to "
                         r"max_length=24 \('a handwritten seven a handwritten seven '\.\.\.\)\n",
                         err.split("\r")[0].split("sampling")[0]), err
+
+
+def test_cfg_analysis_of_a_text_model(text_ckpt, tmp_path, capsys):
+    """The self-attentions of a text model, analysed on prompts; plans derived from it."""
+    code, out, err = run(capsys, "cfg-analysis", "--checkpoint", text_ckpt, "--out",
+                         tmp_path / "a", "--prompt", "digit 1", "--prompt", "a handwritten two")
+    assert code == 0, err
+    analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert analysis["layers"] == ["blocks_0/attn"]
+    assert "conditioning" in analysis and "labels" not in analysis
+    err_table = np.asarray(analysis["share_error"])
+    assert err_table.shape == (4, 1) and np.isfinite(err_table).all() and err_table.max() > 0
+    assert list((tmp_path / "a" / "plans").glob("*.json"))

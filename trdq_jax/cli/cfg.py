@@ -28,12 +28,24 @@ def _cfg_analysis(args) -> int:
     resolve_target(args.out, kind="cfg_analysis", overwrite=args.overwrite, is_dir=True,
                    arg="--out")
     model, params, cfg, source = float_model(args)
-    with blame("--model" if not args.checkpoint else "--checkpoint"):
-        null = null_label(cfg.model)
     sampler = Sampler.from_config(cfg.sampler)
-    labels = np.repeat(np.arange(cfg.model.num_classes), args.per_class)
-    analysis = analyze_cfg(model, params, cfg.model, sampler, labels, seed=args.seed,
-                           cfg_scale=cfg.sampler.cfg_scale, null_label=null, progress=True)
+    from trdq_jax.cli._prompts import is_text_model
+    if is_text_model(cfg):  # prompts (--per-class samples of each): the self-attentions
+        from trdq_jax.cli._prompts import prompt_conditioning, prompt_list
+        prompts = prompt_list(args, cfg)
+        cond, null_cond, _ = prompt_conditioning(
+            args, cfg, prompts, np.repeat(np.arange(len(prompts)), args.per_class))
+        labels, given = cond["mask"], {"cond": cond, "null_cond": null_cond}
+    else:
+        if args.prompt or args.prompts:
+            raise ValueError(f"--prompt: the model ({cfg.model.family}) is not conditioned on "
+                             "text")
+        with blame("--model" if not args.checkpoint else "--checkpoint"):
+            null = null_label(cfg.model)
+        labels = np.repeat(np.arange(cfg.model.num_classes), args.per_class)
+        given = {"labels": labels, "null_label": null}
+    analysis = analyze_cfg(model, params, cfg.model, sampler, seed=args.seed,
+                           cfg_scale=cfg.sampler.cfg_scale, progress=True, **given)
     n = sampler.num_steps
     plans = {"trdq_release": preset_plan("trdq_release", cfg.model, n),
              "all": preset_plan("all", cfg.model, n)}
@@ -64,7 +76,10 @@ def register(sub) -> None:
                         "plans/*.json) (required)")
     add_overwrite(p, "analysis directory")
     p.add_argument("--per-class", type=positive_int, default=1,
-                   help="analysed samples per class (default: %(default)s)")
+                   help="analysed samples per class (a text model: per prompt) (default: "
+                        "%(default)s)")
+    from trdq_jax.cli._prompts import add_prompt_args
+    add_prompt_args(p)
     add_seed(p)
     p.add_argument("--thresholds", default="0.03,0.06",
                    help="share-error thresholds of the derived plans, comma-separated "

@@ -82,27 +82,45 @@ def _step_metrics(model, params, x, t, y):
     return grouped
 
 
-def analyze_cfg(model, params, model_cfg, sampler, labels, *, seed: int, cfg_scale: float,
-                null_label: int, progress: bool = False) -> dict:
+def analyze_cfg(model, params, model_cfg, sampler, labels=None, *, seed: int, cfg_scale: float,
+                null_label: int | None = None, cond=None, null_cond=None,
+                progress: bool = False) -> dict:
     """Cond vs uncond attention of every layer at every step of an unshared sampling run.
 
-    labels: ints ``[N]`` (the calibration samples); the run is ``sample(denoise_fn_for(model),
-    ..., return_trajectory=True)`` with ``seed`` and ``cfg_scale``. Returns a JSON-able dict:
+    labels: ints ``[N]`` (the calibration samples) with their ``null_label``; or ``cond`` and
+    ``null_cond``, any conditioning pytree (e.g. caption embeddings: a text model's
+    self-attentions are analysed; its cross-attentions attend each branch's own caption and
+    are never shared). The run is ``sample(denoise_fn_for(model), ...,
+    return_trajectory=True)`` with ``seed`` and ``cfg_scale``. Returns a JSON-able dict:
     ``layers`` (attention paths, model order), ``num_steps``, ``model_time`` ``[steps]``,
-    ``labels``, ``seed``, ``cfg_scale``, and one ``[steps][layers]`` list per ``METRICS`` entry.
+    ``labels`` (or ``conditioning``: a description), ``seed``, ``cfg_scale``, and one
+    ``[steps][layers]`` list per ``METRICS`` entry.
     """
     from trdq_jax.models import input_shape
-    from trdq_jax.sampling import denoise_fn_for, sample
+    from trdq_jax.sampling import conditioning, denoise_fn_for, sample
     from trdq_jax.sampling.cfg_plan import attention_layers, model_fingerprint
 
-    labels = np.asarray(labels, np.int32)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"labels: expected a non-empty 1-D int array, got shape {labels.shape}")
+    if cond is None:
+        labels = np.asarray(labels, np.int32)
+        if labels.ndim != 1 or labels.size == 0:
+            raise ValueError(f"labels: expected a non-empty 1-D int array, got shape "
+                             f"{labels.shape}")
+        cond, nulls = labels, {"null_label": null_label}
+        y = jnp.concatenate([jnp.asarray(labels), jnp.full(labels.shape, null_label,
+                                                           jnp.int32)])
+        what = {"labels": labels.tolist()}
+    else:
+        if labels is not None:
+            raise ValueError("labels: give labels and null_label, or cond and null_cond")
+        cond = conditioning.check_cond(cond)
+        null_cond = conditioning.check_null(null_cond, cond)
+        nulls, y = {"null_cond": null_cond}, conditioning.with_null(cond, null_cond)
+        what = {"conditioning": conditioning.describe(cond)}
     layers = attention_layers(model_cfg)
-    _, xs = sample(denoise_fn_for(model), params, sampler, labels, seed=seed,
-                   cfg_scale=cfg_scale, null_label=null_label,
-                   shape=input_shape(model_cfg, len(labels)), return_trajectory=True)
-    y = jnp.concatenate([jnp.asarray(labels), jnp.full(labels.shape, null_label, jnp.int32)])
+    _, xs = sample(denoise_fn_for(model), params, sampler, cond, seed=seed,
+                   cfg_scale=cfg_scale, **nulls,
+                   shape=input_shape(model_cfg, conditioning.batch_size(cond)),
+                   return_trajectory=True)
     tables = {m: np.zeros((sampler.num_steps, len(layers))) for m in METRICS}
     steps = range(sampler.num_steps)
     if progress:
@@ -116,7 +134,7 @@ def analyze_cfg(model, params, model_cfg, sampler, labels, *, seed: int, cfg_sca
                 tables[m][s, j] = float(got[path][m])
     return {"kind": "trdq-cfg-analysis", "model": model_fingerprint(model_cfg),
             "layers": list(layers), "num_steps": int(sampler.num_steps),
-            "model_time": model_time.tolist(), "labels": labels.tolist(), "seed": int(seed),
+            "model_time": model_time.tolist(), **what, "seed": int(seed),
             "cfg_scale": float(cfg_scale), **{m: tables[m].tolist() for m in METRICS}}
 
 
