@@ -187,3 +187,19 @@ def test_encoder_sharded_over_the_model_axis_gives_the_same_embeddings():
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "split" in proc.stdout
+
+
+def test_bundled_text_encoder_is_rebuilt_byte_for_byte(tmp_path):
+    """scripts/make_text_encoder.py reproduces the shipped digits-t5 exactly."""
+    import subprocess
+    import sys
+    root = te.resolve("digits-t5").parents[3]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "make_text_encoder.py"),
+                           "--out", str(tmp_path / "t5")], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shipped = te.resolve("digits-t5")
+    names = sorted(p.name for p in shipped.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "t5").iterdir())
+    for name in names:
+        assert (shipped / name).read_bytes() == (tmp_path / "t5" / name).read_bytes(), name
