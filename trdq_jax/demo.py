@@ -79,6 +79,10 @@ def run_demo(out: str | pathlib.Path, model_name: str = "digits-dit", per_class:
     if isinstance(cfg.model, ClassifierConfig):
         raise ValueError(f"model: {model_name!r} is a classifier; the demo samples a diffusion "
                          "model")
+    if cfg.model.family == "pixart":
+        raise ValueError(f"model: {model_name!r} is conditioned on text; the demo samples class "
+                         "labels (notebook 05_text_to_image shows the text model; or trdq sample "
+                         "--model NAME --prompt TEXT)")
     from trdq_jax.sampling.cfg_plan import resolve_plan
     share = resolve_plan(cfg_plan, cfg.model, cfg.sampler.num_steps, arg="cfg_plan")
     num_classes = cfg.model.num_classes
