@@ -1,6 +1,6 @@
 """PixArt-α XL/2 at real shapes on this CPU (issue #23), random weights.
 
-Parts (``--part``, comma-separated; default both), each in a fresh subprocess:
+Parts (``--part``, comma-separated; default all), each in a fresh subprocess:
 
 * ``hoist``: the sampler (DDIM, ``--steps`` steps, CFG, batch ``--batch``) on
   ``pixart_config(--preset)`` (28 x 1152, 16 heads, 120 caption tokens of 4096 channels),
@@ -8,6 +8,9 @@ Parts (``--part``, comma-separated; default both), each in a fresh subprocess:
   loop (``denoise_fn_for(model)``) and at every step (``precompute_cond=False``). Both programs
   are compiled first (outside the timing), then run alternately ``--repeats`` times: medians
   and their ratio, side by side in one process.
+* ``flops``: XLA's FLOP count of the whole sampler (``unroll=True``, so every step is
+  counted) with the K/V once and per step, from the lowered programs of abstract parameters
+  (nothing is allocated or run): the arithmetic the hoisting removes, free of timing noise.
 * ``quantize``: ``calibrate`` (``--calib-prompts`` prompts, ``--steps`` steps) + ``quantize``
   with the ``trdq`` recipe at W4A8: seconds of each, the process's peak RSS (``ru_maxrss``:
   includes the random float32 weights), and whole-model bytes (quantized layers + float
@@ -15,7 +18,8 @@ Parts (``--part``, comma-separated; default both), each in a fresh subprocess:
 
 Caption embeddings are random normal with a realistic mask (the first 20 of 120 tokens real).
 
-    PYTHONPATH=. python benchmarks/bench_pixart.py [--part hoist,quantize] [--preset alpha-256]
+    PYTHONPATH=. python benchmarks/bench_pixart.py [--part hoist,flops,quantize] \\
+        [--preset alpha-256] [--steps 4]
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import time
 
 import numpy as np
 
-PARTS = ("hoist", "quantize")
+PARTS = ("hoist", "quantize", "flops")
 
 
 def _setup(preset: str, batch: int, depth: int, seed: int = 0):
@@ -93,6 +97,35 @@ def part_hoist(args) -> dict:
             "per_step_over_once": round(med["per_step"] / med["once"], 3)}
 
 
+def part_flops(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from trdq_jax.config import SamplerConfig
+    from trdq_jax.models.factory import abstract_params, build_model
+    from trdq_jax.models.pixart import pixart_config
+    from trdq_jax.sampling.scan_sampler import denoise_fn_for, sample
+    from trdq_jax.sampling.solvers import make_sampler
+    cfg = pixart_config(args.preset, depth=args.depth)
+    model, length = build_model(cfg), cfg.max_tokens
+    sampler = make_sampler(SamplerConfig(num_steps=args.steps))
+    cond = {"caption": jax.ShapeDtypeStruct((args.batch, length, cfg.caption_channels),
+                                            jnp.float32),
+            "mask": jax.ShapeDtypeStruct((args.batch, length), jnp.int32)}
+    null = {"caption": np.zeros((length, cfg.caption_channels), np.float32),
+            "mask": np.ones((length,), np.int32)}
+    shape = (args.batch, cfg.input_size, cfg.input_size, cfg.in_channels)
+    out = {}
+    for name, fn in (("once", denoise_fn_for(model)),
+                     ("per_step", denoise_fn_for(model, precompute_cond=False))):
+        run = jax.jit(lambda p, c, fn=fn: sample(fn, p, sampler, c, null_cond=null, seed=0,
+                                                 cfg_scale=4.5, shape=shape, unroll=True))
+        cost = run.lower(abstract_params(cfg), cond).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out[name] = round(float(cost["flops"]) / 1e9, 1)
+    return {"preset": args.preset, "steps": args.steps, "batch": args.batch, "gflop": out,
+            "saved_fraction": round(1 - out["once"] / out["per_step"], 4)}
+
+
 def part_quantize(args) -> dict:
     from trdq_jax import quant as Q
     from trdq_jax.config import SamplerConfig
@@ -132,7 +165,8 @@ def main() -> int:
     args = parser.parse_args()
     parts = args.part.split(",")
     if args.child:
-        print(json.dumps({"hoist": part_hoist, "quantize": part_quantize}[parts[0]](args)))
+        print(json.dumps({"hoist": part_hoist, "quantize": part_quantize,
+                          "flops": part_flops}[parts[0]](args)))
         return 0
     results = {"machine": f"{platform.machine()} {platform.processor()}".strip()}
     for part in parts:
