@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trdq_jax.quant import duquant, hadamard, quantizers, timing
+from trdq_jax.quant import duquant, hadamard, lowrank, quantizers, timing
 from trdq_jax.quant.capture import packed_size, unpack_gram
 from trdq_jax.quant.gptq import fit_weights
-from trdq_jax.quant.qlinear import (QLinear, dequantized_weight, quantize_activation,
-                                    transform_activation)
+from trdq_jax.quant.qlinear import (QLinear, dequantized_weight, low_rank_output,
+                                    quantize_activation, transform_activation)
 from trdq_jax.quant.recipe import Recipe
 
 ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -52,7 +52,8 @@ def weight_only_recipe(recipe: Recipe) -> Recipe:
     """The recipe a weight-only layer is quantized with: float activations, no smoothing or
     rotation, one weight copy."""
     return dataclasses.replace(recipe, a_bits=16, smoothing=False, alpha_grid=(),
-                               rotation="none", per_segment_weights=False)
+                               rotation="none", per_segment_weights=False, low_rank=0,
+                               low_rank_per_segment=False)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -132,11 +133,13 @@ def _rows_output(q: QLinear, rows: jax.Array, segment) -> jax.Array:
     tap's channels are one activation token, as the convolution quantizes them."""
     taps = q.taps
     xt = _transform_rows(q, rows, segment, taps=taps)
+    xq = xt
     if q.a_bits != 16:
         tokens = xt.reshape(rows.shape[0], taps, -1)
         codes, scale, zero = quantize_activation(q, tokens, segment)
-        xt = quantizers.dequantize(codes, scale, zero).reshape(rows.shape)
-    y = jnp.dot(xt, dequantized_weight(q, segment), precision=jax.lax.Precision.HIGHEST)
+        xq = quantizers.dequantize(codes, scale, zero).reshape(rows.shape)
+    y = jnp.dot(xq, dequantized_weight(q, segment), precision=jax.lax.Precision.HIGHEST)
+    y = y + low_rank_output(q, xt, segment)  # the branch reads the float activation
     return y + q.bias if q.bias is not None else y
 
 
@@ -231,25 +234,54 @@ def _transform(layer: _Layer, g, alpha: float) -> dict:
 
 def _weights(layer: _Layer, g, transforms: list[dict]) -> list[tuple]:
     """Per transform of weight group g: (codes int8 or folded float32 ``[taps*K, N]``,
-    scales ``[N]``); every candidate of the group is fitted in one compiled call."""
+    scales ``[N]``, low-rank branch ``(down [L, taps*K, r], up [L, r, N])`` bf16 or None);
+    every candidate of the group is fitted in one compiled call."""
     r = layer.recipe
     qs = [layer.template(**{f: (v[None] if f in ("smooth", "r1", "perm", "r2") else v)
                             for f, v in t.items()}) for t in transforms]
     folded = jnp.stack([_fold(q, layer.kernel, 0) for q in qs])
+    firsts = [None] * len(qs)
+    if r.low_rank:  # the residual is what gets quantized
+        with timing.stage("low_rank"):
+            firsts = [lowrank.top_singular(np.asarray(w), r.low_rank) for w in folded]
+            folded = folded - jnp.stack([jnp.asarray(d) @ jnp.asarray(u) for d, u in firsts])
     if r.float_weights:
         ones = np.ones(folded.shape[-1], np.float32)
-        return [(np.asarray(w, np.float32), ones) for w in folded]
+        return [(np.asarray(w, np.float32), ones, _stored(first))
+                for w, first in zip(folded, firsts)]
     grid = tuple(r.w_clip_grid) if r.w_clip_search else (1.0,)
     hessians = None
-    if r.gptq or len(grid) > 1:
+    if r.gptq or len(grid) > 1 or r.low_rank:
         hessians = jnp.stack([_transformed_gram(q, layer.grams[g], 0) for q in qs])
     out = []
     with timing.stage("gptq" if r.gptq else "weight_clip_search"):
         for i in range(len(qs)):  # one candidate at a time: memory of one alpha's clip grid
             codes, scales = fit_weights(folded[i:i + 1], None if hessians is None
                                         else hessians[i:i + 1], r.w_bits, grid, bool(r.gptq))
-            out.append((np.asarray(codes[0]), np.asarray(scales[0], np.float32)))
+            out.append((np.asarray(codes[0]), np.asarray(scales[0], np.float32), None))
+    if not r.low_rank:
+        return out
+    with timing.stage("low_rank"):
+        for i, (codes, scales, _) in enumerate(out):
+            grams = [hessians[i]]
+            if r.low_rank_per_segment:
+                grams = [_gram(transform_rows(qs[i], rows, 0)) for rows in layer.seg_rows]
+            w = np.asarray(folded[i]) + firsts[i][0] @ firsts[i][1]
+            deq = codes.astype(np.float32) * scales
+            out[i] = (codes, scales, lowrank.refit(w, deq, firsts[i], grams, r.low_rank))
     return out
+
+
+@jax.jit
+def _gram(x: jax.Array) -> jax.Array:
+    return jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def _stored(first) -> tuple | None:
+    """A first split ``(down, up)`` as a stored branch: bf16, one entry."""
+    if first is None:
+        return None
+    return tuple(f[None].astype(lowrank.BRANCH_DTYPE) for f in first)
 
 
 def _assemble(layer: _Layer, transforms: list[dict], weights: list) -> QLinear:
@@ -263,8 +295,11 @@ def _assemble(layer: _Layer, transforms: list[dict], weights: list) -> QLinear:
     elif r.rotation == "duquant":
         for f in ("r1", "perm", "r2"):
             fields[f] = np.stack([t[f] for t in transforms])
-    codes = np.stack([c for c, _ in weights])
-    scales = np.stack([s for _, s in weights])
+    codes = np.stack([c for c, _, _ in weights])
+    scales = np.stack([s for _, s, _ in weights])
+    if r.low_rank:  # one branch per weight group, or per segment around a shared weight
+        fields["lr_down"] = np.concatenate([b[0] for _, _, b in weights])
+        fields["lr_up"] = np.concatenate([b[1] for _, _, b in weights])
     with timing.stage("packing"):
         colsum = (np.zeros(codes.shape[::2], np.int32) if r.float_weights
                   else codes.astype(np.int32).sum(axis=1))
@@ -342,7 +377,8 @@ def _prepare(kernel, bias, stats, table, num_segments, recipe, path) -> _Layer:
     t_min, t_max = np.asarray(stats.tensor_min), np.asarray(stats.tensor_max)
     block = rotation_block(recipe, k) if recipe.rotation in ("duquant", "block_hadamard") else 0
     groups = list(range(num_segments)) if recipe.per_segment_weights else [None]
-    needs_gram = not recipe.float_weights and (recipe.gptq or recipe.w_clip_search)
+    needs_gram = not recipe.float_weights and (recipe.gptq or recipe.w_clip_search
+                                               or recipe.low_rank > 0)
     grams = {}
     if needs_gram:
         for g in groups:
@@ -382,6 +418,8 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
     if recipe.is_weight_only(path) if weight_only is None else weight_only:
         recipe = weight_only_recipe(recipe)
     layer = _prepare(kernel, bias, stats, segment_of_step, num_segments, recipe, path)
+    if recipe.low_rank:
+        lowrank.check_rank(recipe.low_rank, *layer.kernel.shape, path)
     groups = list(range(num_segments)) if recipe.per_segment_weights else [None]
     # a searched grid also offers "no smoothing" (None): searching can only help
     alphas = (tuple(recipe.alpha_grid) + (None,) if (recipe.smoothing and recipe.alpha_grid)

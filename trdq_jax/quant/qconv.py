@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from trdq_jax.quant import quantizers
 from trdq_jax.quant.qlinear import (BACKENDS, QLinear, _select, _tie_packed, dequantized_weight,
-                                    quantize_activation, transform_activation, weight_codes)
+                                    low_rank_branch, quantize_activation, transform_activation,
+                                    weight_codes)
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -139,6 +140,10 @@ def qconv_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla", *,
             y = _static_int_conv(q, codes, a_scale, a_zero, segment, strides, pads)
         else:
             y = _per_token_int_conv(q, codes, a_scale, a_zero, segment, strides, pads)
+    if q.lr_down is not None:  # the float branch: conv with L1 as a [kh, kw, C, r] kernel, then L2
+        down, up = low_rank_branch(q, segment)
+        y = y + _float_conv(xt, down.reshape(*q.kernel_size, q.in_features, -1), strides,
+                            pads) @ up
     return y + q.bias if q.bias is not None else y
 
 

@@ -4,7 +4,9 @@ For a float layer ``y = x W + b`` (Flax kernel ``W [K, N]``) TR-DQ computes, per
 
     x̃ = T_k(x) = ((x / s_k) R1_k)[perm_k] R2_k      (or a Hadamard, or nothing)
     W̃_k = M_k⁻¹ W, folded offline (M_k is T_k as a matrix), so that x̃ W̃_k = x W
-    y ≈ dequant(Q_a(x̃)) dequant(Q_w(W̃)) + b
+    y ≈ dequant(Q_a(x̃)) dequant(Q_w(W̃ - L1 L2)) + x̃ L1 L2 + b
+
+where ``L1 L2`` is an optional float low-rank branch (``Recipe.low_rank``; absent: 0).
 
 Backends, which agree to float tolerance:
   ``fake``: simulated quantization in float32 (the reference);
@@ -49,6 +51,9 @@ class QLinear:
     r1, r2: float32 ``[S, B, B]``; perm: int32 ``[S, K]`` (rotation "duquant"), or None.
     a_scale, a_zero: float32 / int32 ``[S]`` static activation quantization, or None.
     a_clip: float32 ``[S]`` dynamic per-token clipping ratios, or None.
+    lr_down, lr_up: bfloat16 ``[Sl, K, r]`` and ``[Sl, r, N]``: the float low-rank branch
+      ``x̃ lr_down lr_up`` added to the quantized product (Sl = 1, or S with a branch per
+      segment), or None. Computed in float32 from the stored bf16 values.
     """
 
     w_q: jax.Array
@@ -63,6 +68,8 @@ class QLinear:
     a_scale: Any = None
     a_zero: Any = None
     a_clip: Any = None
+    lr_down: Any = None
+    lr_up: Any = None
     in_features: int = struct.field(pytree_node=False, default=0)
     w_bits: int = struct.field(pytree_node=False, default=8)
     a_bits: int = struct.field(pytree_node=False, default=8)
@@ -92,6 +99,11 @@ class QLinear:
     @property
     def num_weight_copies(self) -> int:
         return int(self.w_q.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """Rank r of the low-rank branch (0: none)."""
+        return 0 if self.lr_down is None else int(self.lr_down.shape[-1])
 
 
 def _select(arr, segment):
@@ -169,6 +181,21 @@ def dequantized_weight(q: QLinear, segment) -> jax.Array:
     return quantizers.dequantize(weight_codes(q, segment), _select(q.w_scale, segment), None)
 
 
+def low_rank_branch(q: QLinear, segment) -> tuple[jax.Array, jax.Array]:
+    """float32 ``(down [K, r], up [r, N])`` of the segment's branch (``q.rank > 0``)."""
+    return (_select(q.lr_down, segment).astype(jnp.float32),
+            _select(q.lr_up, segment).astype(jnp.float32))
+
+
+def low_rank_output(q: QLinear, xt: jax.Array, segment) -> jax.Array | float:
+    """``x̃ [..., K] -> x̃ L1 L2 [..., N]`` float32 (0.0 without a branch). ``xt`` is the
+    transformed activation in float, never its quantized codes."""
+    if q.lr_down is None:
+        return 0.0
+    down, up = low_rank_branch(q, segment)
+    return (xt @ down) @ up
+
+
 def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> jax.Array:
     """Quantized ``x [..., K] -> y [..., N]`` float32 on the chosen backend."""
     if backend not in BACKENDS:
@@ -195,7 +222,7 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
             codes, a_scale, a_zero = quantize_activation(q, rows, segment)
         y = pk.w8a8_matmul(codes, q.w_q, a_scale, a_zero, q.w_scale, q.w_colsum, q.bias, segment,
                            w_bits=4 if q.packed else 8)
-        return y.reshape(x.shape[:-1] + y.shape[-1:])
+        return y.reshape(x.shape[:-1] + y.shape[-1:]) + low_rank_output(q, xt, segment)
     else:
         codes, a_scale, a_zero = quantize_activation(q, xt, segment)
         q = _tie_packed(q, codes)
@@ -208,13 +235,16 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
             if a_zero is not None:
                 acc = acc - a_zero * _select(q.w_colsum, segment)
             y = acc.astype(jnp.float32) * a_scale * _select(q.w_scale, segment)
+    y = y + low_rank_output(q, xt, segment)
     return y + q.bias if q.bias is not None else y
 
 
 def segment_invariant(q: QLinear) -> bool:
     """Whether ``q`` computes the same in every time segment: each per-segment array (weight
-    copies, smoothing, DuQuant rotations, activation scales and clips) has one entry."""
-    per_segment = (q.w_q, q.w_scale, q.smooth, q.r1, q.perm, q.r2, q.a_scale, q.a_zero, q.a_clip)
+    copies, smoothing, DuQuant rotations, activation scales and clips, low-rank branches) has
+    one entry."""
+    per_segment = (q.w_q, q.w_scale, q.smooth, q.r1, q.perm, q.r2, q.a_scale, q.a_zero, q.a_clip,
+                   q.lr_down, q.lr_up)
     return all(a is None or int(np.shape(a)[0]) == 1 for a in per_segment)
 
 
@@ -227,7 +257,8 @@ def output_columns(q: QLinear, start: int, stop: int) -> QLinear:
         raise ValueError(f"output_columns: expected 0 <= start < stop <= {n}, got [{start}, {stop})")
     return q.replace(w_q=q.w_q[..., start:stop], w_scale=q.w_scale[..., start:stop],
                      w_colsum=q.w_colsum[..., start:stop],
-                     bias=None if q.bias is None else q.bias[start:stop])
+                     bias=None if q.bias is None else q.bias[start:stop],
+                     lr_up=None if q.lr_up is None else q.lr_up[..., start:stop])
 
 
 def qlinear_bytes(q: QLinear) -> int:

@@ -25,7 +25,7 @@ DEFAULT_KEEP_FLOAT = (r"(^|/)(x|y)_embedder(/|$)", r"^final_layer/linear$", r"^c
 DEFAULT_WEIGHT_ONLY = (r"adaLN_modulation", r"(^|/)emb_proj$", r"(^|/)t_embedder/")
 
 _BOOL_FIELDS = ("w_symmetric", "w_clip_search", "a_symmetric", "a_clip_search", "smoothing",
-                "per_segment_weights", "gptq")
+                "per_segment_weights", "gptq", "low_rank_per_segment")
 _CHOICES = {"a_mode": ("static", "dynamic"),
             "rotation": ("none", "hadamard", "block_hadamard", "duquant"),
             "segment_split": ("uniform", "similarity"), "search_weights": ("final", "rtn")}
@@ -80,6 +80,15 @@ class Recipe:
         weights (exact, alphas x clip ratios GPTQ runs per layer); "rtn": alphas are compared
         with round-to-nearest weights and GPTQ runs once, at the chosen alpha (the clip grid
         only): several times cheaper at DiT-XL/2 widths, no longer a brute-force search.
+      low_rank: rank r of a float branch beside the quantized matmul (0 = none, SVDQuant's
+        idea): after smoothing / rotation ``W̃ ≈ L1 L2 + R``, ``L1 [K, r]``, ``L2 [r, N]`` the
+        top-r singular part stored as bf16, the residual ``R`` quantized (GPTQ fitted on it),
+        then the branch refitted to the rounding error ``W̃ - deq(R_q)`` in the metric of the
+        calibration Gram when that lowers the layer's output error; the layer computes
+        ``y = x̃ L1 L2 + deq(Q(x̃) Q(R))``. Not used by weight-only layers.
+      low_rank_per_segment: one shared quantized residual, one branch per time segment fitted
+        to that segment's activations (needs ``low_rank > 0`` and ``num_segments > 1``; with
+        ``per_segment_weights`` every weight copy has its own branch already).
       seed: an int in [0, 2**32 - 1] seeding the Hadamard signs and DuQuant rotations.
     """
 
@@ -104,6 +113,8 @@ class Recipe:
     weight_only: tuple[str, ...] | None = None
     gptq: bool = False
     search_weights: Literal["final", "rtn"] = "final"
+    low_rank: int = 0
+    low_rank_per_segment: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -139,6 +150,13 @@ class Recipe:
         if not isinstance(self.w_clip_grid, tuple) or 1.0 not in self.w_clip_grid or not all(
                 _is_number(r) and 0 < r <= 1 for r in self.w_clip_grid):
             fail("w_clip_grid", "a tuple of ratios in (0, 1] holding 1.0 (no clipping)")
+        if not _is_int(self.low_rank) or self.low_rank < 0:
+            fail("low_rank", "an int >= 0 (the rank of the float branch; 0 = none)")
+        if self.low_rank_per_segment and (self.low_rank == 0 or self.num_segments == 1
+                                          or self.per_segment_weights):
+            raise ConfigError("Recipe.low_rank_per_segment: needs low_rank > 0, num_segments > 1 "
+                              "and one shared weight (per_segment_weights=False: each weight "
+                              "copy has its own branch already)")
         if not _is_int(self.seed) or not 0 <= self.seed <= 2 ** 32 - 1:
             fail("seed", "an int in [0, 2**32 - 1]")
         for field in ("keep_float", "weight_only"):

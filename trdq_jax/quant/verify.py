@@ -9,6 +9,7 @@ Each check raises ``QuantizedModelError`` (a ``ValueError``).
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax.config import ExperimentConfig
@@ -51,12 +52,15 @@ def _check_values(q: QLinear, where: str) -> None:
     rules = {"w_scale": positive, "a_scale": positive, "smooth": positive,
              "a_clip": (lambda v: (v > 0) & (v <= 1), "in (0, 1]"),
              "signs": (lambda v: (v == 1) | (v == -1), "exactly +1 or -1"),
-             "bias": (np.isfinite, "finite")}
+             "bias": (np.isfinite, "finite"),
+             "lr_down": (np.isfinite, "finite"), "lr_up": (np.isfinite, "finite")}
     if q.w_bits == 16:
         rules["w_q"] = (np.isfinite, "finite (float weights)")
     for name, (test, expected) in rules.items():
         if getattr(q, name) is not None:
             value = np.asarray(getattr(q, name))
+            if value.dtype == jnp.bfloat16:  # the low-rank branch: checked (and shown) as float32
+                value = value.astype(np.float32)
             _require(f"{where}.{name}", value, test(value), expected)
     if q.perm is not None:
         perm = np.asarray(q.perm)  # [S, K]
@@ -160,17 +164,38 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
         if zero.min() < -qmax - 1 or zero.max() > qmax:
             _fail(where, "a_bits", f"{q.a_bits}-bit zero points lie in [{-qmax - 1}, {qmax}], "
                   f"stored ones span [{zero.min()}, {zero.max()}]")
+    _check_branch(q, where, k, n)
     if q.smooth is not None and _shape(q.smooth)[1:] != (q.in_features,):
         _fail(where, "smooth", f"expected [S, {q.in_features}], got {_shape(q.smooth)}")
     if num_segments is not None:
         if copies not in (1, num_segments):
             _fail(where, "w_q", f"{copies} weight copies for {num_segments} segments")
-        for name in ("smooth", "r1", "perm", "r2", "a_scale", "a_zero", "a_clip"):
+        for name in ("smooth", "r1", "perm", "r2", "a_scale", "a_zero", "a_clip", "lr_down"):
             value = getattr(q, name)
             if value is not None and _shape(value)[0] not in (1, num_segments):
                 _fail(where, name, f"leading axis {_shape(value)[0]} is not 1 or the "
                       f"{num_segments} segments")
     _check_values(q, where)
+
+
+def _check_branch(q: QLinear, where: str, k: int, n: int) -> None:
+    """The low-rank branch: both factors or neither, ``lr_down [L, K, r]`` and ``lr_up [L, r,
+    N]`` floats with ``1 <= r <= min(K, N)``."""
+    if (q.lr_down is None) != (q.lr_up is None):
+        _fail(where, "lr_down" if q.lr_down is None else "lr_up", "a low-rank branch needs "
+              "both lr_down and lr_up, the layer stores one")
+    if q.lr_down is None:
+        return
+    down, up = _shape(q.lr_down), _shape(q.lr_up)
+    if len(down) != 3 or len(up) != 3 or down[0] != up[0] or down[1] != k or up[2] != n \
+            or down[2] != up[1]:
+        _fail(where, "lr_down", f"expected lr_down [L, {k}, r] and lr_up [L, r, {n}], got "
+              f"{list(down)} and {list(up)}")
+    if not 1 <= down[2] <= min(k, n):
+        _fail(where, "lr_down", f"rank {down[2]} is not in 1..min(K, N) = {min(k, n)}")
+    for name in ("lr_down", "lr_up"):
+        if not jnp.issubdtype(np.asarray(getattr(q, name)).dtype, jnp.floating):
+            _fail(where, name, f"expected floats, got {np.asarray(getattr(q, name)).dtype}")
 
 
 def check_segment_table(table, num_segments: int, num_steps: int, where: str) -> np.ndarray:
@@ -242,6 +267,10 @@ def check_quantized(qparams, recipe, segment_of_step, cfg, where: str,
         check_qlinear(node, f"{where}: layer {path}", recipe.num_segments)
         alone = recipe.is_weight_only(path) if weight_only is None else path in weight_only
         layer_recipe = weight_only_recipe(recipe) if alone else recipe
+        if node.rank != layer_recipe.low_rank:
+            raise QuantizedModelError(f"{where}: layer {path} has a low-rank branch of rank "
+                                      f"{node.rank}, the recipe says low_rank="
+                                      f"{layer_recipe.low_rank}")
         for field in ("w_bits", "a_bits", "a_mode", "rotation"):
             if field in ("w_bits", "a_bits") and getattr(node, field) == 16:
                 continue
