@@ -204,7 +204,7 @@ class _Layer:
                        w_scale=jnp.zeros((1, 1)), w_colsum=jnp.zeros((1, 1), jnp.int32),
                        in_features=self.k, rotation=r.rotation, rotation_block=self.block,
                        kernel_size=self.kernel_size, w_bits=r.w_bits, a_bits=r.a_bits,
-                       a_mode=r.a_mode, a_symmetric=r.a_symmetric,
+                       a_mode=r.a_mode, a_symmetric=r.a_symmetric or r.fp8, fp8=r.fp8,
                        bias=None if self.bias is None else jnp.asarray(self.bias),
                        **{f: jnp.asarray(v) for f, v in fields.items()})
 
@@ -257,17 +257,18 @@ def _weights(layer: _Layer, g, transforms: list[dict]) -> list[tuple]:
     with timing.stage("gptq" if r.gptq else "weight_clip_search"):
         for i in range(len(qs)):  # one candidate at a time: memory of one alpha's clip grid
             codes, scales = fit_weights(folded[i:i + 1], None if hessians is None
-                                        else hessians[i:i + 1], r.w_bits, grid, bool(r.gptq))
+                                        else hessians[i:i + 1], r.w_bits, grid, bool(r.gptq),
+                                        r.fp8)
             out.append((np.asarray(codes[0]), np.asarray(scales[0], np.float32), None))
     if not r.low_rank:
         return out
     with timing.stage("low_rank"):
         for i, (codes, scales, _) in enumerate(out):
+            w = np.asarray(folded[i]) + firsts[i][0] @ firsts[i][1]
+            deq = codes.astype(np.float32) * scales
             grams = [hessians[i]]
             if r.low_rank_per_segment:
                 grams = [_gram(transform_rows(qs[i], rows, 0)) for rows in layer.seg_rows]
-            w = np.asarray(folded[i]) + firsts[i][0] @ firsts[i][1]
-            deq = codes.astype(np.float32) * scales
             out[i] = (codes, scales, lowrank.refit(w, deq, firsts[i], grams, r.low_rank))
     return out
 
@@ -301,7 +302,7 @@ def _assemble(layer: _Layer, transforms: list[dict], weights: list) -> QLinear:
         fields["lr_down"] = np.concatenate([b[0] for _, _, b in weights])
         fields["lr_up"] = np.concatenate([b[1] for _, _, b in weights])
     with timing.stage("packing"):
-        colsum = (np.zeros(codes.shape[::2], np.int32) if r.float_weights
+        colsum = (np.zeros(codes.shape[::2], np.int32) if r.float_weights or r.fp8
                   else codes.astype(np.int32).sum(axis=1))
         w_q = quantizers.pack_int4(jnp.asarray(codes)) if r.w_bits <= 4 else jnp.asarray(codes)
     return dataclasses.replace(layer.template(**fields), w_q=w_q, w_scale=jnp.asarray(scales),
@@ -330,16 +331,24 @@ def _activation_fields(layer: _Layer, q: QLinear) -> dict:
         lo, hi = float(xt.min()), float(xt.max())
         if r.rotation == "none" and not r.smoothing:  # the exact range is known
             lo, hi = min(lo, layer.tensor_range[s][0]), max(hi, layer.tensor_range[s][1])
-        scale, zero = quantizers.scale_zero_from_range(
-            np.asarray([lo * c for c in ratios], np.float32),
-            np.asarray([hi * c for c in ratios], np.float32), r.a_bits, r.a_symmetric)
+        scale, zero = _static_scales(np.asarray([lo * c for c in ratios], np.float32),
+                                     np.asarray([hi * c for c in ratios], np.float32), r)
         scale = np.asarray(scale, np.float32)
         zero = np.zeros(len(ratios), np.int32) if zero is None else np.asarray(zero, np.int32)
         best = _search(probe, layer.seg_rows[s], layer.seg_ref[s], s, range(len(ratios)),
                        {"a_scale": scale, "a_zero": zero})
         scales.append(float(scale[best]))
         zeros.append(int(zero[best]))
+    if q.a_symmetric:  # symmetric codes (fp8 included) store no zero points
+        return {"a_scale": np.asarray(scales, np.float32)}
     return {"a_scale": np.asarray(scales, np.float32), "a_zero": np.asarray(zeros, np.int32)}
+
+
+def _static_scales(lo, hi, r: Recipe):
+    """Static activation ``(scale, zero or None)`` for the range ``[lo, hi]`` (arrays)."""
+    if r.fp8:
+        return quantizers.fp8_scale(jnp.maximum(-jnp.asarray(lo), jnp.asarray(hi))), None
+    return quantizers.scale_zero_from_range(lo, hi, r.a_bits, r.a_symmetric)
 
 
 def _finish(layer: _Layer, transforms, weights) -> QLinear:

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg  # noqa: F401  (solve_triangular)
 
+from trdq_jax.quant.quantizers import FP8_DTYPE, FP8_MAX, quantize_fp8
+
 _DAMP = 0.01
 _EPS = 1e-8
 GPTQ_BLOCK = 128
@@ -36,9 +38,17 @@ def damped_hessian(hessian: jax.Array) -> jax.Array:
     return hessian.astype(jnp.float32) + damp * jnp.eye(k, dtype=jnp.float32)
 
 
-def _round_codes(w: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+def _round_codes(w: jax.Array, scale: jax.Array, bits: int, fp8: bool = False) -> jax.Array:
+    """Codes of ``w / scale`` as float32 values: b-bit integers, or float8 e4m3 numbers."""
+    if fp8:
+        return quantize_fp8(w, scale).astype(jnp.float32)
     qmax = 2 ** (bits - 1) - 1
     return jnp.clip(jnp.round(w / scale), -qmax, qmax)
+
+
+def code_max(bits: int, fp8: bool = False) -> float:
+    """Largest code: ``2^(b-1) - 1``, or 448 for float8 e4m3."""
+    return FP8_MAX if fp8 else 2 ** (bits - 1) - 1
 
 
 def gptq_factor(hessian: jax.Array) -> jax.Array:
@@ -63,7 +73,7 @@ def gptq_codes(w: jax.Array, hessian: jax.Array, scale: jax.Array, bits: int,
     return _gptq_loop(w, gptq_factor(hessian), scale, bits, block)
 
 
-def _gptq_loop(w, u, scale, bits: int, block: int = GPTQ_BLOCK):
+def _gptq_loop(w, u, scale, bits: int, block: int = GPTQ_BLOCK, fp8: bool = False):
     """GPTQ over the rows of ``w [K, N]`` with factor ``u [K, K]``; blocks are unrolled (static
     slices), so each block's update reaches only the rows after it (half the flops of a
     masked update)."""
@@ -78,7 +88,7 @@ def _gptq_loop(w, u, scale, bits: int, block: int = GPTQ_BLOCK):
 
         def one_channel(i, state, ub=ub, size=size):
             wb, qb, err = state
-            q = _round_codes(wb[i], scale, bits)
+            q = _round_codes(wb[i], scale, bits, fp8)
             e = (wb[i] - q * scale) / ub[i, i]
             wb = wb - jnp.where((inner[:size] > i)[:, None], jnp.outer(ub[i], e), 0.0)
             return wb, qb.at[i].set(q), err.at[i].set(e)
@@ -89,7 +99,7 @@ def _gptq_loop(w, u, scale, bits: int, block: int = GPTQ_BLOCK):
         if start + size < k:
             rest = w[start + size:] - u[start:start + size, start + size:].T @ err
             w = jnp.concatenate([w[:start + size], rest])
-    return jnp.concatenate(codes).astype(jnp.int8)
+    return jnp.concatenate(codes).astype(FP8_DTYPE if fp8 else jnp.int8)
 
 
 def column_errors(w: jax.Array, deq: jax.Array, hessian: jax.Array | None) -> jax.Array:
@@ -102,15 +112,15 @@ def column_errors(w: jax.Array, deq: jax.Array, hessian: jax.Array | None) -> ja
 
 
 def fit_weights(w: jax.Array, hessian: jax.Array | None, bits: int, grid: tuple[float, ...],
-                use_gptq: bool):
+                use_gptq: bool, fp8: bool = False):
     """``fit_weight`` over a leading candidate axis: ``w [A, K, N]``, ``hessian [A, K, K]``
     or None -> codes ``[A, K, N]``, scales ``[A, N]``, in one compiled call."""
-    return _fit_weights(w, hessian, bits, grid, use_gptq)
+    return _fit_weights(w, hessian, bits, grid, use_gptq, fp8)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "grid", "use_gptq"))
-def _fit_weights(w, hessian, bits, grid, use_gptq):
-    fit = lambda w, h: _fit_weight(w, h, bits, grid, use_gptq)  # noqa: E731
+@functools.partial(jax.jit, static_argnames=("bits", "grid", "use_gptq", "fp8"))
+def _fit_weights(w, hessian, bits, grid, use_gptq, fp8):
+    fit = lambda w, h: _fit_weight(w, h, bits, grid, use_gptq, fp8)  # noqa: E731
     if hessian is None:
         return jax.vmap(lambda w: fit(w, None))(w)
     return jax.vmap(fit)(w, hessian)
@@ -124,21 +134,23 @@ def fit_weight(w: jax.Array, hessian: jax.Array | None, bits: int, grid: tuple[f
 
 
 def _fit_weight(w: jax.Array, hessian: jax.Array | None, bits: int, grid: tuple[float, ...],
-               use_gptq: bool):
+               use_gptq: bool, fp8: bool = False):
     """Codes int8 ``[K, N]`` and scales float32 ``[N]`` of ``w [K, N]``: for every clipping
     ratio r in ``grid`` the scales are ``r max_k |w| / (2^(b-1) - 1)``, the codes GPTQ
     (``use_gptq``; needs ``hessian``) or round-to-nearest, and each column keeps the ratio with
     the least output error ``column_errors`` (the first on ties; without ``hessian``, the
-    weight error). A grid holding 1.0 can therefore never do worse than no clipping."""
-    qmax = 2 ** (bits - 1) - 1
+    weight error). A grid holding 1.0 can therefore never do worse than no clipping.
+    ``fp8``: float8 e4m3 codes (scales ``r max_k |w| / 448``) instead of b-bit integers."""
+    qmax = code_max(bits, fp8)
     absmax = jnp.max(jnp.abs(w), axis=0)
     ratios = jnp.asarray(grid, jnp.float32)
     scales = jnp.maximum(absmax[None] * ratios[:, None], _EPS) / qmax          # [C, N]
     if use_gptq:
         u = gptq_factor(hessian)  # candidates share the sequential loop: one vmapped run
-        codes = jax.vmap(lambda s: _gptq_loop(w, u, s, bits))(scales)          # [C, K, N]
+        codes = jax.vmap(lambda s: _gptq_loop(w, u, s, bits, fp8=fp8))(scales)  # [C, K, N]
     else:
-        codes = jax.vmap(lambda s: _round_codes(w, s, bits).astype(jnp.int8))(scales)
+        dtype = FP8_DTYPE if fp8 else jnp.int8
+        codes = jax.vmap(lambda s: _round_codes(w, s, bits, fp8).astype(dtype))(scales)
     if len(grid) == 1:
         return codes[0], scales[0]
     errors = jax.vmap(lambda q, s: column_errors(w, q.astype(jnp.float32) * s, hessian))(

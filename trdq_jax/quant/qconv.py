@@ -136,7 +136,7 @@ def qconv_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla", *,
         if backend == "fake" or q.w_bits == 16:
             y = _float_conv(quantizers.dequantize(codes, a_scale, a_zero),
                             conv_weight(q, segment), strides, pads)
-        elif q.a_mode == "static":
+        elif q.a_mode == "static" and not q.fp8:
             y = _static_int_conv(q, codes, a_scale, a_zero, segment, strides, pads)
         else:
             y = _per_token_int_conv(q, codes, a_scale, a_zero, segment, strides, pads)
@@ -164,7 +164,8 @@ def _static_int_conv(q, codes, a_scale, a_zero, segment, strides, pads):
 
 
 def _per_token_int_conv(q, codes, a_scale, a_zero, segment, strides, pads):
-    """Tap by tap: int8 1x1 dot (int32) per tap, scaled per input pixel, shifted, summed."""
+    """Tap by tap: int8 1x1 dot (int32) per tap, scaled per input pixel, shifted, summed
+    (float8 codes: a float8 dot accumulated in float32; a static scale is one scalar)."""
     w = conv_weight_codes(q, segment)                                  # [kh, kw, C, N]
     kh, kw = q.kernel_size
     (sh, sw) = strides
@@ -175,7 +176,8 @@ def _per_token_int_conv(q, codes, a_scale, a_zero, segment, strides, pads):
     for i in range(kh):
         for j in range(kw):
             acc = jax.lax.dot_general(codes, w[i, j], (((3,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.int32)  # [B, H, W, N]
+                                      preferred_element_type=jnp.float32 if q.fp8
+                                      else jnp.int32)  # [B, H, W, N]
             if a_zero is not None:
                 acc = acc - a_zero * w[i, j].astype(jnp.int32).sum(axis=0)
             tap = jnp.pad(acc.astype(jnp.float32) * a_scale, ((0, 0), *pads, (0, 0)))

@@ -13,7 +13,7 @@ Backends, which agree to float tolerance:
   ``xla``: int8 x int8 -> int32 ``dot_general``, scales (and the asymmetric zero-point correction
     ``z_x * colsum(W_q)``) applied after the dot; int8 is never converted to float before the dot;
   ``pallas``: the kernels of ``pallas_kernels`` (integer matmul with the epilogue fused, dynamic
-    activation quantization in a kernel; interpreted on CPU);
+    activation quantization in a kernel; interpreted on CPU); fp8 layers run the ``xla`` path;
   ``auto``: ``pallas`` on TPU / GPU where ``pallas_kernels.auto_backend`` says the layer fits,
     else ``xla``.
 Everything that varies with the time segment has a leading axis ``[S, ...]`` selected with the
@@ -41,10 +41,12 @@ class QLinear:
     and every activation-side array (smoothing, rotation) acts on the C input channels of each
     tap (``in_features = C``); see ``trdq_jax.quant.qconv``.
 
-    w_q: int8 ``[Sw, K, N]``, or uint8 ``[Sw, ceil(K/2), N]`` holding two int4 codes per byte
-      (float32 folded weights when ``w_bits == 16``: quantization disabled).
+    w_q: int8 ``[Sw, K, N]``, or uint8 ``[Sw, ceil(K/2), N]`` holding two int4 codes per byte,
+      or float8_e4m3fn ``[Sw, K, N]`` (``fp8``) (float32 folded weights when ``w_bits == 16``:
+      quantization disabled).
     w_scale: float32 ``[Sw, N]`` symmetric per-output-channel weight scales.
-    w_colsum: int32 ``[Sw, N]`` column sums of the codes (asymmetric-activation correction).
+    w_colsum: int32 ``[Sw, N]`` column sums of the codes (asymmetric-activation correction;
+      zeros for fp8 codes, whose activations are symmetric).
     bias: float32 ``[N]`` or None.
     smooth: float32 ``[S, K]`` smoothing divisors, or None.
     signs: float32 ``[K or block]`` Hadamard signs (rotation "hadamard"/"block_hadamard"), or None.
@@ -78,6 +80,7 @@ class QLinear:
     rotation: str = struct.field(pytree_node=False, default="none")
     rotation_block: int = struct.field(pytree_node=False, default=0)
     kernel_size: tuple = struct.field(pytree_node=False, default=())
+    fp8: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def taps(self) -> int:
@@ -138,13 +141,19 @@ def token_min_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def quantize_activation(q: QLinear, x: jax.Array, segment):
-    """Transformed activations -> ``(codes int8, scale, zero or None)`` (per token or tensor)."""
+    """Transformed activations -> ``(codes int8 or float8, scale, zero or None)`` (per token or
+    tensor)."""
     if q.a_mode == "static":
         scale, zero = _select(q.a_scale, segment), (
             None if q.a_symmetric else _select(q.a_zero, segment))
+        if q.fp8:
+            return quantizers.quantize_fp8(x, scale), scale, None
         return quantizers.quantize(x, scale, zero, q.a_bits), scale, zero
     clip = 1.0 if q.a_clip is None else _select(q.a_clip, segment)
     lo, hi = token_min_max(x)
+    if q.fp8:
+        scale = quantizers.fp8_scale(jnp.maximum(-lo, hi) * clip)
+        return quantizers.quantize_fp8(x, scale), scale, None
     scale, zero = quantizers.scale_zero_from_range(lo * clip, hi * clip, q.a_bits, q.a_symmetric)
     return quantizers.quantize(x, scale, zero, q.a_bits), scale, zero
 
@@ -210,7 +219,7 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
     if q.a_bits == 16:  # weight-only quantization (or none: w_bits == 16)
         q = _tie_packed(q, xt)
         y = xt @ dequantized_weight(q, segment)
-    elif backend == "pallas" and q.w_bits != 16:  # transform stays in XLA; bias fused in kernel
+    elif backend == "pallas" and q.w_bits != 16 and not q.fp8:  # bias fused in the kernel
         import pallas_kernels as pk  # imported on use: the kernels load only when asked for
         rows = xt.reshape(-1, q.in_features)
         if q.a_mode == "dynamic":
@@ -229,9 +238,10 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
         if backend == "fake" or q.w_bits == 16:  # no integer dot with float weights
             y = quantizers.dequantize(codes, a_scale, a_zero) @ dequantized_weight(q, segment)
         else:
+            # int8 x int8 -> int32, or float8 x float8 -> float32 (exact products, float sums)
             acc = jax.lax.dot_general(codes, weight_codes(q, segment),
                                       (((codes.ndim - 1,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.int32)
+                                      preferred_element_type=jnp.float32 if q.fp8 else jnp.int32)
             if a_zero is not None:
                 acc = acc - a_zero * _select(q.w_colsum, segment)
             y = acc.astype(jnp.float32) * a_scale * _select(q.w_scale, segment)

@@ -5,6 +5,10 @@ Code convention: a b-bit code q is a signed integer stored as int8.
   * asymmetric: q in [-2^(b-1), 2^(b-1) - 1], integer zero in that range,  x ~ scale * (q - zero)
 Asymmetric ranges are widened to contain 0 first (as ViDiT-Q / TR-DQ do), so 0 is exactly
 representable. Scales are float32 and strictly positive; zero points are int32.
+
+FP8 (``Recipe.fp8``): a code is a float8 e4m3 number (``jnp.float8_e4m3fn``, 1 byte, largest
+finite value 448), symmetric, ``x ~ scale * float(q)``; rounding is round-to-nearest-even of
+``x / scale`` clipped to [-448, 448] (e4m3fn has no infinity: an unclipped overflow is NaN).
 """
 from __future__ import annotations
 
@@ -60,8 +64,25 @@ def quantize(x, scale, zero, bits: int):
     return jnp.clip(q, qmin, qmax).astype(jnp.int8)
 
 
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+def quantize_fp8(x, scale):
+    """float8 e4m3 codes of ``x / scale`` (clipped to +-448, rounded to nearest even)."""
+    return jnp.clip(jnp.asarray(x, jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
+
+
+def fp8_scale(absmax):
+    """Symmetric float8 scale float32 mapping ``absmax`` onto 448 (floored like the integer
+    scales)."""
+    return jnp.maximum(jnp.asarray(absmax, jnp.float32), _RANGE_EPS) / FP8_MAX
+
+
 def dequantize(q, scale, zero=None):
-    """float32 scale * (q - zero) (zero None means 0)."""
+    """float32 scale * (q - zero) (zero None means 0); float8 codes: scale * float(q)."""
+    if jnp.issubdtype(jnp.asarray(q).dtype, jnp.floating):
+        return jnp.asarray(q).astype(jnp.float32) * scale
     q = jnp.asarray(q, jnp.int32)
     if zero is not None:
         q = q - zero

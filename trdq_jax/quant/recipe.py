@@ -25,7 +25,7 @@ DEFAULT_KEEP_FLOAT = (r"(^|/)(x|y)_embedder(/|$)", r"^final_layer/linear$", r"^c
 DEFAULT_WEIGHT_ONLY = (r"adaLN_modulation", r"(^|/)emb_proj$", r"(^|/)t_embedder/")
 
 _BOOL_FIELDS = ("w_symmetric", "w_clip_search", "a_symmetric", "a_clip_search", "smoothing",
-                "per_segment_weights", "gptq", "low_rank_per_segment")
+                "per_segment_weights", "gptq", "low_rank_per_segment", "fp8")
 _CHOICES = {"a_mode": ("static", "dynamic"),
             "rotation": ("none", "hadamard", "block_hadamard", "duquant"),
             "segment_split": ("uniform", "similarity"), "search_weights": ("final", "rtn")}
@@ -89,6 +89,10 @@ class Recipe:
       low_rank_per_segment: one shared quantized residual, one branch per time segment fitted
         to that segment's activations (needs ``low_rank > 0`` and ``num_segments > 1``; with
         ``per_segment_weights`` every weight copy has its own branch already).
+      fp8: weights and activations as float8 e4m3 codes (1 byte, symmetric: per-output-channel
+        weight scales ``max |w| / 448``, dynamic per-token or static per-segment activation
+        scales) instead of 8-bit integers: the 8-bit format of Hopper GPUs and recent TPUs.
+        Needs ``w_bits = 8`` and ``a_bits = 8`` (16: weight-only); ``a_symmetric`` is implied.
       seed: an int in [0, 2**32 - 1] seeding the Hadamard signs and DuQuant rotations.
     """
 
@@ -115,6 +119,7 @@ class Recipe:
     search_weights: Literal["final", "rtn"] = "final"
     low_rank: int = 0
     low_rank_per_segment: bool = False
+    fp8: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -157,6 +162,9 @@ class Recipe:
             raise ConfigError("Recipe.low_rank_per_segment: needs low_rank > 0, num_segments > 1 "
                               "and one shared weight (per_segment_weights=False: each weight "
                               "copy has its own branch already)")
+        if self.fp8 and (self.w_bits != 8 or self.a_bits not in (8, 16)):
+            raise ConfigError(f"Recipe.fp8: float8 e4m3 codes are 8 bits: needs w_bits = 8 and "
+                              f"a_bits = 8 (16: weight-only), got W{self.w_bits}A{self.a_bits}")
         if not _is_int(self.seed) or not 0 <= self.seed <= 2 ** 32 - 1:
             fail("seed", "an int in [0, 2**32 - 1]")
         for field in ("keep_float", "weight_only"):

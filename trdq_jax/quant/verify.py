@@ -108,6 +108,19 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
         if w.dtype != np.float32 or w.shape[1] != k:
             _fail(where, "w_bits", f"16 (float weights) needs float32 [copies, {k}, N] weights, "
                   f"the arrays hold {w.dtype}{list(w.shape)}")
+    elif q.fp8:
+        if q.w_bits != 8 or q.a_bits not in (8, 16) or not q.a_symmetric:
+            _fail(where, "fp8", f"float8 e4m3 layers have w_bits 8, a_bits 8 or 16 and symmetric "
+                  f"activations, this one has W{q.w_bits}A{q.a_bits}, a_symmetric="
+                  f"{q.a_symmetric}")
+        if w.dtype != quantizers.FP8_DTYPE or w.shape[1] != k:
+            _fail(where, "fp8", f"float8 codes are stored as float8_e4m3fn [copies, {k}, N], the "
+                  f"arrays hold {w.dtype}{list(w.shape)}")
+        codes = w.astype(np.float32)
+        _require(f"{where}.w_q", codes, np.abs(codes) <= quantizers.FP8_MAX,
+                 f"finite float8 e4m3 codes in [-{quantizers.FP8_MAX:g}, {quantizers.FP8_MAX:g}]")
+        if _shape(q.w_colsum) != (copies, n) or np.any(np.asarray(q.w_colsum)):
+            _fail(where, "w_colsum", "float8 layers store zero column sums (no zero points)")
     else:
         packed = q.w_bits <= 4
         want = (np.uint8, (k + 1) // 2) if packed else (np.int8, k)
@@ -271,7 +284,7 @@ def check_quantized(qparams, recipe, segment_of_step, cfg, where: str,
             raise QuantizedModelError(f"{where}: layer {path} has a low-rank branch of rank "
                                       f"{node.rank}, the recipe says low_rank="
                                       f"{layer_recipe.low_rank}")
-        for field in ("w_bits", "a_bits", "a_mode", "rotation"):
+        for field in ("w_bits", "a_bits", "a_mode", "rotation", "fp8"):
             if field in ("w_bits", "a_bits") and getattr(node, field) == 16:
                 continue
             if getattr(node, field) != getattr(layer_recipe, field):
