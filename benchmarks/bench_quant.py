@@ -48,7 +48,14 @@ from trdq_jax.quant.calibrate import derive_calibration  # noqa: E402
 from trdq_jax.sampling import Sampler, conditioning, denoise_fn_for, sample  # noqa: E402
 
 DIFFUSION_MODELS = ("digits-dit", "digits-unet", "moving-digits-vdit", "digits-pixart")
-BEGIN, END = "<!-- bench_quant:begin -->", "<!-- bench_quant:end -->"
+SECTION = "bench_quant"  # --section: another name keeps its own marked section
+
+
+def _markers(section: str = SECTION) -> tuple[str, str]:
+    return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+
+
+BEGIN, END = _markers()
 TIE_DB = 0.5  # recipes closer than this in PSNR are reported as tied
 
 
@@ -242,8 +249,8 @@ LEGEND = ("PSNR / SSIM: quantized vs float samples from the same noise and label
           "reported as a tie; elsewhere the ranking is given.")
 
 
-def _model_markers(name: str) -> tuple[str, str]:
-    return f"<!-- bench_quant:model:{name} -->", f"<!-- /bench_quant:model:{name} -->"
+def _model_markers(name: str, section: str = SECTION) -> tuple[str, str]:
+    return f"<!-- {section}:model:{name} -->", f"<!-- /{section}:model:{name} -->"
 
 
 def _match(row: dict) -> str:
@@ -253,11 +260,11 @@ def _match(row: dict) -> str:
     return f"frames {row['frame_match']:.3f} / videos {row['class_match']:.3f}"
 
 
-def model_block(res: dict, command: str) -> str:
+def model_block(res: dict, command: str, section: str = SECTION) -> str:
     """Markdown of one model's results, wrapped in its own markers."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     f = res["float"]
-    begin, end = _model_markers(res["model"])
+    begin, end = _model_markers(res["model"], section)
     lines = [begin, f"### {res['model']}", "", f"Command: `{command}`  ",
              f"Date: {now}; machine: {platform.machine()} {jax.devices()[0].platform.upper()}, "
              f"{_cores()} cores, jax {jax.__version__}.  ",
@@ -278,17 +285,19 @@ def model_block(res: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(blocks: dict[str, str], previous: str = "") -> str:
+def to_markdown(blocks: dict[str, str], previous: str = "", section: str = SECTION,
+                title: str = "recipes x bit widths") -> str:
     """The whole marked section: the legend, then one block per model in ``DIFFUSION_MODELS``
     order, taken from ``blocks`` or else kept from the ``previous`` section's text."""
-    parts = [BEGIN, "## bench_quant: recipes x bit widths", "", LEGEND, ""]
+    begin_section, end_section = _markers(section)
+    parts = [begin_section, f"## {section}: {title}", "", LEGEND, ""]
     for name in DIFFUSION_MODELS:
-        begin, end = _model_markers(name)
+        begin, end = _model_markers(name, section)
         if name in blocks:
             parts += [blocks[name], ""]
         elif begin in previous and end in previous:
             parts += [begin + previous.split(begin, 1)[1].split(end, 1)[0] + end, ""]
-    parts.append(END)
+    parts.append(end_section)
     return "\n".join(parts)
 
 
@@ -319,7 +328,13 @@ def main(argv=None) -> None:
                         help="calibration samples per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", default=None, help="markdown file whose section to replace")
+    parser.add_argument("--section", default=SECTION,
+                        help="name of the marked section to write (default: %(default)s; "
+                             "another name keeps a study beside the main table)")
+    parser.add_argument("--title", default="recipes x bit widths", help="the section's title")
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"[a-z0-9_]+", args.section):
+        parser.error(f"--section: expected lowercase letters, digits and _, got {args.section!r}")
     models = (args.models.split(",") if args.models
               else [m for m in DIFFUSION_MODELS if m in zoo.available()])
     unknown = [m for m in models if m not in DIFFUSION_MODELS]
@@ -340,13 +355,15 @@ def main(argv=None) -> None:
                                        args.seed, bar))
     command = "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in
                                                  ["benchmarks/bench_quant.py", *sys.argv[1:]])
-    blocks = {res["model"]: model_block(res, command) for res in results}
+    blocks = {res["model"]: model_block(res, command, args.section) for res in results}
     path = pathlib.Path(args.write) if args.write else None
     previous = path.read_text() if path is not None and path.exists() else ""
-    section = to_markdown(blocks, previous.split(BEGIN, 1)[1] if BEGIN in previous else "")
+    begin, end = _markers(args.section)
+    section = to_markdown(blocks, previous.split(begin, 1)[1] if begin in previous else "",
+                          args.section, args.title)
     print(section)
     if path is not None:
-        write_section(path, section)
+        write_section(path, section, begin, end)
 
 
 if __name__ == "__main__":

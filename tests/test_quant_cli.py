@@ -2,6 +2,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -130,6 +131,8 @@ def test_quantize_on_the_fly_and_changed_weights(tmp_path, tiny_ckpt, capsys):
     (["sample", "--quantized", "{ck}"], "holds a 'float' checkpoint, expected a quantized one"),
     (["calibrate", "--checkpoint", "{tmp}/missing"], "--checkpoint: '{tmp}/missing': no "
                                                      "checkpoint directory there"),
+    (["quantize", "--checkpoint", "{ck}", "--w-bits", "4", "--fp8"],
+     "--fp8: float8 e4m3 codes are 8 bits: needs w_bits = 8 and a_bits = 8"),
 ])
 def test_errors_name_the_argument_on_one_line(argv, message, tmp_path, tiny_ckpt, capsys):
     argv = [a.format(tmp=tmp_path, ck=tiny_ckpt) for a in argv]
@@ -140,6 +143,27 @@ def test_errors_name_the_argument_on_one_line(argv, message, tmp_path, tiny_ckpt
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_above_a_layer_is_refused_before_quantizing(tmp_path, tiny_ckpt, capsys):
+    assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--recipe", "minmax",
+                 "--per-class", "1", "--rows-per-step", "8", "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--low-rank", "49", "--out",
+                 str(tmp_path / "q")]) == 2
+    assert capsys.readouterr().err == (
+        "trdq quantize: error: --low-rank: rank 49 exceeds min(K, N) = 48 of layer "
+        "blocks_0/attn/qkv (kernel [48, 144]); choose a rank <= 48\n")
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_with_a_low_rank_branch_and_fp8_codes(tmp_path, tiny_ckpt):
+    assert main(["quantize", "--checkpoint", str(tiny_ckpt), "--recipe", "quarot", "--low-rank",
+                 "4", "--fp8", "--per-class", "1", "--out", str(tmp_path / "q")]) == 0
+    qparams, _, recipe, _ = Q.load_quantized(tmp_path / "q")
+    assert (recipe.name, recipe.low_rank, recipe.fp8) == ("quarot", 4, True)
+    qkv = qparams["layers"]["blocks_0"]["attn"]["qkv"]
+    assert qkv.rank == 4 and qkv.w_q.dtype == jnp.float8_e4m3fn
 
 
 def test_argparse_errors_are_one_line(capsys):

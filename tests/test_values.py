@@ -284,6 +284,8 @@ def test_non_finite_checkpoint_arrays_are_refused(outputs, tmp_path, kind, name,
     ("segment_split", "even"), ("per_segment_weights", 1), ("keep_float", "x_embedder"),
     ("keep_float", (3,)), ("keep_float", ("(",)), ("weight_only", ["adaLN"]), ("gptq", "yes"),
     ("search_weights", "fast"), ("seed", -1), ("seed", 2 ** 32), ("seed", 1.5), ("seed", False),
+    ("low_rank", -1), ("low_rank", 1.5), ("low_rank", True), ("low_rank_per_segment", 1),
+    ("fp8", "yes"),
 ])
 def test_every_recipe_field_is_range_checked(field, value):
     with pytest.raises(ConfigError, match=rf"^Recipe\.{field}: (expected|invalid regex)") as error:

@@ -81,6 +81,7 @@ def _cfg_scale(text: str) -> float:
 
 
 positive_int = _typed(_positive_int, "a positive int")
+rank_int = _typed(lambda text: _nonnegative_int(text), "an int >= 0")
 seed_int = _typed(_nonnegative_int, "an int in [0, 2**32 - 1]")
 bits = _typed(_bits, "bits in 2..8 (or 16 = float)")
 cfg_scale = _typed(_cfg_scale, "a finite number in [0, 100]")

@@ -5,12 +5,14 @@ import re
 import time
 
 from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_source, bits, blame,
-                                  float_model, positive_int, print_json, source_of, stored_vae)
+                                  float_model, positive_int, print_json, rank_int, source_of,
+                                  stored_vae)
 
 DEFAULT_CALIB_SEED = 1000  # trdq_jax.quant.pipeline.DEFAULT_CALIB_SEED (a test keeps them equal)
-RECIPE_NAMES = ("minmax", "quarot", "quarot_rtn", "smoothquant", "trdq", "trdq_no_clip",
-                "trdq_no_gptq", "trdq_no_rotation", "trdq_no_segments", "trdq_release",
-                "trdq_smoothing", "trdq_static", "trdq_static_norot", "viditq")
+RECIPE_NAMES = ("minmax", "quarot", "quarot_rtn", "smoothquant", "svdquant", "trdq",
+                "trdq_lowrank", "trdq_lowrank_no_rotation", "trdq_lowrank_no_segments",
+                "trdq_no_clip", "trdq_no_gptq", "trdq_no_rotation", "trdq_no_segments",
+                "trdq_release", "trdq_smoothing", "trdq_static", "trdq_static_norot", "viditq")
 
 
 def _recipe(name: str, w_bits: int, a_bits: int, segments: int | None = None):
@@ -23,6 +25,24 @@ def _recipe(name: str, w_bits: int, a_bits: int, segments: int | None = None):
                           ("a_bits:", "--a-bits:"), ("segments:", "--segments:")):
             if message.startswith(arg):
                 message = flag + message[len(arg):]
+        raise ValueError(message) from None
+
+
+def _with_format_flags(recipe, args):
+    """``recipe`` with ``--low-rank`` / ``--fp8`` applied (errors name the flag)."""
+    import dataclasses
+    from trdq_jax.config import ConfigError
+    changes = {}
+    if args.low_rank is not None:
+        changes["low_rank"] = args.low_rank
+    if args.fp8:
+        changes["fp8"] = True
+    try:
+        return dataclasses.replace(recipe, **changes)
+    except ConfigError as e:
+        message = str(e)
+        for field, flag in (("Recipe.low_rank:", "--low-rank:"), ("Recipe.fp8:", "--fp8:")):
+            message = message.replace(field, flag)
         raise ValueError(message) from None
 
 
@@ -122,16 +142,19 @@ def _quantize(args) -> int:
 
     if args.calib:
         params, cfg, calib, recipe, calib_seconds, vae = _from_calibration(args)
+        recipe = _with_format_flags(recipe, args)  # neither changes the layers or segments
         plan = plan_for(cfg, len(calib.segment_of_step))
     else:
-        recipe = _recipe(args.recipe or "trdq", 8 if args.w_bits is None else args.w_bits,
-                         8 if args.a_bits is None else args.a_bits, args.segments)
+        recipe = _with_format_flags(_recipe(
+            args.recipe or "trdq", 8 if args.w_bits is None else args.w_bits,
+            8 if args.a_bits is None else args.a_bits, args.segments), args)
         loaded = float_model(args)
         plan = plan_for(loaded[2], loaded[2].sampler.num_steps)
         vae = stored_vae(args.checkpoint, "--checkpoint")
         _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe, loaded)
     t0 = time.perf_counter()
-    qparams = quantize(params, calib, recipe, progress=True)
+    with blame(None, **{"Recipe.low_rank": "--low-rank"}):
+        qparams = quantize(params, calib, recipe, progress=True)
     summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
     conditioning = None
     if getattr(cfg.model, "family", None) == "pixart":  # text: the null branch calibrated with
@@ -231,6 +254,13 @@ def register(sub) -> None:
     _add_calibration_flags(p, None)
     p.add_argument("--out", required=True, metavar="QDIR",
                    help="quantized checkpoint directory to write, new or empty (required)")
+    p.add_argument("--low-rank", type=rank_int, metavar="R",
+                   help="rank of a float (bf16) low-rank branch beside each quantized matmul, "
+                        "the residual quantized; 0 = none (default: the recipe's: 32 for "
+                        "svdquant, 16 for trdq_lowrank*, else 0)")
+    p.add_argument("--fp8", action="store_true",
+                   help="float8 e4m3 weight and activation codes instead of int8 (needs "
+                        "--w-bits 8 --a-bits 8)")
     p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", metavar="PLAN",
                    help="CFG sharing plan stored with the checkpoint (trdq sample uses it): "
                         "none | all | trdq_release | a plan .json (default: none stored)")

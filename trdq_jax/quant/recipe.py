@@ -229,6 +229,16 @@ RECIPES: dict[str, Recipe] = {
     "trdq": Recipe("trdq", rotation="hadamard", num_segments=4, segment_split="similarity",
                    a_mode="dynamic", a_clip_search=True, w_clip_search=True, gptq=True),
 }
+# SVDQuant as far as this project implements it: SmoothQuant scales (alpha searched per layer,
+# SVDQuant's migration), no rotation, the smoothed weight's top-32 singular part kept in 16
+# bits beside round-to-nearest 4-bit codes of the residual, dynamic per-token activations.
+# SVDQuant's published INT4 format quantizes weights AND activations per group of 64 input
+# channels; this project has per-channel weights and per-token activations only, so this
+# baseline is coarser than published at W4A4 (BENCHMARKS.md says so beside its rows).
+RECIPES["svdquant"] = Recipe("svdquant", smoothing=True, alpha_grid=_ALPHAS, rotation="none",
+                             low_rank=32, a_mode="dynamic", a_clip_search=False)
+# ours with the branch: trdq (rotation, GPTQ on the residual, per-segment clipping) + rank 16
+RECIPES["trdq_lowrank"] = dataclasses.replace(RECIPES["trdq"], name="trdq_lowrank", low_rank=16)
 # Static time-aware activations: one per-tensor scale per segment (no per-token reduction in
 # the hot path), searched per segment; with and without the rotation.
 RECIPES["trdq_static"] = dataclasses.replace(RECIPES["trdq"], name="trdq_static",
@@ -248,6 +258,10 @@ ABLATIONS: dict[str, dict] = {
 for _name, _overrides in ABLATIONS.items():
     RECIPES[f"trdq_{_name}"] = dataclasses.replace(RECIPES["trdq"], name=f"trdq_{_name}",
                                                    **_overrides)
+# the branch's own ablations: without segments, without rotation
+for _name in ("no_segments", "no_rotation"):
+    RECIPES[f"trdq_lowrank_{_name}"] = dataclasses.replace(
+        RECIPES["trdq_lowrank"], name=f"trdq_lowrank_{_name}", **ABLATIONS[_name])
 
 
 def get_recipe(name: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> Recipe:

@@ -155,6 +155,12 @@ def quantize(params, calib, recipe: Recipe, *, progress: bool = False) -> dict:
                          "(trdq_jax.quant.calibrate.derive_calibration(calib, recipe, sampler)) "
                          "or calibrate with this recipe")
     selection = calibrated_selection(calib, recipe)
+    if recipe.low_rank:  # every branch must fit its layer: say so before any layer is fitted
+        from trdq_jax.quant.lowrank import check_rank
+        for path in selection.quantized:
+            if path not in selection.weight_only:
+                kernel = np.shape(_get(params, path)["kernel"])
+                check_rank(recipe.low_rank, int(np.prod(kernel[:-1])), kernel[-1], path)
     layers: dict = {}
     items = selection.quantized
     if progress:
