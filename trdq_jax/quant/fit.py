@@ -53,7 +53,7 @@ def weight_only_recipe(recipe: Recipe) -> Recipe:
     rotation, one weight copy."""
     return dataclasses.replace(recipe, a_bits=16, smoothing=False, alpha_grid=(),
                                rotation="none", per_segment_weights=False, low_rank=0,
-                               low_rank_per_segment=False)
+                               low_rank_per_segment=False, w_group_size=0)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -205,6 +205,7 @@ class _Layer:
                        in_features=self.k, rotation=r.rotation, rotation_block=self.block,
                        kernel_size=self.kernel_size, w_bits=r.w_bits, a_bits=r.a_bits,
                        a_mode=r.a_mode, a_symmetric=r.a_symmetric or r.fp8, fp8=r.fp8,
+                       w_group_size=r.w_group_size,
                        bias=None if self.bias is None else jnp.asarray(self.bias),
                        **{f: jnp.asarray(v) for f, v in fields.items()})
 
@@ -258,14 +259,15 @@ def _weights(layer: _Layer, g, transforms: list[dict]) -> list[tuple]:
         for i in range(len(qs)):  # one candidate at a time: memory of one alpha's clip grid
             codes, scales = fit_weights(folded[i:i + 1], None if hessians is None
                                         else hessians[i:i + 1], r.w_bits, grid, bool(r.gptq),
-                                        r.fp8)
+                                        r.fp8, r.w_group_size)
             out.append((np.asarray(codes[0]), np.asarray(scales[0], np.float32), None))
     if not r.low_rank:
         return out
     with timing.stage("low_rank"):
         for i, (codes, scales, _) in enumerate(out):
             w = np.asarray(folded[i]) + firsts[i][0] @ firsts[i][1]
-            deq = codes.astype(np.float32) * scales
+            deq = codes.astype(np.float32) * (np.repeat(scales, r.w_group_size, axis=0)
+                                              if r.w_group_size else scales)
             grams = [hessians[i]]
             if r.low_rank_per_segment:
                 grams = [_gram(transform_rows(qs[i], rows, 0)) for rows in layer.seg_rows]
@@ -302,8 +304,13 @@ def _assemble(layer: _Layer, transforms: list[dict], weights: list) -> QLinear:
         fields["lr_down"] = np.concatenate([b[0] for _, _, b in weights])
         fields["lr_up"] = np.concatenate([b[1] for _, _, b in weights])
     with timing.stage("packing"):
-        colsum = (np.zeros(codes.shape[::2], np.int32) if r.float_weights or r.fp8
-                  else codes.astype(np.int32).sum(axis=1))
+        if r.float_weights or r.fp8:
+            colsum = np.zeros(scales.shape, np.int32)
+        elif r.w_group_size:  # [Sw, G, N]: per group of rows
+            colsum = codes.astype(np.int32).reshape(
+                codes.shape[0], -1, r.w_group_size, codes.shape[-1]).sum(axis=2)
+        else:
+            colsum = codes.astype(np.int32).sum(axis=1)
         w_q = quantizers.pack_int4(jnp.asarray(codes)) if r.w_bits <= 4 else jnp.asarray(codes)
     return dataclasses.replace(layer.template(**fields), w_q=w_q, w_scale=jnp.asarray(scales),
                                w_colsum=jnp.asarray(colsum))
@@ -426,6 +433,12 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
     """
     if recipe.is_weight_only(path) if weight_only is None else weight_only:
         recipe = weight_only_recipe(recipe)
+    if recipe.w_group_size and (np.ndim(kernel) != 2 or recipe.float_weights):
+        recipe = dataclasses.replace(recipe, w_group_size=0)  # convs: per-channel scales
+    if recipe.w_group_size and np.shape(kernel)[0] % recipe.w_group_size:
+        raise ValueError(f"Recipe.w_group_size: {recipe.w_group_size} does not divide K = "
+                         f"{np.shape(kernel)[0]} of layer {path} (kernel "
+                         f"{list(np.shape(kernel))}); choose a divisor or 0")
     layer = _prepare(kernel, bias, stats, segment_of_step, num_segments, recipe, path)
     if recipe.low_rank:
         lowrank.check_rank(recipe.low_rank, *layer.kernel.shape, path)

@@ -76,7 +76,8 @@ def gptq_codes(w: jax.Array, hessian: jax.Array, scale: jax.Array, bits: int,
 def _gptq_loop(w, u, scale, bits: int, block: int = GPTQ_BLOCK, fp8: bool = False):
     """GPTQ over the rows of ``w [K, N]`` with factor ``u [K, K]``; blocks are unrolled (static
     slices), so each block's update reaches only the rows after it (half the flops of a
-    masked update)."""
+    masked update). ``scale``: ``[N]``, or ``[K, N]`` (each row its group's scales: GPTQ with
+    static groups, the scales fixed from the weight before any error is spread)."""
     k, n = w.shape
     block = max(1, min(block, k))
     inner = jnp.arange(block)
@@ -85,11 +86,13 @@ def _gptq_loop(w, u, scale, bits: int, block: int = GPTQ_BLOCK, fp8: bool = Fals
     for start in range(0, k, block):
         size = min(block, k - start)
         wb, ub = w[start:start + size], u[start:start + size, start:start + size]
+        sb = scale[start:start + size] if scale.ndim == 2 else None  # per-row (group) scales
 
-        def one_channel(i, state, ub=ub, size=size):
+        def one_channel(i, state, ub=ub, size=size, sb=sb):
             wb, qb, err = state
-            q = _round_codes(wb[i], scale, bits, fp8)
-            e = (wb[i] - q * scale) / ub[i, i]
+            s = scale if sb is None else sb[i]
+            q = _round_codes(wb[i], s, bits, fp8)
+            e = (wb[i] - q * s) / ub[i, i]
             wb = wb - jnp.where((inner[:size] > i)[:, None], jnp.outer(ub[i], e), 0.0)
             return wb, qb.at[i].set(q), err.at[i].set(e)
 
@@ -112,49 +115,70 @@ def column_errors(w: jax.Array, deq: jax.Array, hessian: jax.Array | None) -> ja
 
 
 def fit_weights(w: jax.Array, hessian: jax.Array | None, bits: int, grid: tuple[float, ...],
-                use_gptq: bool, fp8: bool = False):
+                use_gptq: bool, fp8: bool = False, group_size: int = 0):
     """``fit_weight`` over a leading candidate axis: ``w [A, K, N]``, ``hessian [A, K, K]``
-    or None -> codes ``[A, K, N]``, scales ``[A, N]``, in one compiled call."""
-    return _fit_weights(w, hessian, bits, grid, use_gptq, fp8)
+    or None -> codes ``[A, K, N]``, scales ``[A, N]`` (``[A, K / group_size, N]`` with groups),
+    in one compiled call."""
+    return _fit_weights(w, hessian, bits, grid, use_gptq, fp8, group_size)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "grid", "use_gptq", "fp8"))
-def _fit_weights(w, hessian, bits, grid, use_gptq, fp8):
-    fit = lambda w, h: _fit_weight(w, h, bits, grid, use_gptq, fp8)  # noqa: E731
+@functools.partial(jax.jit, static_argnames=("bits", "grid", "use_gptq", "fp8", "group_size"))
+def _fit_weights(w, hessian, bits, grid, use_gptq, fp8, group_size):
+    fit = lambda w, h: _fit_weight(w, h, bits, grid, use_gptq, fp8, group_size)  # noqa: E731
     if hessian is None:
         return jax.vmap(lambda w: fit(w, None))(w)
     return jax.vmap(fit)(w, hessian)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "grid", "use_gptq"))
+@functools.partial(jax.jit, static_argnames=("bits", "grid", "use_gptq", "fp8", "group_size"))
 def fit_weight(w: jax.Array, hessian: jax.Array | None, bits: int, grid: tuple[float, ...],
-               use_gptq: bool):
+               use_gptq: bool, fp8: bool = False, group_size: int = 0):
     """Codes and scales of one weight; see ``_fit_weight``."""
-    return _fit_weight(w, hessian, bits, grid, use_gptq)
+    return _fit_weight(w, hessian, bits, grid, use_gptq, fp8, group_size)
 
 
 def _fit_weight(w: jax.Array, hessian: jax.Array | None, bits: int, grid: tuple[float, ...],
-               use_gptq: bool, fp8: bool = False):
+               use_gptq: bool, fp8: bool = False, group_size: int = 0):
     """Codes int8 ``[K, N]`` and scales float32 ``[N]`` of ``w [K, N]``: for every clipping
     ratio r in ``grid`` the scales are ``r max_k |w| / (2^(b-1) - 1)``, the codes GPTQ
     (``use_gptq``; needs ``hessian``) or round-to-nearest, and each column keeps the ratio with
     the least output error ``column_errors`` (the first on ties; without ``hessian``, the
     weight error). A grid holding 1.0 can therefore never do worse than no clipping.
-    ``fp8``: float8 e4m3 codes (scales ``r max_k |w| / 448``) instead of b-bit integers."""
+    ``fp8``: float8 e4m3 codes (scales ``r max_k |w| / 448``) instead of b-bit integers.
+    ``group_size`` g > 0: one scale per g input rows and output column (``max`` over the
+    group), scales ``[K / g, N]``; the ratio is still chosen per column."""
     qmax = code_max(bits, fp8)
-    absmax = jnp.max(jnp.abs(w), axis=0)
+    k, n = w.shape
     ratios = jnp.asarray(grid, jnp.float32)
-    scales = jnp.maximum(absmax[None] * ratios[:, None], _EPS) / qmax          # [C, N]
+    if group_size:
+        absmax = jnp.max(jnp.abs(w.reshape(k // group_size, group_size, n)), axis=1)  # [G, N]
+        scales = jnp.maximum(absmax[None] * ratios[:, None, None], _EPS) / qmax    # [C, G, N]
+        rows = jnp.repeat(scales, group_size, axis=1)                              # [C, K, N]
+    else:
+        absmax = jnp.max(jnp.abs(w), axis=0)
+        scales = rows = jnp.maximum(absmax[None] * ratios[:, None], _EPS) / qmax  # [C, N]
+    if group_size:
+        codes, errors = _fit_codes(w, hessian, bits, rows, use_gptq, fp8, len(grid) > 1)
+    else:
+        codes, errors = _fit_codes(w, hessian, bits, scales, use_gptq, fp8, len(grid) > 1)
+    if len(grid) == 1:
+        return codes[0], scales[0]
+    best = jnp.argmin(errors, axis=0)                                            # [N]
+    cols = jnp.arange(n)
+    return jnp.transpose(codes, (0, 2, 1))[best, cols].T, jnp.moveaxis(scales, -1, 0)[cols, best].T
+
+
+def _fit_codes(w, hessian, bits, scales, use_gptq, fp8, judge):
+    """Codes ``[C, K, N]`` for each candidate's scales (``[C, N]`` or per row ``[C, K, N]``)
+    and, when ``judge``, each candidate's column errors ``[C, N]``."""
     if use_gptq:
         u = gptq_factor(hessian)  # candidates share the sequential loop: one vmapped run
         codes = jax.vmap(lambda s: _gptq_loop(w, u, s, bits, fp8=fp8))(scales)  # [C, K, N]
     else:
         dtype = FP8_DTYPE if fp8 else jnp.int8
         codes = jax.vmap(lambda s: _round_codes(w, s, bits, fp8).astype(dtype))(scales)
-    if len(grid) == 1:
-        return codes[0], scales[0]
+    if not judge:
+        return codes, None
     errors = jax.vmap(lambda q, s: column_errors(w, q.astype(jnp.float32) * s, hessian))(
         codes, scales)                                                           # [C, N]
-    best = jnp.argmin(errors, axis=0)
-    cols = jnp.arange(w.shape[1])
-    return jnp.transpose(codes, (0, 2, 1))[best, cols].T, scales[best, cols]
+    return codes, errors

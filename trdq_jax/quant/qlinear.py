@@ -13,7 +13,8 @@ Backends, which agree to float tolerance:
   ``xla``: int8 x int8 -> int32 ``dot_general``, scales (and the asymmetric zero-point correction
     ``z_x * colsum(W_q)``) applied after the dot; int8 is never converted to float before the dot;
   ``pallas``: the kernels of ``pallas_kernels`` (integer matmul with the epilogue fused, dynamic
-    activation quantization in a kernel; interpreted on CPU); fp8 layers run the ``xla`` path;
+    activation quantization in a kernel; interpreted on CPU); fp8 and group-wise layers run
+    the ``xla`` path (one int32 dot per group, each scaled by its group's weight scales);
   ``auto``: ``pallas`` on TPU / GPU where ``pallas_kernels.auto_backend`` says the layer fits,
     else ``xla``.
 Everything that varies with the time segment has a leading axis ``[S, ...]`` selected with the
@@ -44,9 +45,10 @@ class QLinear:
     w_q: int8 ``[Sw, K, N]``, or uint8 ``[Sw, ceil(K/2), N]`` holding two int4 codes per byte,
       or float8_e4m3fn ``[Sw, K, N]`` (``fp8``) (float32 folded weights when ``w_bits == 16``:
       quantization disabled).
-    w_scale: float32 ``[Sw, N]`` symmetric per-output-channel weight scales.
-    w_colsum: int32 ``[Sw, N]`` column sums of the codes (asymmetric-activation correction;
-      zeros for fp8 codes, whose activations are symmetric).
+    w_scale: float32 ``[Sw, N]`` symmetric per-output-channel weight scales, or ``[Sw, G, N]``
+      one per group of ``w_group_size`` input rows (``G = K / w_group_size``).
+    w_colsum: int32 ``[Sw, N]`` (``[Sw, G, N]`` with groups) column sums of the codes
+      (asymmetric-activation correction; zeros for fp8 codes, whose activations are symmetric).
     bias: float32 ``[N]`` or None.
     smooth: float32 ``[S, K]`` smoothing divisors, or None.
     signs: float32 ``[K or block]`` Hadamard signs (rotation "hadamard"/"block_hadamard"), or None.
@@ -81,6 +83,7 @@ class QLinear:
     rotation_block: int = struct.field(pytree_node=False, default=0)
     kernel_size: tuple = struct.field(pytree_node=False, default=())
     fp8: bool = struct.field(pytree_node=False, default=False)
+    w_group_size: int = struct.field(pytree_node=False, default=0)
 
     @property
     def taps(self) -> int:
@@ -187,7 +190,28 @@ def dequantized_weight(q: QLinear, segment) -> jax.Array:
     """float32 ``[K, N]``: the transformed weight W̃ as the quantizer represents it."""
     if q.w_bits == 16:
         return _select(q.w_q, segment)
-    return quantizers.dequantize(weight_codes(q, segment), _select(q.w_scale, segment), None)
+    codes, scale = weight_codes(q, segment), _select(q.w_scale, segment)
+    if q.w_group_size:  # [G, N] scales: each group of rows its own
+        scale = jnp.repeat(scale, q.w_group_size, axis=0)
+    return quantizers.dequantize(codes, scale, None)
+
+
+def _grouped_int_dot(q: QLinear, codes, a_zero, segment) -> jax.Array:
+    """``Σ_g s_w[g] (codes_g · W_g - z colsum_g)`` float32 ``[..., N]`` of int activation
+    codes ``[..., K]``: one int32 dot per group of ``w_group_size`` rows, each scaled by its
+    group's weight scales (the activation scale, shared by the groups, comes after)."""
+    g = q.w_group_size
+    w = weight_codes(q, segment)                                    # [K, N]
+    groups = w.shape[0] // g
+    lhs = codes.reshape(codes.shape[:-1] + (groups, g))             # [..., G, g]
+    acc = jax.lax.dot_general(lhs, w.reshape(groups, g, -1),
+                              (((lhs.ndim - 1,), (1,)), ((lhs.ndim - 2,), (0,))),
+                              preferred_element_type=jnp.int32)    # [G, ..., N]
+    if a_zero is not None:
+        colsum = _select(q.w_colsum, segment)                       # [G, N]
+        acc = acc - a_zero * colsum.reshape((groups,) + (1,) * (acc.ndim - 2) + (-1,))
+    scale = _select(q.w_scale, segment).reshape((groups,) + (1,) * (acc.ndim - 2) + (-1,))
+    return jnp.sum(acc.astype(jnp.float32) * scale, axis=0)
 
 
 ACTIVATION_SLICES = 3
@@ -245,11 +269,11 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
     xt = transform_activation(q, x, segment)
     if q.a_bits == 16:  # weight-only quantization (or none: w_bits == 16)
         q = _tie_packed(q, xt)
-        if backend == "fake" or q.w_bits == 16 or q.fp8:
+        if backend == "fake" or q.w_bits == 16 or q.fp8 or q.w_group_size:
             y = xt @ dequantized_weight(q, segment)
         else:  # integer dots on the codes, scales after: no float copy of the weight
             y = sliced_dot(xt, weight_codes(q, segment)) * _select(q.w_scale, segment)
-    elif backend == "pallas" and q.w_bits != 16 and not q.fp8:  # bias fused in the kernel
+    elif backend == "pallas" and q.w_bits != 16 and not q.fp8 and not q.w_group_size:
         import pallas_kernels as pk  # imported on use: the kernels load only when asked for
         rows = xt.reshape(-1, q.in_features)
         if q.a_mode == "dynamic":
@@ -267,6 +291,8 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
         q = _tie_packed(q, codes)
         if backend == "fake" or q.w_bits == 16:  # no integer dot with float weights
             y = quantizers.dequantize(codes, a_scale, a_zero) @ dequantized_weight(q, segment)
+        elif q.w_group_size:
+            y = _grouped_int_dot(q, codes, a_zero, segment) * a_scale
         else:
             # int8 x int8 -> int32, or float8 x float8 -> float32 (exact products, float sums)
             acc = jax.lax.dot_general(codes, weight_codes(q, segment),

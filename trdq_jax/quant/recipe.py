@@ -93,6 +93,11 @@ class Recipe:
         weight scales ``max |w| / 448``, dynamic per-token or static per-segment activation
         scales) instead of 8-bit integers: the 8-bit format of Hopper GPUs and recent TPUs.
         Needs ``w_bits = 8`` and ``a_bits = 8`` (16: weight-only); ``a_symmetric`` is implied.
+      w_group_size: 0 (default): one weight scale per output channel; g > 0: one per output
+        channel and group of g input channels (GPTQ g128, SVDQuant's W4 g64), GPTQ with static
+        groups (scales fixed from the weight, then errors spread). Dense layers with activation
+        quantization only (g must divide their K): convolutions and weight-only layers keep
+        per-channel scales. Not with ``fp8``.
       seed: an int in [0, 2**32 - 1] seeding the Hadamard signs and DuQuant rotations.
     """
 
@@ -120,6 +125,7 @@ class Recipe:
     low_rank: int = 0
     low_rank_per_segment: bool = False
     fp8: bool = False
+    w_group_size: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -165,6 +171,12 @@ class Recipe:
         if self.fp8 and (self.w_bits != 8 or self.a_bits not in (8, 16)):
             raise ConfigError(f"Recipe.fp8: float8 e4m3 codes are 8 bits: needs w_bits = 8 and "
                               f"a_bits = 8 (16: weight-only), got W{self.w_bits}A{self.a_bits}")
+        if not _is_int(self.w_group_size) or self.w_group_size < 0 or self.w_group_size == 1:
+            fail("w_group_size", "0 (per output channel) or an int >= 2 (input channels per "
+                 "scale)")
+        if self.fp8 and self.w_group_size:
+            raise ConfigError("Recipe.w_group_size: group-wise scales are not implemented for "
+                              "fp8 codes (per-channel float8 scales): use w_group_size=0")
         if not _is_int(self.seed) or not 0 <= self.seed <= 2 ** 32 - 1:
             fail("seed", "an int in [0, 2**32 - 1]")
         for field in ("keep_float", "weight_only"):

@@ -100,6 +100,11 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
         _fail(where, "kernel_size", f"expected () for a Dense or (kh, kw) for a conv, got "
               f"{q.kernel_size!r}")
     k = q.code_rows
+    group = q.w_group_size
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0 or (group and (
+            q.kernel_size or k % group or q.w_bits == 16 or q.fp8)):
+        _fail(where, "w_group_size", f"expected 0, or a divisor of K = {k} for a Dense with "
+              f"integer codes, got {group!r}")
     for field in ("w_bits", "a_bits"):
         bits = getattr(q, field)
         if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 16):
@@ -134,11 +139,17 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
         if lo < -qmax or hi > qmax:
             _fail(where, "w_bits", f"{q.w_bits}-bit symmetric codes lie in [{-qmax}, {qmax}], "
                   f"the stored codes span [{lo}, {hi}]")
-        colsum = codes.astype(np.int64).sum(axis=1)
-        if _shape(q.w_colsum) != (copies, n) or not np.array_equal(np.asarray(q.w_colsum), colsum):
-            _fail(where, "w_colsum", "does not equal the column sums of the stored codes")
-    if _shape(q.w_scale) != (copies, n):
-        _fail(where, "w_scale", f"expected shape {(copies, n)}, got {_shape(q.w_scale)}")
+        g = q.w_group_size or k
+        colsum = codes.astype(np.int64).reshape(copies, k // g, g, n).sum(axis=2)
+        if not q.w_group_size:
+            colsum = colsum[:, 0]
+        if _shape(q.w_colsum) != colsum.shape or not np.array_equal(np.asarray(q.w_colsum),
+                                                                    colsum):
+            _fail(where, "w_colsum", "does not equal the column sums of the stored codes"
+                  + (f" (per group of {g} rows)" if q.w_group_size else ""))
+    scales = (copies, k // q.w_group_size, n) if q.w_group_size else (copies, n)
+    if _shape(q.w_scale) != scales:
+        _fail(where, "w_scale", f"expected shape {scales}, got {_shape(q.w_scale)}")
     if q.bias is not None and _shape(q.bias) != (n,):
         _fail(where, "bias", f"expected shape ({n},), got {_shape(q.bias)}")
     if q.rotation not in ROTATIONS:
@@ -284,6 +295,11 @@ def check_quantized(qparams, recipe, segment_of_step, cfg, where: str,
             raise QuantizedModelError(f"{where}: layer {path} has a low-rank branch of rank "
                                       f"{node.rank}, the recipe says low_rank="
                                       f"{layer_recipe.low_rank}")
+        if not node.kernel_size and node.w_bits != 16 and (
+                node.w_group_size != layer_recipe.w_group_size):
+            raise QuantizedModelError(f"{where}: layer {path}.w_group_size is "
+                                      f"{node.w_group_size}, the recipe says "
+                                      f"{layer_recipe.w_group_size}")
         for field in ("w_bits", "a_bits", "a_mode", "rotation", "fp8"):
             if field in ("w_bits", "a_bits") and getattr(node, field) == 16:
                 continue
