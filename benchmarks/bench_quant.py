@@ -82,10 +82,12 @@ def memoise_duquant() -> dict:
 
 
 def parse_recipes(text: str) -> list[tuple[str, str, dict]]:
-    """``"trdq,trdq[gptq=False;num_segments=1]"`` -> ``[(label, recipe name, overrides)]``."""
+    """``"trdq,trdq[gptq=False;num_segments=1],trdq+choose"`` -> ``[(label, recipe name,
+    overrides)]``; a ``+choose`` suffix sets ``overrides["+choose"] = True``: the row's recipe is
+    the one ``trdq_jax.quant.choose.choose_components`` reaches from it."""
     out = []
     for spec in re.split(r",(?![^\[]*\])", text):
-        m = re.fullmatch(r"\s*(\w+)\s*(?:\[(.*)\])?\s*", spec)
+        m = re.fullmatch(r"\s*(\w+)\s*(?:\[(.*)\])?\s*(\+choose)?\s*", spec)
         if not m or m.group(1) not in Q.RECIPES:
             raise ValueError(f"--recipes: expected names from {sorted(Q.RECIPES)} with optional "
                              f"[field=value;...] overrides, got {spec!r}")
@@ -96,6 +98,8 @@ def parse_recipes(text: str) -> list[tuple[str, str, dict]]:
                 overrides[key.strip()] = ast.literal_eval(value.strip())
             except (ValueError, SyntaxError):
                 raise ValueError(f"--recipes: bad override {item!r} in {spec!r}") from None
+        if m.group(3):
+            overrides["+choose"] = True
         out.append((spec.strip(), m.group(1), overrides))
     return out
 
@@ -186,13 +190,35 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
     result["calib_seconds"] = time.perf_counter() - start
     result["calib_samples"] = len(calib_labels)
     memoise_duquant().clear()
+    traj = None
+    if any("+choose" in overrides for _, _, overrides in recipes):
+        # held-out trajectories: one sample per class, a seed neither calibration nor judging uses
+        from trdq_jax.quant.choose import float_trajectories
+        held_labels = np.arange(num_classes)
+        held_cond, held_null = _conditions(cfg, held_labels, TRAIN_TEMPLATES)
+        held = ({"labels": held_cond, "null_label": held_null} if isinstance(held_null, int)
+                else {"cond": held_cond, "null_cond": held_null})
+        traj = float_trajectories(model, params, sampler, **held, seed=seed + 2,
+                                  shape=input_shape(cfg.model, len(held_labels)),
+                                  cfg_scale=cfg.sampler.cfg_scale)
     for w_bits, a_bits in bits:
         for recipe_name, base, overrides in recipes:
             bar.set_postfix_str(f"{name} W{w_bits}A{a_bits} {recipe_name}")
+            overrides = dict(overrides)
+            chosen = overrides.pop("+choose", False)
             recipe = Q.get_recipe(base, w_bits, a_bits, **overrides)
             start = time.perf_counter()
-            calib = derive_calibration(shared, recipe, sampler)
-            qparams = jax.block_until_ready(Q.quantize(params, calib, recipe))
+            if chosen:
+                from trdq_jax.quant.choose import choose_components
+                choice = choose_components(model, params, shared, recipe, sampler, traj)
+                calib, qparams = choice.calib, choice.qparams
+                path = next(k for k, v in choice.errors.items()
+                            if v == min(choice.errors.values()))
+                recipe_label = f"{recipe_name} ({path})"
+            else:
+                calib = derive_calibration(shared, recipe, sampler)
+                qparams = jax.block_until_ready(Q.quantize(params, calib, recipe))
+                recipe_label = recipe_name
             quant_seconds = time.perf_counter() - start
             paths = Q.quantized_layer_paths(qparams)
             held = Q.weight_bytes(qparams)
@@ -200,14 +226,14 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
             samples = _sample_all(Q.QuantizedDenoiser(model, "xla"), qparams,
                                   sampler.with_segments(calib.segment_of_step,
                                                         calib.num_segments), conds, cfg, seed)
-            result["rows"].append({"bits": f"W{w_bits}A{a_bits}", "recipe": recipe_name,
+            result["rows"].append({"bits": f"W{w_bits}A{a_bits}", "recipe": recipe_label,
                                    **_scores(samples, labels, reference, float_samples),
                                    "bytes": qbytes,
                                    "ratio": qbytes / Q.float_bytes_of(params, paths),
                                    "model_ratio": held["total"] / _bf16_bytes(params),
                                    "quant_seconds": quant_seconds})
             r = result["rows"][-1]
-            bar.write(f"{name} {r['bits']} {recipe_name}: PSNR {r['psnr']:.2f} dB, SSIM "
+            bar.write(f"{name} {r['bits']} {recipe_label}: PSNR {r['psnr']:.2f} dB, SSIM "
                       f"{r['ssim']:.4f}, FID {r['fid']:.2f}, match {_match(r)}, "
                       f"{r['ratio']:.3f}x bf16, quantize {quant_seconds:.1f} s")
             bar.update()

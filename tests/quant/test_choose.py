@@ -1,0 +1,64 @@
+"""Choosing components by the held-out trajectory error: the guided outputs are exactly what
+the sampler steps with (DDIM: the next trajectory input follows from them), the error is a
+relative mean square, and the walk keeps a change only when it lowers that error."""
+import jax
+import numpy as np
+import pytest
+
+import trdq_jax.quant as Q
+from trdq_jax.models import build_model, input_shape
+from trdq_jax.quant.choose import (choose_components, float_trajectories, guided_outputs,
+                                   trajectory_error)
+from trdq_jax.quant.pipeline import run_calibration
+from trdq_jax.sampling import Sampler, denoise_fn_for
+from tests.test_quant_cli import TINY, tiny_params
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = tiny_params()
+    model = build_model(TINY.model)
+    sampler = Sampler.from_config(TINY.sampler)
+    calib = run_calibration(model, params, TINY, Q.get_recipe("minmax", 8, 8), per_class=1,
+                            rows_per_step=16)
+    traj = float_trajectories(model, params, sampler, shape=input_shape(TINY.model, 3), seed=9,
+                              labels=np.arange(3), null_label=3)
+    return model, params, sampler, calib, traj
+
+
+def test_guided_outputs_are_what_the_sampler_steps_with(setup):
+    model, params, sampler, _, traj = setup
+    assert TINY.sampler.solver == "ddim" and not sampler.stochastic
+    guided = np.asarray(guided_outputs(denoise_fn_for(model), params, traj, sampler))
+    xs = np.asarray(traj.xs)
+    assert guided.shape == xs.shape
+    for i in range(sampler.num_steps - 1):  # DDIM (eta 0): x_{i+1} = a_i x_i + b_i guided_i
+        want = (np.asarray(sampler.x_coef)[i] * xs[i] + np.asarray(sampler.out_coef)[i] * guided[i])
+        np.testing.assert_allclose(xs[i + 1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_trajectory_error_is_relative_mean_square():
+    ref = np.array([[1.0, -1.0], [2.0, 0.0]])
+    out = ref + np.array([[0.5, 0.0], [0.0, -0.5]])
+    assert trajectory_error(out, ref) == pytest.approx((0.25 + 0.25) / 4 / (6.0 / 4))
+
+
+def test_walk_keeps_only_changes_that_lower_the_error(setup):
+    model, params, sampler, calib, traj = setup
+    base = Q.get_recipe("minmax", 4, 4)  # static per-tensor 4-bit activations: poor
+    steps = {"dynamic_rotated": {"a_mode": "dynamic", "rotation": "hadamard"},
+             "two_bits": {"w_bits": 2}, "nothing": {}}
+    choice = choose_components(model, params, calib, base, sampler, traj, steps=steps)
+    assert list(choice.errors) == ["base", "dynamic_rotated", "dynamic_rotated+two_bits"]
+    assert choice.errors["dynamic_rotated"] < choice.errors["base"]
+    assert choice.errors["dynamic_rotated+two_bits"] > choice.errors["dynamic_rotated"]
+    assert (choice.recipe.a_mode, choice.recipe.rotation, choice.recipe.w_bits) == (
+        "dynamic", "hadamard", 4)
+    # the winner's error, recomputed from its own quantized model
+    out = guided_outputs(Q.QuantizedDenoiser(model, "xla"), choice.qparams, traj,
+                         sampler.with_segments(choice.calib.segment_of_step,
+                                               choice.calib.num_segments))
+    ref = guided_outputs(denoise_fn_for(model), params, traj, sampler)
+    assert trajectory_error(out, ref) == pytest.approx(choice.errors["dynamic_rotated"],
+                                                       rel=1e-6)
+    assert jax.tree.leaves(choice.qparams)
