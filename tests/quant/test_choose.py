@@ -6,21 +6,18 @@ import numpy as np
 import pytest
 
 import trdq_jax.quant as Q
-from trdq_jax.models import build_model, input_shape
+from trdq_jax.models import input_shape
 from trdq_jax.quant.choose import (choose_components, float_trajectories, guided_outputs,
                                    trajectory_error)
-from trdq_jax.quant.pipeline import run_calibration
 from trdq_jax.sampling import Sampler, denoise_fn_for
-from tests.test_quant_cli import TINY, tiny_params
+from tests.test_quant_cli import TINY
 
 
 @pytest.fixture(scope="module")
-def setup():
-    params = tiny_params()
-    model = build_model(TINY.model)
+def setup(tiny_calibrated):
+    model, params, calibrate_for = tiny_calibrated
     sampler = Sampler.from_config(TINY.sampler)
-    calib = run_calibration(model, params, TINY, Q.get_recipe("minmax", 8, 8), per_class=1,
-                            rows_per_step=16)
+    calib = calibrate_for(Q.get_recipe("minmax", 8, 8))
     traj = float_trajectories(model, params, sampler, shape=input_shape(TINY.model, 3), seed=9,
                               labels=np.arange(3), null_label=3)
     return model, params, sampler, calib, traj

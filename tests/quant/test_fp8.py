@@ -11,13 +11,11 @@ import pytest
 
 import trdq_jax.quant as Q
 from trdq_jax.config import ConfigError
-from trdq_jax.models import build_model
 from trdq_jax.quant import qconv, quantizers, verify
 from trdq_jax.quant.fit import quantize_layer
-from trdq_jax.quant.pipeline import run_calibration
 from tests.quant.test_fit import _stats
 from tests.quant.test_qconv import _conv_stats
-from tests.test_quant_cli import TINY, tiny_params
+from tests.test_quant_cli import TINY
 
 RNG = np.random.default_rng(5)
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -109,11 +107,10 @@ def test_bad_fp8_recipes_are_one_line_errors():
             Q.get_recipe("trdq", w_bits, a_bits, fp8=True)
 
 
-def test_fp8_checkpoint_holds_one_byte_codes_and_refuses_edits(tmp_path):
-    params = tiny_params()
+def test_fp8_checkpoint_holds_one_byte_codes_and_refuses_edits(tmp_path, tiny_calibrated):
+    _, params, calibrate_for = tiny_calibrated
     recipe = Q.get_recipe("quarot", 8, 8, num_segments=2, fp8=True)
-    calib = run_calibration(build_model(TINY.model), params, TINY, recipe, per_class=1,
-                            rows_per_step=16)
+    calib = calibrate_for(recipe)
     qparams = Q.quantize(params, calib, recipe)
     int8 = Q.quantize(params, calib, dataclasses.replace(recipe, fp8=False))
     assert Q.weight_bytes(qparams)["quantized_layers"] == Q.weight_bytes(int8)["quantized_layers"]

@@ -10,13 +10,11 @@ import pytest
 
 import trdq_jax.quant as Q
 from trdq_jax.config import ConfigError
-from trdq_jax.models import build_model
 from trdq_jax.quant import gptq, verify
 from trdq_jax.quant.fit import quantize_layer
-from trdq_jax.quant.pipeline import run_calibration
 from tests.quant.test_fit import _correlated_rows, _stats
 from tests.quant.test_qconv import _conv_stats
-from tests.test_quant_cli import TINY, tiny_params
+from tests.test_quant_cli import TINY
 
 RNG = np.random.default_rng(21)
 
@@ -145,11 +143,10 @@ def test_bad_groups_are_one_line_errors():
                        path="blocks_0/x")
 
 
-def test_grouped_checkpoint_round_trip_and_checks(tmp_path):
-    params = tiny_params()
+def test_grouped_checkpoint_round_trip_and_checks(tmp_path, tiny_calibrated):
+    _, params, calibrate_for = tiny_calibrated
     recipe = Q.get_recipe("quarot", 4, 8, num_segments=2, w_group_size=16)
-    calib = run_calibration(build_model(TINY.model), params, TINY, recipe, per_class=1,
-                            rows_per_step=16)
+    calib = calibrate_for(recipe)
     qparams = Q.quantize(params, calib, recipe)
     path = Q.save_quantized(tmp_path / "q", qparams, TINY, recipe, calib.segment_of_step)
     restored, _, recipe2, _ = Q.load_quantized(path)

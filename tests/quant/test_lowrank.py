@@ -14,14 +14,12 @@ import pytest
 import trdq_jax.quant as Q
 from trdq_jax import checkpoint
 from trdq_jax.config import ConfigError
-from trdq_jax.models import build_model
 from trdq_jax.quant import lowrank, qconv, verify
 from trdq_jax.quant.fit import layer_error, quantize_layer
-from trdq_jax.quant.pipeline import run_calibration
 from tests.quant.test_fit import _stats, numpy_layer
 from tests.quant.test_qconv import _conv_stats
 from tests.test_integrity import _edit
-from tests.test_quant_cli import TINY, tiny_params
+from tests.test_quant_cli import TINY
 
 RNG = np.random.default_rng(11)
 K, N, STEPS = 64, 48, 8
@@ -174,11 +172,10 @@ def test_bad_ranks_are_one_line_errors():
 
 
 @pytest.fixture(scope="module")
-def tiny_lowrank():
-    params = tiny_params()
+def tiny_lowrank(tiny_calibrated):
+    _, params, calibrate_for = tiny_calibrated
     recipe = Q.get_recipe("quarot", 4, 4, num_segments=2, low_rank=4)
-    calib = run_calibration(build_model(TINY.model), params, TINY, recipe, per_class=1,
-                            rows_per_step=16)
+    calib = calibrate_for(recipe)
     return recipe, calib, Q.quantize(params, calib, recipe)
 
 
