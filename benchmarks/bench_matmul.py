@@ -1,7 +1,11 @@
-"""Pallas W8A8 / W4A8 kernels vs a bf16 dot and XLA's int8 ``dot_general`` on DiT-XL shapes.
+"""Pallas W8A8 / W4A8 kernels vs a bf16 dot, XLA's int8 ``dot_general`` and XLA's float8
+(e4m3) ``dot_general`` on DiT-XL shapes.
 
 Shapes: ``tokens x 1152 @ 1152 x {1152, 3456, 4608}`` (attn proj, qkv, fc1) and
-``tokens x 4608 @ 4608 x 1152`` (fc2). Every integer method includes its dequantisation epilogue
+``tokens x 4608 @ 4608 x 1152`` (fc2); PixArt-alpha XL/2 has the same width (1152), so these
+are its transformer's shapes too. The fp8 method (``Recipe.fp8``, what ``qlinear_apply`` runs on
+the ``xla`` backend) feeds float8_e4m3fn operands with a float32 accumulator, then applies the
+per-token x per-channel scales and bias. Every integer method includes its dequantisation epilogue
 (zero-point correction, per-token x per-channel scales, bias) and writes float32, as
 ``qlinear_apply`` does; the bf16 dot writes bf16. Activation codes are prepared beforehand, so
 this times the matmuls only. Timings are medians over interleaved repetitions
@@ -39,6 +43,10 @@ def _operands(tokens: int, k: int, n: int, seed: int = 0) -> dict:
         x_scale=rng.uniform(0.01, 0.1, (tokens, 1)).astype(np.float32),
         x_zero=rng.integers(-20, 20, (tokens, 1)).astype(np.int32),
         w_bf16=jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16),
+        x_f8=jnp.asarray(rng.standard_normal((tokens, k)) * 50, jnp.float32).astype(
+            jnp.float8_e4m3fn),
+        w_f8=jnp.asarray(rng.standard_normal((k, n)) * 50, jnp.float32).astype(
+            jnp.float8_e4m3fn),
         w8=w8, w4_packed=np.asarray(pack_int4(jnp.asarray(w4))),
         colsum8=w8.astype(np.int32).sum(0), colsum4=w4.astype(np.int32).sum(0),
         w_scale=rng.uniform(0.001, 0.01, n).astype(np.float32),
@@ -49,6 +57,11 @@ def _operands(tokens: int, k: int, n: int, seed: int = 0) -> dict:
 def _xla_w8a8(x_q, w, x_scale, x_zero, w_scale, colsum, bias):
     acc = jax.lax.dot_general(x_q, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     return (acc - x_zero * colsum).astype(jnp.float32) * x_scale * w_scale + bias
+
+
+def _xla_fp8(x, w, x_scale, w_scale, bias):
+    acc = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return acc * x_scale * w_scale + bias
 
 
 def _methods(k: int, blocks) -> dict:
@@ -62,6 +75,7 @@ def _methods(k: int, blocks) -> dict:
         "xla_w4a8": (jax.jit(lambda x, w, *a: _xla_w8a8(x, unpack_int4(w, k), *a)), int4),
         "pallas_w4a8": (jax.jit(lambda *a: w8a8_matmul(*a, w_bits=4, block_sizes=blocks)),
                         int4),
+        "xla_fp8": (jax.jit(_xla_fp8), ("x_f8", "w_f8", "x_scale", "w_scale", "bias")),
     }
 
 
@@ -92,9 +106,10 @@ def main() -> None:
     if backend == "cpu":
         print("WARNING: CPU -> Pallas runs in INTERPRET mode; these timings are NOT speed "
               "results, only a check that the benchmark runs.")
-    names = ["bf16", "xla_w8a8", "pallas_w8a8", "xla_w4a8", "pallas_w4a8"]
+    names = ["bf16", "xla_w8a8", "pallas_w8a8", "xla_w4a8", "pallas_w4a8", "xla_fp8"]
     print(f"{'K x N':>12} " + " ".join(f"{n + ' ms':>15}" for n in names)
-          + f" {'bf16/p8':>8} {'xla8/p8':>8} {'bf16/p4':>8} {'xla4/p4':>8} {'max rel diff':>12}")
+          + f" {'bf16/p8':>8} {'xla8/p8':>8} {'bf16/p4':>8} {'xla4/p4':>8} {'bf16/f8':>8}"
+          + f" {'xla8/f8':>8} {'max rel diff':>12}")
     for k, n in SHAPES:
         ops = _operands(tokens, k, n)
         blocks = tuple(args.block_sizes) if args.block_sizes else None
@@ -110,7 +125,9 @@ def main() -> None:
               + f" {med['bf16'] / med['pallas_w8a8']:>8.2f}"
               + f" {med['xla_w8a8'] / med['pallas_w8a8']:>8.2f}"
               + f" {med['bf16'] / med['pallas_w4a8']:>8.2f}"
-              + f" {med['xla_w4a8'] / med['pallas_w4a8']:>8.2f} {diff:>12.1e}")
+              + f" {med['xla_w4a8'] / med['pallas_w4a8']:>8.2f}"
+              + f" {med['bf16'] / med['xla_fp8']:>8.2f} {med['xla_w8a8'] / med['xla_fp8']:>8.2f}"
+              + f" {diff:>12.1e}")
     if backend == "cpu":
         print("(interpret-mode timings: not speed results)")
 

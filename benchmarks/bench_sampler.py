@@ -1,4 +1,4 @@
-"""Full DiT-XL/2 sampling: float vs W8A8 vs W4A8 (random weights), time and memory.
+"""Full DiT-XL/2 sampling: float vs W8A8 vs W4A8 vs W8A8-fp8 (random weights), time and memory.
 
 The quantized models are built straight from the random float weights (per-channel symmetric
 weights, dynamic per-token asymmetric 8-bit activations, no rotation; the default recipe's
@@ -74,12 +74,13 @@ def _without(tree, paths: set[str], prefix=()):
             for name, sub in tree.items() if "/".join(prefix + (name,)) not in paths}
 
 
-def quantize_random(params, w_bits: int, a_bits: int = 8) -> dict:
+def quantize_random(params, w_bits: int, a_bits: int = 8, fp8: bool = False) -> dict:
     """``{"float", "layers"}`` qparams from float weights, without calibration (see module doc).
 
     Layers the default recipe marks weight-only (adaLN modulation, timestep MLP) get
     ``w_bits`` weights and float activations (``a_bits=16``), as ``trdq_jax.quant.quantize``
     gives them; the other selected layers get ``a_bits`` dynamic per-token activations.
+    ``fp8``: float8 e4m3 codes (per-channel scales ``max |w| / 448``, symmetric activations).
     """
     recipe = Q.Recipe("bench", w_bits=w_bits, a_bits=a_bits, keep_float=Q.DEFAULT_KEEP_FLOAT,
                       weight_only=Q.DEFAULT_WEIGHT_ONLY)  # no calibration: the DiT's names
@@ -88,14 +89,22 @@ def quantize_random(params, w_bits: int, a_bits: int = 8) -> dict:
     for path in paths:
         dense = _get(params, path)
         kernel = jnp.asarray(dense["kernel"], jnp.float32)
-        codes, scale, _ = _quantize_weight(kernel, bits=w_bits)
-        w_q = quantizers.pack_int4(codes) if w_bits <= 4 else codes
+        weight_only = recipe.is_weight_only(path)
+        if fp8 and not weight_only:  # weight-only layers keep int8 codes, as quantize does
+            scale = quantizers.fp8_scale(jnp.max(jnp.abs(kernel), axis=0))
+            w_q = codes = quantizers.quantize_fp8(kernel, scale)
+            colsum = jnp.zeros(scale.shape, jnp.int32)
+        else:
+            codes, scale, _ = _quantize_weight(kernel, bits=w_bits)
+            w_q = quantizers.pack_int4(codes) if w_bits <= 4 else codes
+            colsum = codes.astype(jnp.int32).sum(0)
         bias = dense.get("bias")
         layers[path] = Q.QLinear(
-            w_q=w_q[None], w_scale=scale[None], w_colsum=codes.astype(jnp.int32).sum(0)[None],
+            w_q=w_q[None], w_scale=scale[None], w_colsum=colsum[None],
             bias=None if bias is None else jnp.asarray(bias, jnp.float32),
             in_features=kernel.shape[0], w_bits=w_bits,
-            a_bits=16 if recipe.is_weight_only(path) else a_bits, a_mode="dynamic")
+            a_bits=16 if weight_only else a_bits, a_mode="dynamic",
+            fp8=fp8 and not weight_only, a_symmetric=fp8 and not weight_only)
     return {"float": _without(params, set(paths)), "layers": _nest(layers)}
 
 
@@ -158,7 +167,9 @@ def main() -> None:
     params = _randomized(init_params(cfg, jax.random.key(0)), jax.random.key(1))
     variants = {"float": (denoise_fn_for(model), params),
                 "w8a8": (Q.QuantizedDenoiser(model, args.backend), quantize_random(params, 8)),
-                "w4a8": (Q.QuantizedDenoiser(model, args.backend), quantize_random(params, 4))}
+                "w4a8": (Q.QuantizedDenoiser(model, args.backend), quantize_random(params, 4)),
+                "w8a8fp8": (Q.QuantizedDenoiser(model, args.backend),
+                            quantize_random(params, 8, fp8=True))}
     sampler = Sampler.from_config(SamplerConfig(num_steps=args.steps, cfg_scale=4.0))
     labels = np.arange(args.batch) % cfg.num_classes
     shape = input_shape(cfg, args.batch)

@@ -50,10 +50,11 @@ ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 def weight_only_recipe(recipe: Recipe) -> Recipe:
     """The recipe a weight-only layer is quantized with: float activations, no smoothing or
-    rotation, one weight copy."""
+    rotation, one weight copy, no low-rank branch, per-channel int codes (also under ``fp8``:
+    integer codes let the weight-only dot read them without a float copy, ``sliced_dot``)."""
     return dataclasses.replace(recipe, a_bits=16, smoothing=False, alpha_grid=(),
                                rotation="none", per_segment_weights=False, low_rank=0,
-                               low_rank_per_segment=False, w_group_size=0)
+                               low_rank_per_segment=False, w_group_size=0, fp8=False)
 
 
 # ----------------------------------------------------------------------------- transforms

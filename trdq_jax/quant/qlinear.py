@@ -162,8 +162,9 @@ def quantize_activation(q: QLinear, x: jax.Array, segment):
 
 
 def _tie_packed(q: QLinear, x: jax.Array) -> QLinear:
-    """``q`` unchanged in value, its packed int4 codes made data-dependent on the activation
-    ``x [..., K]`` that meets them (unpacked or float weights: ``q`` itself).
+    """``q`` unchanged in value, its packed int4 (or float8) codes made data-dependent on the
+    activation ``x [..., K]`` that meets them (int8 or float weights: ``q`` itself). Float8:
+    XLA:CPU converts float8 dot operands to float, which it would otherwise hoist as well.
 
     In a sampler's ``lax.scan`` the weights are loop-invariant: XLA hoists every layer's
     int4 -> int8 unpacking out of the loop (behind an ``optimization_barrier``, which the CPU
@@ -173,7 +174,7 @@ def _tie_packed(q: QLinear, x: jax.Array) -> QLinear:
     XLA, makes the unpacking wait for the layer's own activation: one layer's codes at a time.
     The select fuses into the unpacking; it reads one row of ``x``.
     """
-    if not q.packed or x.size == 0:
+    if not (q.packed or q.fp8) or x.size == 0:  # float8: XLA:CPU upcasts it before the dot
         return q
     row = x.reshape(-1, x.shape[-1])[0]
     never = jnp.min(row) > jnp.max(row)

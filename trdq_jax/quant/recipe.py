@@ -93,6 +93,7 @@ class Recipe:
         weight scales ``max |w| / 448``, dynamic per-token or static per-segment activation
         scales) instead of 8-bit integers: the 8-bit format of Hopper GPUs and recent TPUs.
         Needs ``w_bits = 8`` and ``a_bits = 8`` (16: weight-only); ``a_symmetric`` is implied.
+        Weight-only (conditioning) layers keep int8 codes.
       w_group_size: 0 (default): one weight scale per output channel; g > 0: one per output
         channel and group of g input channels (GPTQ g128, SVDQuant's W4 g64), GPTQ with static
         groups (scales fixed from the weight, then errors spread). Dense layers with activation
