@@ -166,6 +166,20 @@ def test_quantize_with_a_low_rank_branch_and_fp8_codes(tmp_path, tiny_ckpt):
     assert qkv.rank == 4 and qkv.w_q.dtype == jnp.float8_e4m3fn
 
 
+def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
+    assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--recipe", "trdq", "--w-bits", "4",
+                 "--a-bits", "4", "--segments", "2", "--per-class", "1", "--rows-per-step", "8",
+                 "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose", "--out",
+                 str(tmp_path / "q")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    errors = summary["trajectory_errors"]
+    assert list(errors)[0] == "base" and len(errors) >= 4
+    _, _, recipe, _ = Q.load_quantized(tmp_path / "q")
+    assert recipe.name == "trdq" and (recipe.w_bits, recipe.a_bits) == (4, 4)
+
+
 def test_argparse_errors_are_one_line(capsys):
     assert main(["calibrate", "--w-bits", "four", "--out", "x"]) == 2
     err = capsys.readouterr().err

@@ -153,9 +153,17 @@ def _quantize(args) -> int:
         vae = stored_vae(args.checkpoint, "--checkpoint")
         _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe, loaded)
     t0 = time.perf_counter()
+    chosen = None
     with blame(None, **{"Recipe.low_rank": "--low-rank"}):
-        qparams = quantize(params, calib, recipe, progress=True)
+        if args.choose:
+            choice = _choose(args, params, cfg, calib, recipe)
+            recipe, calib, qparams = choice.recipe, choice.calib, choice.qparams
+            chosen = {name: round(error, 6) for name, error in choice.errors.items()}
+        else:
+            qparams = quantize(params, calib, recipe, progress=True)
     summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
+    if chosen is not None:
+        summary["trajectory_errors"] = chosen
     conditioning = None
     if getattr(cfg.model, "family", None) == "pixart":  # text: the null branch calibrated with
         conditioning = {"null_branch": "empty_prompt"}
@@ -169,6 +177,25 @@ def _quantize(args) -> int:
     print_json({"out": str(out), **summary,
                 "calibration_seconds": round(float(calib_seconds), 3)})
     return 0
+
+
+def _choose(args, params, cfg, calib, recipe):
+    """``choose_components`` from ``recipe`` on held-out float trajectories: up to ten classes
+    spread over all (one sample each), seed ``--seed + 1`` (not the calibration's)."""
+    from trdq_jax.models import build_model, input_shape
+    from trdq_jax.quant.choose import choose_components, float_trajectories
+    from trdq_jax.quant.pipeline import spread_labels
+    from trdq_jax.sampling import Sampler
+    num_classes = getattr(cfg.model, "num_classes", None)
+    if getattr(cfg.model, "family", None) == "pixart" or not num_classes:
+        raise ValueError("--choose: implemented for class-conditional models; quantize this one "
+                         "without --choose (or call trdq_jax.quant.choose from Python)")
+    labels = spread_labels(num_classes, min(num_classes, 10))
+    model, sampler = build_model(cfg.model), Sampler.from_config(cfg.sampler)
+    traj = float_trajectories(model, params, sampler, shape=input_shape(cfg.model, len(labels)),
+                              seed=(args.seed + 1) % 2 ** 32, labels=labels,
+                              null_label=num_classes, cfg_scale=cfg.sampler.cfg_scale)
+    return choose_components(model, params, calib, recipe, sampler, traj, progress=True)
 
 
 def _plot_ranges(args) -> int:
@@ -261,6 +288,10 @@ def register(sub) -> None:
     p.add_argument("--fp8", action="store_true",
                    help="float8 e4m3 weight and activation codes instead of int8 (needs "
                         "--w-bits 8 --a-bits 8)")
+    p.add_argument("--choose", action="store_true",
+                   help="choose the recipe's components (smoothing, rotation, time segments, "
+                        "clipping) one at a time by the guided denoiser error along held-out "
+                        "float trajectories (seed --seed + 1); several quantizations")
     p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", metavar="PLAN",
                    help="CFG sharing plan stored with the checkpoint (trdq sample uses it): "
                         "none | all | trdq_release | a plan .json (default: none stored)")
