@@ -287,11 +287,12 @@ def register(sub) -> None:
                         "svdquant, 16 for trdq_lowrank*, else 0)")
     p.add_argument("--fp8", action="store_true",
                    help="float8 e4m3 weight and activation codes instead of int8 (needs "
-                        "--w-bits 8 --a-bits 8)")
+                        "--w-bits 8 --a-bits 8) (default: off)")
     p.add_argument("--choose", action="store_true",
                    help="choose the recipe's components (smoothing, rotation, time segments, "
                         "clipping) one at a time by the guided denoiser error along held-out "
-                        "float trajectories (seed --seed + 1); several quantizations")
+                        "float trajectories (seed --seed + 1); several quantizations "
+                        "(default: off)")
     p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", metavar="PLAN",
                    help="CFG sharing plan stored with the checkpoint (trdq sample uses it): "
                         "none | all | trdq_release | a plan .json (default: none stored)")
