@@ -7,7 +7,8 @@ import pytest
 
 import trdq_jax.quant as Q
 from trdq_jax.models import input_shape
-from trdq_jax.quant.choose import (choose_components, float_trajectories, guided_outputs,
+from trdq_jax.quant.calibrate import derive_calibration
+from trdq_jax.quant.choose import (ANCHORS, choose_components, float_trajectories, guided_outputs,
                                    trajectory_error)
 from trdq_jax.sampling import Sampler, denoise_fn_for
 from tests.test_quant_cli import TINY
@@ -45,7 +46,8 @@ def test_walk_keeps_only_changes_that_lower_the_error(setup):
     base = Q.get_recipe("minmax", 4, 4)  # static per-tensor 4-bit activations: poor
     steps = {"dynamic_rotated": {"a_mode": "dynamic", "rotation": "hadamard"},
              "two_bits": {"w_bits": 2}, "nothing": {}}
-    choice = choose_components(model, params, calib, base, sampler, traj, steps=steps)
+    choice = choose_components(model, params, calib, base, sampler, traj, steps=steps,
+                               anchors={})
     assert list(choice.errors) == ["base", "dynamic_rotated", "dynamic_rotated+two_bits"]
     assert choice.errors["dynamic_rotated"] < choice.errors["base"]
     assert choice.errors["dynamic_rotated+two_bits"] > choice.errors["dynamic_rotated"]
@@ -59,3 +61,44 @@ def test_walk_keeps_only_changes_that_lower_the_error(setup):
     assert trajectory_error(out, ref) == pytest.approx(choice.errors["dynamic_rotated"],
                                                        rel=1e-6)
     assert jax.tree.leaves(choice.qparams)
+
+
+def _error_of(model, params, calib, recipe, sampler, traj):
+    c = derive_calibration(calib, recipe, sampler)
+    out = guided_outputs(Q.QuantizedDenoiser(model, "xla"), Q.quantize(params, c, recipe), traj,
+                         sampler.with_segments(c.segment_of_step, c.num_segments))
+    return trajectory_error(out, guided_outputs(denoise_fn_for(model), params, traj, sampler))
+
+
+def test_anchors_are_the_published_baselines_and_the_choice_is_never_worse(setup):
+    """Each anchor, applied to any base, is exactly the baseline recipe of its name (same
+    trajectory error computed independently), and the choice starts from the best of them."""
+    model, params, sampler, calib, traj = setup
+    base = Q.get_recipe("minmax", 4, 4)
+    choice = choose_components(model, params, calib, base, sampler, traj, steps={})
+    baselines = {"quarot": Q.get_recipe("quarot", 4, 4),
+                 "viditq_gptq": Q.get_recipe("viditq", 4, 4, gptq=True),
+                 "trdq_static": Q.get_recipe("trdq_static", 4, 4)}
+    assert set(ANCHORS) == set(baselines)
+    for name, recipe in baselines.items():
+        assert choice.errors[f"anchor:{name}"] == pytest.approx(
+            _error_of(model, params, calib, recipe, sampler, traj), rel=1e-6)
+    assert choice.errors["base"] == pytest.approx(
+        _error_of(model, params, calib, base, sampler, traj), rel=1e-6)
+    best = min(choice.errors, key=choice.errors.get)
+    assert choice.errors[best] == min(choice.errors.values())
+    assert _error_of(model, params, calib, choice.recipe, sampler, traj) == pytest.approx(
+        choice.errors[best], rel=1e-6)
+
+
+def test_candidates_the_sampler_cannot_take_are_skipped(setup):
+    """A 6-step sampler holds 2 segments of at least 3 steps, not 2 of 4 nor 8 segments."""
+    model, params, sampler, calib, traj = setup
+    base = Q.get_recipe("trdq", 8, 8)
+    steps = {"8": {"num_segments": 8}, "2x4": {"num_segments": 2, "min_segment_steps": 4},
+             "2x3": {"num_segments": 2, "min_segment_steps": 3}}
+    choice = choose_components(model, params, calib, base, sampler, traj, steps=steps,
+                               anchors={})
+    assert set(choice.errors) <= {"base", "2x3"} and "2x3" in choice.errors
+    if choice.recipe.num_segments == 2:
+        assert np.bincount(choice.calib.segment_of_step).min() >= 3

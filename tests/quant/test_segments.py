@@ -31,9 +31,11 @@ def _partition_cost(features, table):
                for s in np.unique(table))
 
 
-def _brute_force(features, num_segments):
+def _brute_force(features, num_segments, min_length=1):
     n, best = features.shape[0], None
     for cuts in itertools.combinations(range(1, n), num_segments - 1):
+        if min(np.diff((0, *cuts, n))) < min_length:
+            continue
         table = np.zeros(n, np.int32)
         for c in cuts:
             table[c:] += 1
@@ -75,6 +77,32 @@ def test_dp_split_equals_brute_force(trial):
         assert table[-1] == num_segments - 1
         np.testing.assert_allclose(_partition_cost(features, table), cost, rtol=1e-9, atol=1e-12)
         np.testing.assert_array_equal(table, want)
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_dp_split_with_a_minimum_length_equals_brute_force(trial):
+    rng = np.random.default_rng(100 + trial)
+    n = int(rng.integers(6, 11))
+    absmax = {"l": np.exp(rng.normal(size=(n, 4)) * rng.choice([0.2, 3.0], size=(n, 1)))}
+    features = _features(absmax)
+    for num_segments in range(1, 4):
+        for min_length in range(1, n // num_segments + 1):
+            table = segments.similarity_segments(_stats(absmax), num_segments, min_length)
+            cost, want = _brute_force(features, num_segments, min_length)
+            assert np.bincount(table).min() >= min_length
+            np.testing.assert_allclose(_partition_cost(features, table), cost, rtol=1e-9,
+                                       atol=1e-12)
+            np.testing.assert_array_equal(table, want)
+
+
+def test_a_minimum_length_the_steps_cannot_hold_is_refused():
+    stats = _stats({"l": np.ones((7, 2))})
+    with pytest.raises(ValueError, match=r"min_length: 4 segments of at least 2 steps need 8 "
+                                         r"steps, the trajectory has 7"):
+        segments.similarity_segments(stats, 4, 2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="min_length"):
+            segments.similarity_segments(stats, 2, bad)
 
 
 def test_regimes_are_recovered_and_layer_width_does_not_dominate():

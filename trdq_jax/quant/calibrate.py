@@ -65,6 +65,7 @@ def calibrate(model, params, recipe: Recipe, sampler, *, labels=None, null_label
     if recipe.num_segments > sampler.num_steps:
         raise ValueError(f"recipe.num_segments: {recipe.num_segments} segments but the sampler "
                          f"has only {sampler.num_steps} steps")
+    check_segment_lengths(recipe, sampler.num_steps)
     with timing.stage("trajectory"):
         traj = capture.calibration_trajectory(model, params, sampler, cond, null_cond, shape,
                                               seed, cfg_scale)
@@ -95,11 +96,23 @@ def derive_calibration(calib: Calibration, recipe: Recipe, sampler) -> Calibrati
     if recipe.num_segments > sampler.num_steps:
         raise ValueError(f"recipe.num_segments: {recipe.num_segments} segments but the sampler "
                          f"has only {sampler.num_steps} steps")
+    check_segment_lengths(recipe, sampler.num_steps)
     selection = calibrated_selection(calib, recipe)
     stats = {p: calib.stats[p] for p in selection.quantized}
     return Calibration(stats=stats, segment_of_step=_segment_table(stats, recipe, sampler),
                        num_segments=recipe.num_segments, keep_float=selection.keep_float,
                        weight_only=selection.weight_only, roles=calib.roles)
+
+
+def check_segment_lengths(recipe: Recipe, num_steps: int) -> None:
+    """ValueError when ``recipe``'s similarity segments cannot all hold ``min_segment_steps`` of
+    the sampler's ``num_steps`` steps."""
+    if recipe.segment_split == "similarity" and \
+            recipe.num_segments * recipe.min_segment_steps > num_steps:
+        raise ValueError(f"recipe.min_segment_steps: {recipe.num_segments} segments of at least "
+                         f"{recipe.min_segment_steps} steps need "
+                         f"{recipe.num_segments * recipe.min_segment_steps} steps, the sampler "
+                         f"has {num_steps}")
 
 
 def _segment_table(stats: dict, recipe: Recipe, sampler) -> np.ndarray:
@@ -108,5 +121,6 @@ def _segment_table(stats: dict, recipe: Recipe, sampler) -> np.ndarray:
         table = segments.uniform_segments(np.asarray(sampler.train_timesteps), recipe.num_segments,
                                           sampler.num_train_steps)
     else:
-        table = segments.similarity_segments(stats, recipe.num_segments)
+        table = segments.similarity_segments(stats, recipe.num_segments,
+                                             recipe.min_segment_steps)
     return np.asarray(segments.check_segments(table, recipe.num_segments), np.int32)

@@ -15,10 +15,12 @@ same inputs, and one bad step does not derail the rest of the comparison).
     choice = choose_components(model, params, calib, base, sampler, traj)
     choice.recipe, choice.errors                           # the winner, {name: error}
 
-``choose_components`` walks the component grid one component at a time from ``base``
-(``COMPONENT_STEPS``: with or without smoothing, rotation, time segments, clipping ratios),
-keeping a change only when it lowers the trajectory error: ``1 + len(steps)`` quantizations
-per round instead of the whole grid.
+``choose_components`` first scores ``base`` and the fixed block combinations of the published
+baselines (``ANCHORS``: QuaRot, ViDiT-Q with GPTQ, static time segments) and starts from the
+best; then it walks the component grid one component at a time (``COMPONENT_STEPS``: with or
+without smoothing, rotation, 1/2/4/8 time segments of at least 4 steps, clipping ratios, static
+or dynamic activations), keeping a change only when it lowers the trajectory error: about
+``1 + len(anchors) + len(steps)`` quantizations per round instead of the whole grid.
 """
 from __future__ import annotations
 
@@ -32,14 +34,47 @@ import numpy as np
 
 from trdq_jax.quant.recipe import Recipe
 
-# one component each, as recipe overrides applied to the current choice
+# The fixed combinations of the recipe's own blocks that the published baselines are made of,
+# as overrides of every component field: QuaRot (rotation + GPTQ with a weight-clip search,
+# per-token activations, no time axis), ViDiT-Q with GPTQ (smoothing alpha 0.5, then rotation)
+# and the static time-aware form (one per-tensor scale per segment). ``choose_components``
+# starts from the best of these and the base, so on the held-out trajectories its choice is
+# never worse than any of them; fields they do not name (bits, low rank, groups, fp8, seed)
+# stay the base's.
+_FIXED = {"w_clip_grid": (1.0, 0.95, 0.9, 0.85, 0.8), "per_segment_weights": False,
+          "low_rank_per_segment": False}
+ANCHORS: dict[str, dict] = {
+    "quarot": {**_FIXED, "smoothing": False, "alpha_grid": (), "rotation": "hadamard",
+               "gptq": True, "w_clip_search": True, "a_mode": "dynamic", "a_clip_search": False,
+               "num_segments": 1, "segment_split": "uniform", "min_segment_steps": 1},
+    "viditq_gptq": {**_FIXED, "smoothing": True, "alpha": 0.5, "alpha_grid": (),
+                    "rotation": "hadamard", "gptq": True, "w_clip_search": False,
+                    "a_mode": "dynamic", "a_clip_search": False, "num_segments": 1,
+                    "segment_split": "uniform", "min_segment_steps": 1},
+    "trdq_static": {**_FIXED, "smoothing": False, "alpha_grid": (), "rotation": "hadamard",
+                    "gptq": True, "w_clip_search": True, "a_mode": "static",
+                    "a_clip_search": True, "num_segments": 4, "segment_split": "similarity",
+                    "min_segment_steps": 1},
+}
+
+# then one component each, as recipe overrides applied to the current choice
+_SEGMENTS = {"segment_split": "similarity", "min_segment_steps": 4, "per_segment_weights": False,
+             "low_rank_per_segment": False}
 COMPONENT_STEPS: dict[str, dict] = {
     "smoothing": {"smoothing": True, "alpha_grid": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)},
+    "smoothing_0.5": {"smoothing": True, "alpha": 0.5, "alpha_grid": ()},
     "no_smoothing": {"smoothing": False, "alpha_grid": ()},
     "no_rotation": {"rotation": "none"},
     "hadamard": {"rotation": "hadamard"},
-    "one_segment": {"num_segments": 1, "segment_split": "uniform", "per_segment_weights": False},
+    "one_segment": {"num_segments": 1, "segment_split": "uniform", "per_segment_weights": False,
+                    "low_rank_per_segment": False},
+    "2_segments": {"num_segments": 2, **_SEGMENTS},
+    "4_segments": {"num_segments": 4, **_SEGMENTS},
+    "8_segments": {"num_segments": 8, **_SEGMENTS},
+    "act_clip": {"a_clip_search": True},
     "no_act_clip": {"a_clip_search": False},
+    "static": {"a_mode": "static"},
+    "dynamic": {"a_mode": "dynamic"},
 }
 
 
@@ -125,11 +160,14 @@ class Choice:
 
 
 def choose_components(model, params, calib, base: Recipe, sampler, traj: Trajectories, *,
-                      steps: dict | None = None, rounds: int = 1,
+                      steps: dict | None = None, anchors: dict | None = None, rounds: int = 1,
                       progress: bool = False) -> Choice:
-    """The recipe reached from ``base`` by the component changes of ``steps`` (default
-    ``COMPONENT_STEPS``) that lower the held-out trajectory error, one at a time (``rounds``
-    passes over the changes; a change that leaves the recipe unchanged is skipped).
+    """The recipe of least held-out trajectory error reached from the best of ``base`` and
+    its ``anchors`` (overrides of ``base``, default ``ANCHORS``; ``{}``: none) by the
+    component changes of ``steps`` (default ``COMPONENT_STEPS``) that lower the error, one at a
+    time (``rounds`` passes over the changes). A candidate equal to one already scored, or one
+    the recipe or the sampler cannot take (e.g. 8 segments of 4 steps in a 20-step sampler), is
+    skipped.
 
     ``calib``: statistics from which every candidate's calibration is derived
     (``derive_calibration``: no model run per candidate). ``traj``: ``float_trajectories`` of
@@ -153,22 +191,36 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     best_error, best_q, best_c = score(base)
     best, label = base, "base"
     errors[label] = best_error
-    items = list(steps.items())
+    seen = {base}
+    anchors = ANCHORS if anchors is None else anchors
+    todo = [(f"anchor:{name}", change, True) for name, change in anchors.items()]
+    todo += [(name, change, False) for name, change in steps.items()] * rounds
     if progress:
         from tqdm import tqdm
-        items = tqdm(items * rounds, desc=f"choose {base.name}", unit="candidate")
-    else:
-        items = items * rounds
-    for name, change in items:
-        try:
-            candidate = dataclasses.replace(best, **change)
-        except ValueError:  # a change this recipe cannot take (e.g. per-segment weights)
+        todo = tqdm(todo, desc=f"choose {base.name}", unit="candidate")
+    for name, change, is_anchor in todo:
+        candidate = _replace(base if is_anchor else best, change, sampler.num_steps)
+        if candidate is None or candidate in seen:
             continue
-        if candidate == best:
-            continue
+        seen.add(candidate)
         error, q, c = score(candidate)
-        errors[f"{label}+{name}" if label != "base" else name] = error
+        key = name if is_anchor or label == "base" else f"{label}+{name}"
+        errors[key] = error
         if error < best_error:
-            best, best_error, best_q, best_c = candidate, error, q, c
-            label = name if label == "base" else f"{label}+{name}"
+            best, best_error, best_q, best_c, label = candidate, error, q, c, key
     return Choice(recipe=best, errors=errors, qparams=best_q, calib=best_c)
+
+
+def _replace(recipe: Recipe, change: dict, num_steps: int) -> Recipe | None:
+    """``recipe`` with ``change``, or None where the recipe or a ``num_steps``-step sampler
+    cannot take it."""
+    from trdq_jax.config import ConfigError
+    from trdq_jax.quant.calibrate import check_segment_lengths
+    try:
+        candidate = dataclasses.replace(recipe, **change)
+        check_segment_lengths(candidate, num_steps)
+    except (ConfigError, ValueError):
+        return None
+    if candidate.num_segments > num_steps:
+        return None
+    return candidate

@@ -62,6 +62,9 @@ class Recipe:
         is chosen automatically when this one does not divide).
       num_segments, segment_split: time segments over the sampling trajectory ("uniform" over the
         training-time axis, or "similarity": contiguous DP split of similar steps).
+      min_segment_steps: the fewest sampling steps a similarity segment may hold (default 1);
+        the similarity split otherwise may leave a segment of one step, whose clipping ratios
+        are then fitted to one step's rows. Not used by the uniform split.
       per_segment_weights: each segment has its own smoothing/rotation AND its own quantized
         weight copy (TR-DQ as released); else one shared weight, activation-side params per segment.
       keep_float: None (default): the layers that read the model input or write its output
@@ -118,6 +121,7 @@ class Recipe:
     rotation_block: int = 128
     num_segments: int = 1
     segment_split: Literal["uniform", "similarity"] = "uniform"
+    min_segment_steps: int = 1
     per_segment_weights: bool = False
     keep_float: tuple[str, ...] | None = None
     weight_only: tuple[str, ...] | None = None
@@ -149,6 +153,8 @@ class Recipe:
                 fail(field, " or ".join(map(repr, options)))
         if not _is_int(self.num_segments) or self.num_segments < 1:
             fail("num_segments", "a positive int")
+        if not _is_int(self.min_segment_steps) or self.min_segment_steps < 1:
+            fail("min_segment_steps", "a positive int (the fewest steps of a similarity segment)")
         if self.per_segment_weights and self.num_segments == 1:
             raise ConfigError("Recipe.per_segment_weights: needs num_segments > 1")
         if not _is_int(self.rotation_block) or self.rotation_block < 2:

@@ -77,17 +77,26 @@ def _segment_costs(features: np.ndarray) -> np.ndarray:
     return cost
 
 
-def optimal_contiguous_partition(features: np.ndarray, num_segments: int) -> np.ndarray:
+def optimal_contiguous_partition(features: np.ndarray, num_segments: int,
+                                 min_length: int = 1) -> np.ndarray:
     """Exact dynamic programme, ``O(S * steps^2)``: the contiguous split of the rows of
-    ``features [steps, D]`` into ``num_segments`` non-empty runs minimising the total
-    within-run squared distance to the run mean. Returns int32 ``[steps]`` run ids 0, 1, ...
-    (ties go to the earliest boundary)."""
+    ``features [steps, D]`` into ``num_segments`` runs of at least ``min_length`` rows each,
+    minimising the total within-run squared distance to the run mean. Returns int32
+    ``[steps]`` run ids 0, 1, ... (ties go to the earliest boundary)."""
     features = np.asarray(features, np.float64)
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(f"features: expected a non-empty [steps, D] array, got {features.shape}")
     n = features.shape[0]
     num_segments = _check_count("num_segments", num_segments, n)
+    if isinstance(min_length, bool) or not isinstance(min_length, (int, np.integer)) \
+            or min_length < 1:
+        raise ValueError(f"min_length: expected a positive int, got {min_length!r}")
+    if num_segments * min_length > n:
+        raise ValueError(f"min_length: {num_segments} segments of at least {min_length} steps "
+                         f"need {num_segments * min_length} steps, the trajectory has {n}")
     cost = _segment_costs(features)
+    i, j = np.indices(cost.shape)
+    cost[j - i < min_length] = np.inf
     # best[s, j]: least cost of the first j steps in s + 1 runs; start[s, j]: the last run's start
     best = np.full((num_segments, n + 1), np.inf)
     start = np.zeros((num_segments, n + 1), np.int64)
@@ -106,12 +115,14 @@ def optimal_contiguous_partition(features: np.ndarray, num_segments: int) -> np.
     return table
 
 
-def similarity_segments(stats: Mapping[str, LayerStats], num_segments: int) -> np.ndarray:
+def similarity_segments(stats: Mapping[str, LayerStats], num_segments: int,
+                        min_length: int = 1) -> np.ndarray:
     """Data-driven contiguous segments: adjacent steps whose per-channel activation ranges are
     alike share a segment. Steps are ``step_features(stats)`` (log abs-max per channel) and the
     split is ``optimal_contiguous_partition``. Returns int32 ``[steps]`` in sampling order,
-    non-decreasing from 0 to ``num_segments - 1``, every segment non-empty."""
-    return optimal_contiguous_partition(step_features(stats), num_segments)
+    non-decreasing from 0 to ``num_segments - 1``, every segment at least ``min_length``
+    steps."""
+    return optimal_contiguous_partition(step_features(stats), num_segments, min_length)
 
 
 def check_segments(table, num_segments: int) -> np.ndarray:
