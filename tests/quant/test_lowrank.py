@@ -5,6 +5,7 @@ simulation of ``Q(x̃) deq(R_q) + x̃ L1 L2``, quantization off against the floa
 conv, one or one branch per segment), the three backends against each other, and every bad
 input and edited checkpoint against its one-line error."""
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -148,13 +149,25 @@ def test_branch_lowers_the_error_of_a_low_rank_heavy_layer():
     assert errors[4] < 0.5 * errors[0] and errors[16] < errors[4], errors
 
 
-def test_rank_zero_adds_nothing():
-    rows, kernel = _rows(), _kernel()
-    a = quantize_layer(kernel, None, _stats(rows, K), TABLE, 2, _recipe(4, 8))
-    b = quantize_layer(kernel, None, _stats(rows, K), TABLE, 2, _recipe(4, 8, low_rank=0))
-    assert a.lr_down is None and b.lr_down is None
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+def test_rank_zero_is_bit_identical_to_the_code_before_the_branch(tiny_calibrated):
+    """The quantized layers of four recipes at ``low_rank = 0``, leaf for leaf, against those
+    written by 5a70a0b (the commit before the low-rank branch; the fixture's own script says
+    how): the same codes, scales, rotations, clipping ratios and float remainder."""
+    from tests.quant.fixtures.make_quantized_before_low_rank import RECIPES
+    stored = np.load(pathlib.Path(__file__).parent / "fixtures"
+                     / "quantized_before_low_rank.npz")
+    _, params, calibrate_for = tiny_calibrated
+    for label, (name, w_bits, a_bits) in RECIPES.items():
+        recipe = Q.get_recipe(name, w_bits, a_bits)
+        assert recipe.low_rank == 0
+        qparams = Q.quantize(params, calibrate_for(recipe), recipe)
+        now = {f"{label}|{jax.tree_util.keystr(path)}": np.asarray(leaf)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(qparams)[0]}
+        before = {k for k in stored.files if k.startswith(f"{label}|")}
+        assert set(now) == before, label  # no new leaf (no branch) and none lost
+        for key in sorted(before):
+            assert now[key].dtype == stored[key].dtype, key
+            np.testing.assert_array_equal(now[key], stored[key], err_msg=key)
 
 
 def test_bad_ranks_are_one_line_errors():

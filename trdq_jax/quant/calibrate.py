@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import jax.numpy as jnp
 import numpy as np
 
 from trdq_jax.quant import capture, segments, timing
