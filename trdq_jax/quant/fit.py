@@ -41,8 +41,8 @@ import numpy as np
 from trdq_jax.quant import duquant, hadamard, lowrank, quantizers, timing
 from trdq_jax.quant.capture import packed_size, unpack_gram
 from trdq_jax.quant.gptq import fit_weights
-from trdq_jax.quant.qlinear import (QLinear, dequantized_weight, low_rank_output,
-                                    quantize_activation, transform_activation)
+from trdq_jax.quant.qlinear import (QLinear, dequantize_activation, dequantized_weight,
+                                    low_rank_output, quantize_activation, transform_activation)
 from trdq_jax.quant.recipe import Recipe
 
 ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -54,7 +54,8 @@ def weight_only_recipe(recipe: Recipe) -> Recipe:
     integer codes let the weight-only dot read them without a float copy, ``sliced_dot``)."""
     return dataclasses.replace(recipe, a_bits=16, smoothing=False, alpha_grid=(),
                                rotation="none", per_segment_weights=False, low_rank=0,
-                               low_rank_per_segment=False, w_group_size=0, fp8=False)
+                               low_rank_per_segment=False, w_group_size=0, a_group_size=0,
+                               fp8=False)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -138,7 +139,7 @@ def _rows_output(q: QLinear, rows: jax.Array, segment) -> jax.Array:
     if q.a_bits != 16:
         tokens = xt.reshape(rows.shape[0], taps, -1)
         codes, scale, zero = quantize_activation(q, tokens, segment)
-        xq = quantizers.dequantize(codes, scale, zero).reshape(rows.shape)
+        xq = dequantize_activation(q, codes, scale, zero).reshape(rows.shape)
     y = jnp.dot(xq, dequantized_weight(q, segment), precision=jax.lax.Precision.HIGHEST)
     y = y + low_rank_output(q, xt, segment)  # the branch reads the float activation
     return y + q.bias if q.bias is not None else y
@@ -206,7 +207,7 @@ class _Layer:
                        in_features=self.k, rotation=r.rotation, rotation_block=self.block,
                        kernel_size=self.kernel_size, w_bits=r.w_bits, a_bits=r.a_bits,
                        a_mode=r.a_mode, a_symmetric=r.a_symmetric or r.fp8, fp8=r.fp8,
-                       w_group_size=r.w_group_size,
+                       w_group_size=r.w_group_size, a_group_size=r.a_group_size,
                        bias=None if self.bias is None else jnp.asarray(self.bias),
                        **{f: jnp.asarray(v) for f, v in fields.items()})
 
@@ -436,10 +437,14 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
         recipe = weight_only_recipe(recipe)
     if recipe.w_group_size and (np.ndim(kernel) != 2 or recipe.float_weights):
         recipe = dataclasses.replace(recipe, w_group_size=0)  # convs: per-channel scales
-    if recipe.w_group_size and np.shape(kernel)[0] % recipe.w_group_size:
-        raise ValueError(f"Recipe.w_group_size: {recipe.w_group_size} does not divide K = "
-                         f"{np.shape(kernel)[0]} of layer {path} (kernel "
-                         f"{list(np.shape(kernel))}); choose a divisor or 0")
+    if recipe.a_group_size and np.ndim(kernel) != 2:
+        recipe = dataclasses.replace(recipe, a_group_size=0)  # convs: per-token scales
+    for field in ("w_group_size", "a_group_size"):
+        group = getattr(recipe, field)
+        if group and np.shape(kernel)[0] % group:
+            raise ValueError(f"Recipe.{field}: {group} does not divide K = "
+                             f"{np.shape(kernel)[0]} of layer {path} (kernel "
+                             f"{list(np.shape(kernel))}); choose a divisor or 0")
     layer = _prepare(kernel, bias, stats, segment_of_step, num_segments, recipe, path)
     if recipe.low_rank:
         lowrank.check_rank(recipe.low_rank, *layer.kernel.shape, path)

@@ -25,7 +25,7 @@ from trdq_jax.quant.transform import QuantizedDenoiser, quantized_layer_paths
 from trdq_jax.quant.verify import QuantizedModelError, check_quantized
 
 _STATIC = ("in_features", "w_bits", "a_bits", "a_mode", "a_symmetric", "rotation", "rotation_block",
-           "kernel_size", "fp8", "w_group_size")
+           "kernel_size", "fp8", "w_group_size", "a_group_size")
 _ARRAYS = tuple(f.name for f in dataclasses.fields(QLinear) if f.name not in _STATIC)
 _FREE_SAMPLER_FIELDS = ("sampler.cfg_scale",)
 

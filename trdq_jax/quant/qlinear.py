@@ -84,6 +84,7 @@ class QLinear:
     kernel_size: tuple = struct.field(pytree_node=False, default=())
     fp8: bool = struct.field(pytree_node=False, default=False)
     w_group_size: int = struct.field(pytree_node=False, default=0)
+    a_group_size: int = struct.field(pytree_node=False, default=0)
 
     @property
     def taps(self) -> int:
@@ -144,8 +145,9 @@ def token_min_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def quantize_activation(q: QLinear, x: jax.Array, segment):
-    """Transformed activations -> ``(codes int8 or float8, scale, zero or None)`` (per token or
-    tensor)."""
+    """Transformed activations ``x [..., K]`` -> ``(codes int8 or float8 [..., K], scale, zero
+    or None)``: scale/zero per tensor, per token ``[..., 1]``, or per token and group of
+    ``a_group_size`` channels ``[..., K / a_group_size, 1]``."""
     if q.a_mode == "static":
         scale, zero = _select(q.a_scale, segment), (
             None if q.a_symmetric else _select(q.a_zero, segment))
@@ -153,12 +155,26 @@ def quantize_activation(q: QLinear, x: jax.Array, segment):
             return quantizers.quantize_fp8(x, scale), scale, None
         return quantizers.quantize(x, scale, zero, q.a_bits), scale, zero
     clip = 1.0 if q.a_clip is None else _select(q.a_clip, segment)
+    if q.a_group_size:  # each group of channels of each token its own range
+        xg = x.reshape(x.shape[:-1] + (-1, q.a_group_size))
+        lo, hi = token_min_max(xg)
+        scale, zero = quantizers.scale_zero_from_range(lo * clip, hi * clip, q.a_bits,
+                                                       q.a_symmetric)
+        return quantizers.quantize(xg, scale, zero, q.a_bits).reshape(x.shape), scale, zero
     lo, hi = token_min_max(x)
     if q.fp8:
         scale = quantizers.fp8_scale(jnp.maximum(-lo, hi) * clip)
         return quantizers.quantize_fp8(x, scale), scale, None
     scale, zero = quantizers.scale_zero_from_range(lo * clip, hi * clip, q.a_bits, q.a_symmetric)
     return quantizers.quantize(x, scale, zero, q.a_bits), scale, zero
+
+
+def dequantize_activation(q: QLinear, codes, scale, zero) -> jax.Array:
+    """float32 ``[..., K]``: the activation codes of ``quantize_activation`` as values."""
+    if not q.a_group_size:
+        return quantizers.dequantize(codes, scale, zero)
+    grouped = codes.reshape(codes.shape[:-1] + (-1, q.a_group_size))
+    return quantizers.dequantize(grouped, scale, zero).reshape(codes.shape)
 
 
 def _tie_packed(q: QLinear, x: jax.Array) -> QLinear:
@@ -197,22 +213,31 @@ def dequantized_weight(q: QLinear, segment) -> jax.Array:
     return quantizers.dequantize(codes, scale, None)
 
 
-def _grouped_int_dot(q: QLinear, codes, a_zero, segment) -> jax.Array:
-    """``Σ_g s_w[g] (codes_g · W_g - z colsum_g)`` float32 ``[..., N]`` of int activation
-    codes ``[..., K]``: one int32 dot per group of ``w_group_size`` rows, each scaled by its
-    group's weight scales (the activation scale, shared by the groups, comes after)."""
-    g = q.w_group_size
+def _grouped_int_dot(q: QLinear, codes, a_scale, a_zero, segment) -> jax.Array:
+    """float32 ``[..., N]`` of int activation codes ``[..., K]`` in groups of ``g`` rows
+    (``a_group_size`` or ``w_group_size``, equal when both are set): one int32 dot per group,
+    ``Σ_g s_a[g] s_w[g] (codes_g · W_g - z_g colsum_g)``, where activation scales / zero points
+    per group (``[..., G, 1]``) or per token (``[..., 1]``), and weight scales per group
+    (``[G, N]``) or per channel (``[N]``)."""
+    g = q.a_group_size or q.w_group_size
     w = weight_codes(q, segment)                                    # [K, N]
     groups = w.shape[0] // g
+    w = w.reshape(groups, g, -1)                                    # [G, g, N]
     lhs = codes.reshape(codes.shape[:-1] + (groups, g))             # [..., G, g]
-    acc = jax.lax.dot_general(lhs, w.reshape(groups, g, -1),
-                              (((lhs.ndim - 1,), (1,)), ((lhs.ndim - 2,), (0,))),
+    acc = jax.lax.dot_general(lhs, w, (((lhs.ndim - 1,), (1,)), ((lhs.ndim - 2,), (0,))),
                               preferred_element_type=jnp.int32)    # [G, ..., N]
+    lead = (groups,) + (1,) * (acc.ndim - 2) + (-1,)                # a [G, N] array's shape
+
+    def by_group(a):  # activation side [..., G, 1] -> [G, ..., 1]; per token: as it is
+        return jnp.moveaxis(a, -2, 0) if q.a_group_size else a
+
     if a_zero is not None:
-        colsum = _select(q.w_colsum, segment)                       # [G, N]
-        acc = acc - a_zero * colsum.reshape((groups,) + (1,) * (acc.ndim - 2) + (-1,))
-    scale = _select(q.w_scale, segment).reshape((groups,) + (1,) * (acc.ndim - 2) + (-1,))
-    return jnp.sum(acc.astype(jnp.float32) * scale, axis=0)
+        colsum = (_select(q.w_colsum, segment) if q.w_group_size
+                  else jnp.sum(w, axis=1, dtype=jnp.int32))         # [G, N]
+        acc = acc - by_group(a_zero) * colsum.reshape(lead)
+    w_scale = _select(q.w_scale, segment)
+    w_scale = w_scale.reshape(lead) if q.w_group_size else w_scale
+    return jnp.sum(acc.astype(jnp.float32) * by_group(a_scale) * w_scale, axis=0)
 
 
 ACTIVATION_SLICES = 3
@@ -274,7 +299,8 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
             y = xt @ dequantized_weight(q, segment)
         else:  # integer dots on the codes, scales after: no float copy of the weight
             y = sliced_dot(xt, weight_codes(q, segment)) * _select(q.w_scale, segment)
-    elif backend == "pallas" and q.w_bits != 16 and not q.fp8 and not q.w_group_size:
+    elif backend == "pallas" and q.w_bits != 16 and not (q.fp8 or q.w_group_size
+                                                         or q.a_group_size):
         import pallas_kernels as pk  # imported on use: the kernels load only when asked for
         rows = xt.reshape(-1, q.in_features)
         if q.a_mode == "dynamic":
@@ -291,9 +317,9 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
         codes, a_scale, a_zero = quantize_activation(q, xt, segment)
         q = _tie_packed(q, codes)
         if backend == "fake" or q.w_bits == 16:  # no integer dot with float weights
-            y = quantizers.dequantize(codes, a_scale, a_zero) @ dequantized_weight(q, segment)
-        elif q.w_group_size:
-            y = _grouped_int_dot(q, codes, a_zero, segment) * a_scale
+            y = dequantize_activation(q, codes, a_scale, a_zero) @ dequantized_weight(q, segment)
+        elif q.w_group_size or q.a_group_size:
+            y = _grouped_int_dot(q, codes, a_scale, a_zero, segment)
         else:
             # int8 x int8 -> int32, or float8 x float8 -> float32 (exact products, float sums)
             acc = jax.lax.dot_general(codes, weight_codes(q, segment),

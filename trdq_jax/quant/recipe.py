@@ -102,6 +102,11 @@ class Recipe:
         groups (scales fixed from the weight, then errors spread). Dense layers with activation
         quantization only (g must divide their K): convolutions and weight-only layers keep
         per-channel scales. Not with ``fp8``.
+      a_group_size: 0 (default): one dynamic activation scale (and zero point) per token; g > 0:
+        one per token and group of g input channels (SVDQuant's INT4 format quantizes
+        activations per group of 64). Dynamic integer activations only; equal to
+        ``w_group_size`` when both are set (one int32 dot per group, both scales after it).
+        Dense layers only (g must divide their K): convolutions keep per-token scales.
       seed: an int in [0, 2**32 - 1] seeding the Hadamard signs and DuQuant rotations.
     """
 
@@ -131,6 +136,7 @@ class Recipe:
     low_rank_per_segment: bool = False
     fp8: bool = False
     w_group_size: int = 0
+    a_group_size: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -184,6 +190,17 @@ class Recipe:
         if self.fp8 and self.w_group_size:
             raise ConfigError("Recipe.w_group_size: group-wise scales are not implemented for "
                               "fp8 codes (per-channel float8 scales): use w_group_size=0")
+        if not _is_int(self.a_group_size) or self.a_group_size < 0 or self.a_group_size == 1:
+            fail("a_group_size", "0 (per token) or an int >= 2 (input channels per activation "
+                 "scale)")
+        if self.a_group_size and (self.a_mode != "dynamic" or self.fp8 or self.a_bits == 16):
+            raise ConfigError(f"Recipe.a_group_size: group-wise activation scales need dynamic "
+                              f"integer activations (a_mode='dynamic', fp8=False, a_bits < 16), "
+                              f"got a_mode={self.a_mode!r}, fp8={self.fp8}, a_bits={self.a_bits}")
+        if self.a_group_size and self.w_group_size and self.a_group_size != self.w_group_size:
+            raise ConfigError(f"Recipe.a_group_size: must equal w_group_size when both are set "
+                              f"(one integer dot per group), got {self.a_group_size} and "
+                              f"{self.w_group_size}")
         if not _is_int(self.seed) or not 0 <= self.seed <= 2 ** 32 - 1:
             fail("seed", "an int in [0, 2**32 - 1]")
         for field in ("keep_float", "weight_only"):

@@ -105,6 +105,13 @@ def check_qlinear(q: QLinear, where: str, num_segments: int | None = None) -> No
             q.kernel_size or k % group or q.w_bits == 16 or q.fp8)):
         _fail(where, "w_group_size", f"expected 0, or a divisor of K = {k} for a Dense with "
               f"integer codes, got {group!r}")
+    a_group = q.a_group_size
+    if isinstance(a_group, bool) or not isinstance(a_group, int) or a_group < 0 or (a_group and (
+            q.kernel_size or k % a_group or q.a_bits == 16 or q.a_mode != "dynamic" or q.fp8
+            or (group and group != a_group))):
+        _fail(where, "a_group_size", f"expected 0, or a divisor of K = {k} for a Dense with "
+              f"dynamic integer activations (equal to w_group_size when both are set), got "
+              f"{a_group!r}")
     for field in ("w_bits", "a_bits"):
         bits = getattr(q, field)
         if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 16):
@@ -300,6 +307,10 @@ def check_quantized(qparams, recipe, segment_of_step, cfg, where: str,
             raise QuantizedModelError(f"{where}: layer {path}.w_group_size is "
                                       f"{node.w_group_size}, the recipe says "
                                       f"{layer_recipe.w_group_size}")
+        if not node.kernel_size and node.a_group_size != layer_recipe.a_group_size:
+            raise QuantizedModelError(f"{where}: layer {path}.a_group_size is "
+                                      f"{node.a_group_size}, the recipe says "
+                                      f"{layer_recipe.a_group_size}")
         for field in ("w_bits", "a_bits", "a_mode", "rotation", "fp8"):
             if field in ("w_bits", "a_bits") and getattr(node, field) == 16:
                 continue
