@@ -437,7 +437,7 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
         recipe = weight_only_recipe(recipe)
     if recipe.w_group_size and (np.ndim(kernel) != 2 or recipe.float_weights):
         recipe = dataclasses.replace(recipe, w_group_size=0)  # convs: per-channel scales
-    if recipe.a_group_size and np.ndim(kernel) != 2:
+    if recipe.a_group_size and (np.ndim(kernel) != 2 or recipe.float_activations):
         recipe = dataclasses.replace(recipe, a_group_size=0)  # convs: per-token scales
     for field in ("w_group_size", "a_group_size"):
         group = getattr(recipe, field)

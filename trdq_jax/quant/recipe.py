@@ -104,7 +104,8 @@ class Recipe:
         per-channel scales. Not with ``fp8``.
       a_group_size: 0 (default): one dynamic activation scale (and zero point) per token; g > 0:
         one per token and group of g input channels (SVDQuant's INT4 format quantizes
-        activations per group of 64). Dynamic integer activations only; equal to
+        activations per group of 64). Dynamic integer activations only (unused when
+        ``a_bits = 16``); equal to
         ``w_group_size`` when both are set (one int32 dot per group, both scales after it).
         Dense layers only (g must divide their K): convolutions keep per-token scales.
       seed: an int in [0, 2**32 - 1] seeding the Hadamard signs and DuQuant rotations.
@@ -193,10 +194,10 @@ class Recipe:
         if not _is_int(self.a_group_size) or self.a_group_size < 0 or self.a_group_size == 1:
             fail("a_group_size", "0 (per token) or an int >= 2 (input channels per activation "
                  "scale)")
-        if self.a_group_size and (self.a_mode != "dynamic" or self.fp8 or self.a_bits == 16):
+        if self.a_group_size and (self.a_mode != "dynamic" or self.fp8):
             raise ConfigError(f"Recipe.a_group_size: group-wise activation scales need dynamic "
-                              f"integer activations (a_mode='dynamic', fp8=False, a_bits < 16), "
-                              f"got a_mode={self.a_mode!r}, fp8={self.fp8}, a_bits={self.a_bits}")
+                              f"integer activations (a_mode='dynamic', fp8=False), got "
+                              f"a_mode={self.a_mode!r}, fp8={self.fp8}")
         if self.a_group_size and self.w_group_size and self.a_group_size != self.w_group_size:
             raise ConfigError(f"Recipe.a_group_size: must equal w_group_size when both are set "
                               f"(one integer dot per group), got {self.a_group_size} and "
@@ -265,14 +266,14 @@ RECIPES: dict[str, Recipe] = {
     "trdq": Recipe("trdq", rotation="hadamard", num_segments=4, segment_split="similarity",
                    a_mode="dynamic", a_clip_search=True, w_clip_search=True, gptq=True),
 }
-# SVDQuant as far as this project implements it: SmoothQuant scales (alpha searched per layer,
-# SVDQuant's migration), no rotation, the smoothed weight's top-32 singular part kept in 16
-# bits beside round-to-nearest 4-bit codes of the residual, dynamic per-token activations.
-# SVDQuant's published INT4 format quantizes weights AND activations per group of 64 input
-# channels; this project has per-channel weights and per-token activations only, so this
-# baseline is coarser than published at W4A4 (BENCHMARKS.md says so beside its rows).
+# SVDQuant as published (INT4 format): SmoothQuant scales (alpha searched per layer, SVDQuant's
+# migration), no rotation, the smoothed weight's top-32 singular part kept in 16 bits beside
+# round-to-nearest 4-bit codes of the residual, weights AND dynamic activations quantized per
+# group of 64 input channels (a layer whose K 64 does not divide is refused: override
+# ``w_group_size`` / ``a_group_size``).
 RECIPES["svdquant"] = Recipe("svdquant", smoothing=True, alpha_grid=_ALPHAS, rotation="none",
-                             low_rank=32, a_mode="dynamic", a_clip_search=False)
+                             low_rank=32, a_mode="dynamic", a_clip_search=False,
+                             w_group_size=64, a_group_size=64)
 # ours with the branch: trdq (rotation, GPTQ on the residual, per-segment clipping) + rank 16
 RECIPES["trdq_lowrank"] = dataclasses.replace(RECIPES["trdq"], name="trdq_lowrank", low_rank=16)
 # Static time-aware activations: one per-tensor scale per segment (no per-token reduction in

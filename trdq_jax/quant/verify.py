@@ -307,7 +307,8 @@ def check_quantized(qparams, recipe, segment_of_step, cfg, where: str,
             raise QuantizedModelError(f"{where}: layer {path}.w_group_size is "
                                       f"{node.w_group_size}, the recipe says "
                                       f"{layer_recipe.w_group_size}")
-        if not node.kernel_size and node.a_group_size != layer_recipe.a_group_size:
+        if not node.kernel_size and node.a_bits != 16 and (
+                node.a_group_size != layer_recipe.a_group_size):
             raise QuantizedModelError(f"{where}: layer {path}.a_group_size is "
                                       f"{node.a_group_size}, the recipe says "
                                       f"{layer_recipe.a_group_size}")
