@@ -133,6 +133,10 @@ def test_quantize_on_the_fly_and_changed_weights(tmp_path, tiny_ckpt, capsys):
                                                      "checkpoint directory there"),
     (["quantize", "--checkpoint", "{ck}", "--w-bits", "4", "--fp8"],
      "--fp8: float8 e4m3 codes are 8 bits: needs w_bits = 8 and a_bits = 8"),
+    (["quantize", "--checkpoint", "{ck}", "--group-size", "1"],
+     "--group-size: expected 0 (per output channel) or an int >= 2"),
+    (["quantize", "--checkpoint", "{ck}", "--recipe", "trdq_static", "--group-size", "16"],
+     "--group-size: group-wise activation scales need dynamic integer activations"),
 ])
 def test_errors_name_the_argument_on_one_line(argv, message, tmp_path, tiny_ckpt, capsys):
     argv = [a.format(tmp=tmp_path, ck=tiny_ckpt) for a in argv]
@@ -145,7 +149,7 @@ def test_errors_name_the_argument_on_one_line(argv, message, tmp_path, tiny_ckpt
     assert not (tmp_path / "out").exists()
 
 
-def test_a_rank_above_a_layer_is_refused_before_quantizing(tmp_path, tiny_ckpt, capsys):
+def test_a_rank_or_group_that_does_not_fit_is_refused_before_quantizing(tmp_path, tiny_ckpt, capsys):
     assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--recipe", "minmax",
                  "--per-class", "1", "--rows-per-step", "8", "--out", str(tmp_path / "c")]) == 0
     capsys.readouterr()
@@ -154,6 +158,12 @@ def test_a_rank_above_a_layer_is_refused_before_quantizing(tmp_path, tiny_ckpt, 
     assert capsys.readouterr().err == (
         "trdq quantize: error: --low-rank: rank 49 exceeds min(K, N) = 48 of layer "
         "blocks_0/attn/qkv (kernel [48, 144]); choose a rank <= 48\n")
+    assert not (tmp_path / "q").exists()
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--recipe", "quarot",
+                 "--group-size", "32", "--out", str(tmp_path / "q")]) == 2
+    assert capsys.readouterr().err == (
+        "trdq quantize: error: --group-size: 32 does not divide K = 48 of layer "
+        "blocks_0/attn/qkv (kernel [48, 144]); choose a divisor or 0\n")
     assert not (tmp_path / "q").exists()
 
 
@@ -164,6 +174,16 @@ def test_quantize_with_a_low_rank_branch_and_fp8_codes(tmp_path, tiny_ckpt):
     assert (recipe.name, recipe.low_rank, recipe.fp8) == ("quarot", 4, True)
     qkv = qparams["layers"]["blocks_0"]["attn"]["qkv"]
     assert qkv.rank == 4 and qkv.w_q.dtype == jnp.float8_e4m3fn
+
+
+def test_quantize_group_wise(tmp_path, tiny_ckpt):
+    assert main(["quantize", "--checkpoint", str(tiny_ckpt), "--recipe", "svdquant", "--w-bits",
+                 "4", "--a-bits", "4", "--group-size", "16", "--low-rank", "2", "--per-class",
+                 "1", "--out", str(tmp_path / "q")]) == 0
+    qparams, _, recipe, _ = Q.load_quantized(tmp_path / "q")
+    assert (recipe.w_group_size, recipe.a_group_size, recipe.low_rank) == (16, 16, 2)
+    qkv = qparams["layers"]["blocks_0"]["attn"]["qkv"]
+    assert (qkv.w_group_size, qkv.a_group_size, qkv.w_scale.shape) == (16, 16, (1, 3, 144))
 
 
 def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):

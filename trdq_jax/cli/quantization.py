@@ -29,7 +29,8 @@ def _recipe(name: str, w_bits: int, a_bits: int, segments: int | None = None):
 
 
 def _with_format_flags(recipe, args):
-    """``recipe`` with ``--low-rank`` / ``--fp8`` applied (errors name the flag)."""
+    """``recipe`` with ``--low-rank`` / ``--fp8`` / ``--group-size`` applied (errors name the
+    flag)."""
     import dataclasses
     from trdq_jax.config import ConfigError
     changes = {}
@@ -37,11 +38,15 @@ def _with_format_flags(recipe, args):
         changes["low_rank"] = args.low_rank
     if args.fp8:
         changes["fp8"] = True
+    if args.group_size is not None:
+        changes["w_group_size"] = changes["a_group_size"] = args.group_size
     try:
         return dataclasses.replace(recipe, **changes)
     except ConfigError as e:
         message = str(e)
-        for field, flag in (("Recipe.low_rank:", "--low-rank:"), ("Recipe.fp8:", "--fp8:")):
+        for field, flag in (("Recipe.low_rank:", "--low-rank:"), ("Recipe.fp8:", "--fp8:"),
+                            ("Recipe.w_group_size:", "--group-size:"),
+                            ("Recipe.a_group_size:", "--group-size:")):
             message = message.replace(field, flag)
         raise ValueError(message) from None
 
@@ -154,7 +159,8 @@ def _quantize(args) -> int:
         _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe, loaded)
     t0 = time.perf_counter()
     chosen = None
-    with blame(None, **{"Recipe.low_rank": "--low-rank"}):
+    with blame(None, **{"Recipe.low_rank": "--low-rank", "Recipe.w_group_size": "--group-size",
+                        "Recipe.a_group_size": "--group-size"}):
         if args.choose:
             choice = _choose(args, params, cfg, calib, recipe)
             recipe, calib, qparams = choice.recipe, choice.calib, choice.qparams
@@ -288,6 +294,10 @@ def register(sub) -> None:
     p.add_argument("--fp8", action="store_true",
                    help="float8 e4m3 weight and activation codes instead of int8 (needs "
                         "--w-bits 8 --a-bits 8) (default: off)")
+    p.add_argument("--group-size", type=rank_int, metavar="G",
+                   help="input channels per weight scale and per dynamic activation scale "
+                        "(SVDQuant's INT4 format: 64); 0 = per output channel / per token "
+                        "(default: the recipe's: 64 for svdquant, else 0)")
     p.add_argument("--choose", action="store_true",
                    help="choose the recipe's components (smoothing, rotation, time segments, "
                         "clipping) one at a time by the guided denoiser error along held-out "

@@ -421,6 +421,20 @@ def _checked_gram(stats, width: int, path: str) -> np.ndarray:
     return gram
 
 
+def check_groups(recipe: Recipe, kernel_shape: tuple, path: str = "?") -> None:
+    """ValueError when a group size of ``recipe`` does not divide K of the Dense layer at
+    ``path`` (kernel ``[K, N]``) that would use it (convolutions use none)."""
+    if len(kernel_shape) != 2:
+        return
+    for field, used in (("w_group_size", not recipe.float_weights),
+                        ("a_group_size", not recipe.float_activations)):
+        group = getattr(recipe, field)
+        if used and group and kernel_shape[0] % group:
+            raise ValueError(f"Recipe.{field}: {group} does not divide K = {kernel_shape[0]} "
+                             f"of layer {path} (kernel {list(kernel_shape)}); choose a "
+                             f"divisor or 0")
+
+
 def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segments: int,
                    recipe: Recipe, path: str = "?", weight_only: bool | None = None) -> QLinear:
     """Quantize one Dense (kernel ``[K, N]``) or Conv (HWIO ``[kh, kw, K, N]``).
@@ -439,12 +453,7 @@ def quantize_layer(kernel, bias, stats, segment_of_step: np.ndarray, num_segment
         recipe = dataclasses.replace(recipe, w_group_size=0)  # convs: per-channel scales
     if recipe.a_group_size and (np.ndim(kernel) != 2 or recipe.float_activations):
         recipe = dataclasses.replace(recipe, a_group_size=0)  # convs: per-token scales
-    for field in ("w_group_size", "a_group_size"):
-        group = getattr(recipe, field)
-        if group and np.shape(kernel)[0] % group:
-            raise ValueError(f"Recipe.{field}: {group} does not divide K = "
-                             f"{np.shape(kernel)[0]} of layer {path} (kernel "
-                             f"{list(np.shape(kernel))}); choose a divisor or 0")
+    check_groups(recipe, np.shape(kernel), path)
     layer = _prepare(kernel, bias, stats, segment_of_step, num_segments, recipe, path)
     if recipe.low_rank:
         lowrank.check_rank(recipe.low_rank, *layer.kernel.shape, path)

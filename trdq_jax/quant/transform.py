@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trdq_jax.quant.fit import quantize_layer
+from trdq_jax.quant.fit import check_groups, quantize_layer
 from trdq_jax.quant.qconv import module_geometry, qconv_apply
 from trdq_jax.quant.qlinear import QLinear, output_columns, qlinear_apply, segment_invariant
 from trdq_jax.quant.recipe import DEFAULT_KEEP_FLOAT, DEFAULT_WEIGHT_ONLY, Recipe
@@ -155,11 +155,13 @@ def quantize(params, calib, recipe: Recipe, *, progress: bool = False) -> dict:
                          "(trdq_jax.quant.calibrate.derive_calibration(calib, recipe, sampler)) "
                          "or calibrate with this recipe")
     selection = calibrated_selection(calib, recipe)
-    if recipe.low_rank:  # every branch must fit its layer: say so before any layer is fitted
-        from trdq_jax.quant.lowrank import check_rank
-        for path in selection.quantized:
-            if path not in selection.weight_only:
-                kernel = np.shape(_get(params, path)["kernel"])
+    # every branch and group must fit its layer: say so before any layer is fitted
+    from trdq_jax.quant.lowrank import check_rank
+    for path in selection.quantized:
+        if path not in selection.weight_only:
+            kernel = np.shape(_get(params, path)["kernel"])
+            check_groups(recipe, kernel, path)
+            if recipe.low_rank:
                 check_rank(recipe.low_rank, int(np.prod(kernel[:-1])), kernel[-1], path)
     layers: dict = {}
     items = selection.quantized
