@@ -10,7 +10,7 @@ from trdq_jax.models import input_shape
 from trdq_jax.quant.calibrate import derive_calibration
 from trdq_jax.quant.choose import (ANCHORS, choose_components, float_trajectories, guided_outputs,
                                    trajectory_error)
-from trdq_jax.sampling import Sampler, denoise_fn_for
+from trdq_jax.sampling import Sampler, denoise_fn_for, sample
 from tests.test_quant_cli import TINY
 
 
@@ -47,7 +47,7 @@ def test_walk_keeps_only_changes_that_lower_the_error(setup):
     steps = {"dynamic_rotated": {"a_mode": "dynamic", "rotation": "hadamard"},
              "two_bits": {"w_bits": 2}, "nothing": {}}
     choice = choose_components(model, params, calib, base, sampler, traj, steps=steps,
-                               anchors={})
+                               anchors={}, judge="teacher_forced")
     assert list(choice.errors) == ["base", "dynamic_rotated", "dynamic_rotated+two_bits"]
     assert choice.errors["dynamic_rotated"] < choice.errors["base"]
     assert choice.errors["dynamic_rotated+two_bits"] > choice.errors["dynamic_rotated"]
@@ -64,10 +64,18 @@ def test_walk_keeps_only_changes_that_lower_the_error(setup):
 
 
 def _error_of(model, params, calib, recipe, sampler, traj):
+    """The relative error of the recipe's final samples, drawn from the held-out noise by the
+    plain sampler, against the float model's samples drawn here too."""
     c = derive_calibration(calib, recipe, sampler)
-    out = guided_outputs(Q.QuantizedDenoiser(model, "xla"), Q.quantize(params, c, recipe), traj,
-                         sampler.with_segments(c.segment_of_step, c.num_segments))
-    return trajectory_error(out, guided_outputs(denoise_fn_for(model), params, traj, sampler))
+    q = Q.quantize(params, c, recipe)
+    given = {"seed": 9, "shape": input_shape(TINY.model, 3), "cfg_scale": TINY.sampler.cfg_scale,
+             "null_label": 3}
+    out = sample(Q.QuantizedDenoiser(model, "xla"), q,
+                 sampler.with_segments(c.segment_of_step, c.num_segments), np.arange(3), **given)
+    want = sample(denoise_fn_for(model), params, sampler, np.arange(3), **given)
+    np.testing.assert_allclose(np.asarray(traj.final), np.asarray(want), rtol=1e-5, atol=1e-5)
+    return float(np.mean((np.asarray(out, np.float64) - np.asarray(want, np.float64)) ** 2)
+                 / np.mean(np.asarray(want, np.float64) ** 2))
 
 
 def test_anchors_are_the_published_baselines_and_the_choice_is_never_worse(setup):
@@ -89,6 +97,14 @@ def test_anchors_are_the_published_baselines_and_the_choice_is_never_worse(setup
     assert choice.errors[best] == min(choice.errors.values())
     assert _error_of(model, params, calib, choice.recipe, sampler, traj) == pytest.approx(
         choice.errors[best], rel=1e-6)
+
+
+def test_a_bad_judge_is_refused(setup):
+    model, params, sampler, calib, traj = setup
+    with pytest.raises(ValueError, match=r"^judge: expected 'samples' or 'teacher_forced', got "
+                                         r"'psnr'"):
+        choose_components(model, params, calib, Q.get_recipe("minmax"), sampler, traj,
+                          judge="psnr")
 
 
 def test_candidates_the_sampler_cannot_take_are_skipped(setup):
