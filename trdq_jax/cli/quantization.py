@@ -186,7 +186,7 @@ def _quantize(args) -> int:
 
 
 def _choose(args, params, cfg, calib, recipe):
-    """``choose_components`` from ``recipe`` on held-out float trajectories: up to ten classes
+    """``choose_components`` from ``recipe`` on held-out float samples: up to ten classes
     spread over all (one sample each), seed ``--seed + 1`` (not the calibration's)."""
     from trdq_jax.models import build_model, input_shape
     from trdq_jax.quant.choose import choose_components, float_trajectories
@@ -299,10 +299,11 @@ def register(sub) -> None:
                         "(SVDQuant's INT4 format: 64); 0 = per output channel / per token "
                         "(default: the recipe's: 64 for svdquant, else 0)")
     p.add_argument("--choose", action="store_true",
-                   help="choose the recipe's components (smoothing, rotation, time segments, "
-                        "clipping) one at a time by the guided denoiser error along held-out "
-                        "float trajectories (seed --seed + 1); several quantizations "
-                        "(default: off)")
+                   help="choose the recipe's components: the best of the recipe and the "
+                        "baselines' block combinations (QuaRot, ViDiT-Q+GPTQ, static segments), "
+                        "then smoothing, rotation, time segments, clipping one at a time, each "
+                        "judged by the error of held-out samples (seed --seed + 1) against the "
+                        "float model's; several quantizations (default: off)")
     p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", metavar="PLAN",
                    help="CFG sharing plan stored with the checkpoint (trdq sample uses it): "
                         "none | all | trdq_release | a plan .json (default: none stored)")
