@@ -84,10 +84,12 @@ def memoise_duquant() -> dict:
 def parse_recipes(text: str) -> list[tuple[str, str, dict]]:
     """``"trdq,trdq[gptq=False;num_segments=1],trdq+choose"`` -> ``[(label, recipe name,
     overrides)]``; a ``+choose`` suffix sets ``overrides["+choose"] = True``: the row's recipe is
-    the one ``trdq_jax.quant.choose.choose_components`` reaches from it."""
+    the one ``trdq_jax.quant.choose.choose_components`` reaches from it; ``+choose<=0.35``
+    chooses under that byte budget (``max_ratio``, x bf16), stored as ``overrides["+choose"]
+    = 0.35``."""
     out = []
     for spec in re.split(r",(?![^\[]*\])", text):
-        m = re.fullmatch(r"\s*(\w+)\s*(?:\[(.*)\])?\s*(\+choose)?\s*", spec)
+        m = re.fullmatch(r"\s*(\w+)\s*(?:\[(.*)\])?\s*(\+choose(?:<=([0-9.]+))?)?\s*", spec)
         if not m or m.group(1) not in Q.RECIPES:
             raise ValueError(f"--recipes: expected names from {sorted(Q.RECIPES)} with optional "
                              f"[field=value;...] overrides, got {spec!r}")
@@ -99,7 +101,7 @@ def parse_recipes(text: str) -> list[tuple[str, str, dict]]:
             except (ValueError, SyntaxError):
                 raise ValueError(f"--recipes: bad override {item!r} in {spec!r}") from None
         if m.group(3):
-            overrides["+choose"] = True
+            overrides["+choose"] = float(m.group(4)) if m.group(4) else True
         out.append((spec.strip(), m.group(1), overrides))
     return out
 
@@ -210,11 +212,11 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
             start = time.perf_counter()
             if chosen:
                 from trdq_jax.quant.choose import choose_components
-                choice = choose_components(model, params, shared, recipe, sampler, traj)
+                budget = None if chosen is True else chosen
+                choice = choose_components(model, params, shared, recipe, sampler, traj,
+                                           max_ratio=budget)
                 calib, qparams = choice.calib, choice.qparams
-                path = next(k for k, v in choice.errors.items()
-                            if v == min(choice.errors.values()))
-                recipe_label = f"{recipe_name} ({path})"
+                recipe_label = f"{recipe_name} ({choice.label})"
             else:
                 calib = derive_calibration(shared, recipe, sampler)
                 qparams = jax.block_until_ready(Q.quantize(params, calib, recipe))

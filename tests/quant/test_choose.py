@@ -118,3 +118,28 @@ def test_candidates_the_sampler_cannot_take_are_skipped(setup):
     assert set(choice.errors) <= {"base", "2x3"} and "2x3" in choice.errors
     if choice.recipe.num_segments == 2:
         assert np.bincount(choice.calib.segment_of_step).min() >= 3
+
+
+def test_a_byte_budget_excludes_larger_candidates(setup):
+    """With a branch the layers hold more bytes and err less; under a budget between the two
+    the branch cannot win, and a budget nothing fits is an error naming the smallest ratio."""
+    model, params, sampler, calib, traj = setup
+    base = Q.get_recipe("quarot", 4, 4, low_rank=8)
+    steps = {"no_branch": {"low_rank": 0}}
+    free = choose_components(model, params, calib, base, sampler, traj, steps=steps, anchors={})
+    small, large = free.ratios["no_branch"], free.ratios["base"]
+    assert small < large and free.errors["base"] < free.errors["no_branch"]
+    assert free.label == "base" and free.recipe.low_rank == 8
+    paths = Q.quantized_layer_paths(free.qparams)
+    assert large == pytest.approx(Q.weight_bytes(free.qparams)["quantized_layers"]
+                                  / Q.float_bytes_of(params, paths))
+    budget = choose_components(model, params, calib, base, sampler, traj, steps=steps,
+                               anchors={}, max_ratio=(small + large) / 2)
+    assert budget.label == "no_branch" and budget.recipe.low_rank == 0
+    assert budget.errors == pytest.approx(free.errors)
+    with pytest.raises(ValueError, match=rf"^max_ratio: no candidate fits 0.1 x bf16 \(the "
+                                         rf"smallest holds {small:.4f} x\)"):
+        choose_components(model, params, calib, base, sampler, traj, steps=steps, anchors={},
+                          max_ratio=0.1)
+    with pytest.raises(ValueError, match=r"^max_ratio: expected a positive number"):
+        choose_components(model, params, calib, base, sampler, traj, max_ratio=0)

@@ -162,32 +162,41 @@ def trajectory_error(outputs, reference) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """recipe: the winner. errors: ``{label: trajectory error}`` of every candidate tried, in
-    order; label "base" is the starting recipe, others ``"+".join`` of the steps taken.
-    qparams / calib: the winner's quantized model and calibration."""
+    """recipe: the winner; label: its label in ``errors``. errors: ``{label: held-out error}``
+    of every candidate tried, in order; label "base" is the starting recipe, "anchor:NAME" an
+    anchor, others ``"+".join`` of the steps taken. ratios: ``{label: bytes of the quantized
+    layers / the same layers in bf16}``. qparams / calib: the winner's quantized model and
+    calibration."""
 
     recipe: Recipe
     errors: dict
     qparams: Any
     calib: Any
+    label: str = "base"
+    ratios: dict = dataclasses.field(default_factory=dict)
 
 
 def choose_components(model, params, calib, base: Recipe, sampler, traj: Trajectories, *,
                       steps: dict | None = None, anchors: dict | None = None, rounds: int = 1,
-                      judge: str = "samples", progress: bool = False) -> Choice:
+                      judge: str = "samples", max_ratio: float | None = None,
+                      progress: bool = False) -> Choice:
     """The recipe of least held-out trajectory error reached from the best of ``base`` and
     its ``anchors`` (overrides of ``base``, default ``ANCHORS``; ``{}``: none) by the
     component changes of ``steps`` (default ``COMPONENT_STEPS``) that lower the error, one at a
     time (``rounds`` passes over the changes). A candidate equal to one already scored, or one
     the recipe or the sampler cannot take (e.g. 8 segments of 4 steps in a 20-step sampler), is
-    skipped. ``judge``: "samples" or "teacher_forced" (module doc).
+    skipped. ``judge``: "samples" or "teacher_forced" (module doc). ``max_ratio``: a memory
+    budget, the most bytes the quantized layers may hold relative to the same layers in bf16
+    (e.g. 0.35); a candidate over it is scored and reported but cannot win (ValueError when
+    none fits).
 
     ``calib``: statistics from which every candidate's calibration is derived
     (``derive_calibration``: no model run per candidate). ``traj``: ``float_trajectories`` of
     samples the calibration did not use.
     """
     from trdq_jax.quant.calibrate import derive_calibration
-    from trdq_jax.quant.transform import QuantizedDenoiser, quantize
+    from trdq_jax.quant.transform import (QuantizedDenoiser, float_bytes_of, quantize,
+                                          quantized_layer_paths, weight_bytes)
     from trdq_jax.sampling import denoise_fn_for
     from trdq_jax.sampling import sample
     if judge not in ("samples", "teacher_forced"):
@@ -195,11 +204,15 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     if judge == "samples" and traj.final is None:
         raise ValueError("traj: holds no final samples (judge='samples' needs "
                          "float_trajectories' output)")
+    if max_ratio is not None and not (isinstance(max_ratio, (int, float)) and max_ratio > 0):
+        raise ValueError(f"max_ratio: expected a positive number (bytes relative to bf16), got "
+                         f"{max_ratio!r}")
     steps = COMPONENT_STEPS if steps is None else steps
     reference = (traj.final if judge == "samples"
                  else guided_outputs(denoise_fn_for(model), params, traj, sampler))
     denoiser = QuantizedDenoiser(model, "xla")
     errors: dict = {}
+    ratios: dict = {}
 
     def score(recipe):
         c = derive_calibration(calib, recipe, sampler)
@@ -209,9 +222,15 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
                else guided_outputs(denoiser, q, traj, segmented))
         return trajectory_error(out, reference), q, c
 
+    def judged(key, error, q):  # the error a candidate competes with (inf: over the budget)
+        errors[key] = error
+        ratios[key] = (weight_bytes(q)["quantized_layers"]
+                       / float_bytes_of(params, quantized_layer_paths(q)))
+        return error if max_ratio is None or ratios[key] <= max_ratio else float("inf")
+
     best_error, best_q, best_c = score(base)
     best, label = base, "base"
-    errors[label] = best_error
+    best_error = judged(label, best_error, best_q)
     seen = {base}
     anchors = ANCHORS if anchors is None else anchors
     todo = [(f"anchor:{name}", change, True) for name, change in anchors.items()]
@@ -226,10 +245,14 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         seen.add(candidate)
         error, q, c = score(candidate)
         key = name if is_anchor or label == "base" else f"{label}+{name}"
-        errors[key] = error
+        error = judged(key, error, q)
         if error < best_error:
             best, best_error, best_q, best_c, label = candidate, error, q, c, key
-    return Choice(recipe=best, errors=errors, qparams=best_q, calib=best_c)
+    if best_error == float("inf"):
+        raise ValueError(f"max_ratio: no candidate fits {max_ratio} x bf16 (the smallest holds "
+                         f"{min(ratios.values()):.4f} x)")
+    return Choice(recipe=best, errors=errors, qparams=best_q, calib=best_c, label=label,
+                  ratios=ratios)
 
 
 def _replace(recipe: Recipe, change: dict, num_steps: int) -> Recipe | None:
