@@ -165,3 +165,18 @@ def test_cfg_analysis_of_a_text_model(text_ckpt, tmp_path, capsys):
     err_table = np.asarray(analysis["share_error"])
     assert err_table.shape == (4, 1) and np.isfinite(err_table).all() and err_table.max() > 0
     assert list((tmp_path / "a" / "plans").glob("*.json"))
+
+
+def test_quantize_choose_on_a_text_model(text_ckpt, tmp_path, capsys):
+    """--choose draws its held-out samples from the calibration prompts (another seed) and
+    reports every candidate's error; the chosen recipe is stored."""
+    code, out, err = run(capsys, "quantize", "--checkpoint", text_ckpt, "--out", tmp_path / "q",
+                         "--prompt", "digit 1", "--prompt", "a handwritten two",
+                         "--per-class", 1, "--w-bits", 4, "--a-bits", 8, "--choose")
+    assert code == 0, err
+    errors = json.loads(out)["trajectory_errors"]
+    assert list(errors)[0] == "base" and "anchor:quarot" in errors
+    assert all(np.isfinite(v) and v > 0 for v in errors.values())
+    from trdq_jax.quant.io import load_quantized
+    _, _, recipe, _ = load_quantized(tmp_path / "q")
+    assert recipe.name == "trdq" and (recipe.w_bits, recipe.a_bits) == (4, 8)

@@ -186,21 +186,34 @@ def _quantize(args) -> int:
 
 
 def _choose(args, params, cfg, calib, recipe):
-    """``choose_components`` from ``recipe`` on held-out float samples: up to ten classes
-    spread over all (one sample each), seed ``--seed + 1`` (not the calibration's)."""
+    """``choose_components`` from ``recipe`` on held-out float samples, seed ``--seed + 1``
+    (not the calibration's): up to ten classes spread over all (one sample each), or for a
+    text model ten samples of the calibration prompts (``--prompt``/``--prompts``; the
+    bundled digits model: its training phrasings of every digit)."""
     from trdq_jax.models import build_model, input_shape
     from trdq_jax.quant.choose import choose_components, float_trajectories
-    from trdq_jax.quant.pipeline import spread_labels
+    from trdq_jax.quant.pipeline import spread_labels, text_calibration
     from trdq_jax.sampling import Sampler
-    num_classes = getattr(cfg.model, "num_classes", None)
-    if getattr(cfg.model, "family", None) == "pixart" or not num_classes:
-        raise ValueError("--choose: implemented for class-conditional models; quantize this one "
-                         "without --choose (or call trdq_jax.quant.choose from Python)")
-    labels = spread_labels(num_classes, min(num_classes, 10))
     model, sampler = build_model(cfg.model), Sampler.from_config(cfg.sampler)
-    traj = float_trajectories(model, params, sampler, shape=input_shape(cfg.model, len(labels)),
-                              seed=(args.seed + 1) % 2 ** 32, labels=labels,
-                              null_label=num_classes, cfg_scale=cfg.sampler.cfg_scale)
+    held_out = {"seed": (args.seed + 1) % 2 ** 32, "cfg_scale": cfg.sampler.cfg_scale}
+    num_classes = getattr(cfg.model, "num_classes", None)
+    if getattr(cfg.model, "family", None) == "pixart":
+        from trdq_jax.cli._prompts import prompt_list
+        prompts = prompt_list(args, cfg) if args.prompt or args.prompts else None
+        with blame(None, text_encoder="--text-encoder", prompts="--prompts",
+                   cache_dir="--prompt-cache"):
+            cond, null = text_calibration(cfg, 1, 10, prompts, args.text_encoder,
+                                          args.prompt_cache)
+        given = {"cond": cond, "null_cond": null, "shape": input_shape(cfg.model, 10)}
+    elif num_classes:
+        labels = spread_labels(num_classes, min(num_classes, 10))
+        given = {"labels": labels, "null_label": num_classes,
+                 "shape": input_shape(cfg.model, len(labels))}
+    else:
+        raise ValueError("--choose: implemented for class- and text-conditional models; "
+                         "quantize this one without --choose (or call trdq_jax.quant.choose "
+                         "from Python)")
+    traj = float_trajectories(model, params, sampler, **given, **held_out)
     return choose_components(model, params, calib, recipe, sampler, traj, progress=True)
 
 

@@ -76,8 +76,8 @@ def run_calibration(model, params, cfg: ExperimentConfig, recipe: Recipe, *, per
         raise ValueError(f"rows_per_step: expected a positive int, got {rows_per_step!r}")
     sampler = Sampler.from_config(cfg.sampler)
     if cfg.model.family == "pixart":
-        cond, null = _text_calibration(cfg, per_class, num_samples, prompts, text_encoder,
-                                       prompt_cache)
+        cond, null = text_calibration(cfg, per_class, num_samples, prompts, text_encoder,
+                                      prompt_cache)
         return calibrate(model, params, recipe, sampler, cond=cond, null_cond=null,
                          shape=input_shape(cfg.model, len(cond["mask"])), seed=seed,
                          rows_per_step=rows_per_step, progress=progress)
@@ -90,8 +90,10 @@ def run_calibration(model, params, cfg: ExperimentConfig, recipe: Recipe, *, per
                      seed=seed, rows_per_step=rows_per_step, progress=progress)
 
 
-def _text_calibration(cfg, per_class, num_samples, prompts, text_encoder, prompt_cache):
-    """``(cond, null_cond)`` of a text model's calibration set (see ``run_calibration``)."""
+def text_calibration(cfg, per_class, num_samples, prompts, text_encoder, prompt_cache):
+    """``(cond, null_cond)`` of a text model's calibration set (see ``run_calibration``):
+    caption embeddings ``[n, max_tokens, D]`` and masks ``[n, max_tokens]``, the empty prompt
+    as the null branch."""
     from trdq_jax.data.captions import TRAIN_TEMPLATES, prompts_for
     from trdq_jax.sampling.prompts import (caption_conditioning, encode_prompts,
                                            null_conditioning)
