@@ -164,8 +164,9 @@ def _scores(samples, labels, reference, float_samples=None) -> dict:
 
 def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str, str, dict]],
                 per_class: int,
-                calib_per_class: int, seed: int, bar) -> dict:
-    """Every (bits, recipe) row of one bundled model (plus its float row)."""
+                calib_per_class: int, seed: int, bar, choose_per_class: int = 1) -> dict:
+    """Every (bits, recipe) row of one bundled model (plus its float row); a ``+choose`` row
+    judges its candidates on ``choose_per_class`` held-out samples per class."""
     model, params, cfg = zoo.load(name)
     sampler = Sampler.from_config(cfg.sampler)
     num_classes = getattr(cfg.model, "num_classes", 10)  # a text model: the ten digits
@@ -194,9 +195,9 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
     memoise_duquant().clear()
     traj = None
     if any("+choose" in overrides for _, _, overrides in recipes):
-        # held-out trajectories: one sample per class, a seed neither calibration nor judging uses
+        # held-out samples: a seed neither calibration nor judging uses
         from trdq_jax.quant.choose import float_trajectories
-        held_labels = np.arange(num_classes)
+        held_labels = np.repeat(np.arange(num_classes), choose_per_class)
         held_cond, held_null = _conditions(cfg, held_labels, TRAIN_TEMPLATES)
         held = ({"labels": held_cond, "null_label": held_null} if isinstance(held_null, int)
                 else {"cond": held_cond, "null_cond": held_null})
@@ -354,6 +355,9 @@ def main(argv=None) -> None:
     parser.add_argument("--per-class", type=int, default=10, help="judged samples per class")
     parser.add_argument("--calib-per-class", type=int, default=2,
                         help="calibration samples per class")
+    parser.add_argument("--choose-per-class", type=int, default=1,
+                        help="held-out samples per class that a +choose row judges its "
+                             "candidates on (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", default=None, help="markdown file whose section to replace")
     parser.add_argument("--section", default=SECTION,
@@ -372,15 +376,16 @@ def main(argv=None) -> None:
         recipes = parse_recipes(args.recipes)
     except ValueError as e:
         parser.error(str(e))
-    if args.per_class < 1 or args.calib_per_class < 1:
-        parser.error("--per-class / --calib-per-class: expected positive ints")
+    if args.per_class < 1 or args.calib_per_class < 1 or args.choose_per_class < 1:
+        parser.error("--per-class / --calib-per-class / --choose-per-class: expected positive "
+                     "ints")
     bits = parse_bits(args.bits)
     from tqdm import tqdm
     results = []
     with tqdm(total=len(models) * len(bits) * len(recipes), desc="bench_quant", unit="row") as bar:
         for name in models:
             results.append(bench_model(name, bits, recipes, args.per_class, args.calib_per_class,
-                                       args.seed, bar))
+                                       args.seed, bar, args.choose_per_class))
     command = "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in
                                                  ["benchmarks/bench_quant.py", *sys.argv[1:]])
     blocks = {res["model"]: model_block(res, command, args.section) for res in results}
