@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trdq_jax.quant.recipe import Recipe
+from trdq_jax.quant.recipe import RECIPES, Recipe
 
 # The fixed combinations of the recipe's own blocks that the published baselines are made of,
 # as overrides of every component field: QuaRot (rotation + GPTQ with a weight-clip search,
@@ -52,20 +52,21 @@ from trdq_jax.quant.recipe import Recipe
 # starts from the best of these and the base, so on the held-out trajectories its choice is
 # never worse than any of them; fields they do not name (bits, low rank, groups, fp8, seed)
 # stay the base's.
-_FIXED = {"w_clip_grid": (1.0, 0.95, 0.9, 0.85, 0.8), "per_segment_weights": False,
-          "low_rank_per_segment": False}
+# the recipe fields that make up a method's blocks; an anchor sets all of them to the named
+# baseline's values (read from RECIPES, so the anchors cannot drift from the baselines)
+_COMPONENT_FIELDS = ("smoothing", "alpha", "alpha_grid", "rotation", "gptq", "w_clip_search",
+                     "w_clip_grid", "a_mode", "a_clip_search", "num_segments", "segment_split",
+                     "min_segment_steps", "per_segment_weights", "low_rank_per_segment")
+
+
+def _blocks_of(recipe: Recipe) -> dict:
+    return {field: getattr(recipe, field) for field in _COMPONENT_FIELDS}
+
+
 ANCHORS: dict[str, dict] = {
-    "quarot": {**_FIXED, "smoothing": False, "alpha_grid": (), "rotation": "hadamard",
-               "gptq": True, "w_clip_search": True, "a_mode": "dynamic", "a_clip_search": False,
-               "num_segments": 1, "segment_split": "uniform", "min_segment_steps": 1},
-    "viditq_gptq": {**_FIXED, "smoothing": True, "alpha": 0.5, "alpha_grid": (),
-                    "rotation": "hadamard", "gptq": True, "w_clip_search": False,
-                    "a_mode": "dynamic", "a_clip_search": False, "num_segments": 1,
-                    "segment_split": "uniform", "min_segment_steps": 1},
-    "trdq_static": {**_FIXED, "smoothing": False, "alpha_grid": (), "rotation": "hadamard",
-                    "gptq": True, "w_clip_search": True, "a_mode": "static",
-                    "a_clip_search": True, "num_segments": 4, "segment_split": "similarity",
-                    "min_segment_steps": 1},
+    "quarot": _blocks_of(RECIPES["quarot"]),
+    "viditq_gptq": _blocks_of(dataclasses.replace(RECIPES["viditq"], gptq=True)),
+    "trdq_static": _blocks_of(RECIPES["trdq_static"]),
 }
 
 # then one component each, as recipe overrides applied to the current choice
