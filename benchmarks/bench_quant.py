@@ -129,6 +129,15 @@ def _conditions(cfg, labels, templates=None):
     return cond, null
 
 
+def validation_templates(per_class: int) -> tuple[str, ...]:
+    """The phrasings a text model's ``+choose`` validates on: the held-out templates that the
+    judged prompts (``prompts_for``: template ``k % 4`` for a digit's ``k``-th sample) do not
+    use, so the choice sees neither the calibration's phrasings nor the judged ones; with
+    ``per_class >= 4`` every held-out template is judged and the training ones are used."""
+    from trdq_jax.data.captions import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+    return HELDOUT_TEMPLATES[per_class:] or TRAIN_TEMPLATES
+
+
 def _sample_all(apply_fn, params, sampler, conds, cfg, seed):
     """Samples of every conditioning in ``conds`` (``_conditions``) in batches of
     ``cfg.generation.batch_size``; sample i depends on ``(seed, i)`` only, so float and
@@ -164,7 +173,7 @@ def _scores(samples, labels, reference, float_samples=None) -> dict:
 
 def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str, str, dict]],
                 per_class: int,
-                calib_per_class: int, seed: int, bar, choose_per_class: int = 1) -> dict:
+                calib_per_class: int, seed: int, bar, choose_per_class: int = 3) -> dict:
     """Every (bits, recipe) row of one bundled model (plus its float row); a ``+choose`` row
     judges its candidates on ``choose_per_class`` held-out samples per class."""
     model, params, cfg = zoo.load(name)
@@ -198,7 +207,7 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
         # held-out samples: a seed neither calibration nor judging uses
         from trdq_jax.quant.choose import float_trajectories
         held_labels = np.repeat(np.arange(num_classes), choose_per_class)
-        held_cond, held_null = _conditions(cfg, held_labels, TRAIN_TEMPLATES)
+        held_cond, held_null = _conditions(cfg, held_labels, validation_templates(per_class))
         held = ({"labels": held_cond, "null_label": held_null} if isinstance(held_null, int)
                 else {"cond": held_cond, "null_cond": held_null})
         traj = float_trajectories(model, params, sampler, **held, seed=seed + 2,
@@ -355,7 +364,7 @@ def main(argv=None) -> None:
     parser.add_argument("--per-class", type=int, default=10, help="judged samples per class")
     parser.add_argument("--calib-per-class", type=int, default=2,
                         help="calibration samples per class")
-    parser.add_argument("--choose-per-class", type=int, default=1,
+    parser.add_argument("--choose-per-class", type=int, default=3,
                         help="held-out samples per class that a +choose row judges its "
                              "candidates on (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)

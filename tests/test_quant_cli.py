@@ -191,8 +191,13 @@ def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
                  "--a-bits", "4", "--segments", "2", "--per-class", "1", "--rows-per-step", "8",
                  "--out", str(tmp_path / "c")]) == 0
     capsys.readouterr()
-    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose", "--out",
-                 str(tmp_path / "q")]) == 0
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose-samples", "3", "--out",
+                 str(tmp_path / "q")]) == 2
+    assert "--choose-samples: counts the samples --choose judges on; give --choose too" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "q").exists()
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose", "--choose-samples", "4",
+                 "--out", str(tmp_path / "q")]) == 0
     summary = json.loads(capsys.readouterr().out)
     errors = summary["trajectory_errors"]
     assert list(errors)[0] == "base" and len(errors) >= 4

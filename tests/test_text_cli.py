@@ -172,7 +172,8 @@ def test_quantize_choose_on_a_text_model(text_ckpt, tmp_path, capsys):
     reports every candidate's error; the chosen recipe is stored."""
     code, out, err = run(capsys, "quantize", "--checkpoint", text_ckpt, "--out", tmp_path / "q",
                          "--prompt", "digit 1", "--prompt", "a handwritten two",
-                         "--per-class", 1, "--w-bits", 4, "--a-bits", 8, "--choose")
+                         "--per-class", 1, "--w-bits", 4, "--a-bits", 8, "--choose",
+                         "--choose-samples", 3)
     assert code == 0, err
     errors = json.loads(out)["trajectory_errors"]
     assert list(errors)[0] == "base" and "anchor:quarot" in errors

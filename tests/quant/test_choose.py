@@ -83,7 +83,7 @@ def test_anchors_are_the_published_baselines_and_the_choice_is_never_worse(setup
     trajectory error computed independently), and the choice starts from the best of them."""
     model, params, sampler, calib, traj = setup
     base = Q.get_recipe("minmax", 4, 4)
-    choice = choose_components(model, params, calib, base, sampler, traj, steps={})
+    choice = choose_components(model, params, calib, base, sampler, traj, steps={}, margin_db=0)
     baselines = {"quarot": Q.get_recipe("quarot", 4, 4),
                  "viditq_gptq": Q.get_recipe("viditq", 4, 4, gptq=True),
                  "trdq_static": Q.get_recipe("trdq_static", 4, 4)}
@@ -97,6 +97,27 @@ def test_anchors_are_the_published_baselines_and_the_choice_is_never_worse(setup
     assert choice.errors[best] == min(choice.errors.values())
     assert _error_of(model, params, calib, choice.recipe, sampler, traj) == pytest.approx(
         choice.errors[best], rel=1e-6)
+
+
+def test_a_change_must_win_by_the_margin(setup):
+    """A change that lowers the error by d dB replaces the choice under a margin below d and
+    not under one above it; a negative margin is refused."""
+    model, params, sampler, calib, traj = setup
+    base = Q.get_recipe("minmax", 4, 4)
+    steps = {"dynamic_rotated": {"a_mode": "dynamic", "rotation": "hadamard"}}
+    kwargs = {"steps": steps, "anchors": {}, "judge": "teacher_forced"}
+    free = choose_components(model, params, calib, base, sampler, traj, margin_db=0, **kwargs)
+    gain_db = 10 * np.log10(free.errors["base"] / free.errors["dynamic_rotated"])
+    assert gain_db > 0.2 and free.label == "dynamic_rotated"
+    below = choose_components(model, params, calib, base, sampler, traj,
+                              margin_db=gain_db - 0.1, **kwargs)
+    above = choose_components(model, params, calib, base, sampler, traj,
+                              margin_db=gain_db + 0.1, **kwargs)
+    assert below.label == "dynamic_rotated" and below.recipe.rotation == "hadamard"
+    assert above.label == "base" and above.recipe == base
+    assert above.errors == pytest.approx(free.errors)
+    with pytest.raises(ValueError, match=r"^margin_db: expected a number >= 0 \(dB\), got -1"):
+        choose_components(model, params, calib, base, sampler, traj, margin_db=-1, **kwargs)
 
 
 def test_a_bad_judge_is_refused(setup):

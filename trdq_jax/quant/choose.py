@@ -185,7 +185,7 @@ class Choice:
 def choose_components(model, params, calib, base: Recipe, sampler, traj: Trajectories, *,
                       steps: dict | None = None, anchors: dict | None = None, rounds: int = 1,
                       judge: str = "samples", max_ratio: float | None = None,
-                      progress: bool = False) -> Choice:
+                      margin_db: float = 0.1, progress: bool = False) -> Choice:
     """The recipe of least held-out trajectory error reached from the best of ``base`` and
     its ``anchors`` (overrides of ``base``, default ``ANCHORS``; ``{}``: none) by the
     component changes of ``steps`` (default ``COMPONENT_STEPS``) that lower the error, one at a
@@ -194,7 +194,9 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     skipped. ``judge``: "samples" or "teacher_forced" (module doc). ``max_ratio``: a memory
     budget, the most bytes the quantized layers may hold relative to the same layers in bf16
     (e.g. 0.35); a candidate over it is scored and reported but cannot win (ValueError when
-    none fits).
+    none fits). ``margin_db``: how much lower (in dB of the relative error) a candidate's
+    error must be to replace the current choice: the held-out estimate is noisy, and a change
+    that wins by less than the noise is as likely to lose on other samples (0: any win).
 
     ``calib``: statistics from which every candidate's calibration is derived
     (``derive_calibration``: no model run per candidate). ``traj``: ``float_trajectories`` of
@@ -210,6 +212,8 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     if judge == "samples" and traj.final is None:
         raise ValueError("traj: holds no final samples (judge='samples' needs "
                          "float_trajectories' output)")
+    if isinstance(margin_db, bool) or not isinstance(margin_db, (int, float)) or not margin_db >= 0:
+        raise ValueError(f"margin_db: expected a number >= 0 (dB), got {margin_db!r}")
     if max_ratio is not None and not (isinstance(max_ratio, (int, float)) and max_ratio > 0):
         raise ValueError(f"max_ratio: expected a positive number (bytes relative to bf16), got "
                          f"{max_ratio!r}")
@@ -252,7 +256,7 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         error, q, c = score(candidate)
         key = name if is_anchor or label == "base" else f"{label}+{name}"
         error = judged(key, error, q)
-        if error < best_error:
+        if error < best_error * 10.0 ** (-margin_db / 10.0):
             best, best_error, best_q, best_c, label = candidate, error, q, c, key
     if best_error == float("inf"):
         raise ValueError(f"max_ratio: no candidate fits {max_ratio} x bf16 (the smallest holds "
