@@ -45,3 +45,20 @@ def check_rounding(got, pre_round, lo: int, hi: int, tie_band: float = 1e-3):
     np.testing.assert_array_equal(got[~near_tie], want[~near_tie])
     assert np.abs(got - want).max(initial=0) <= 1
     return float(near_tie.mean())
+
+
+def grouped_dequant_matmul(x, w, group_size: int, x_scale, x_zero, w_scale, bias):
+    """float64 ``sum_g ((x_g - z_g) s_x,g) @ (w_g s_w,g) + b`` for integer codes x [M, K],
+    w [K, N] in groups of ``group_size`` rows: x_scale / x_zero [M, G] (or [M, 1]: per token),
+    w_scale [G, N] (or [N]: per channel)."""
+    m, k = x.shape
+    groups = k // group_size
+    xs = np.broadcast_to(np.asarray(x_scale, np.float64), (m, groups))
+    xz = np.broadcast_to(np.asarray(0 if x_zero is None else x_zero, np.float64), (m, groups))
+    ws = np.broadcast_to(np.asarray(w_scale, np.float64), (groups, w.shape[1]))
+    y = np.zeros((m, w.shape[1]))
+    for g in range(groups):
+        rows = slice(g * group_size, (g + 1) * group_size)
+        xf = (x[:, rows].astype(np.float64) - xz[:, g:g + 1]) * xs[:, g:g + 1]
+        y += xf @ (w[rows].astype(np.float64) * ws[g])
+    return y if bias is None else y + np.asarray(bias, np.float64)

@@ -57,3 +57,30 @@ def test_per_token_quantize_lowers(platform):
              jax.ShapeDtypeStruct((100, 1), jnp.float32),
              jax.ShapeDtypeStruct((100, 1), jnp.float32)]
     assert marker in _export(fn, platform, *avals)
+
+
+@pytest.mark.parametrize("platform", list(_TARGETS))
+@pytest.mark.parametrize("w_bits, group_size", [(4, 64), (8, 128)])
+def test_grouped_matmul_lowers(platform, w_bits, group_size):
+    """SVDQuant's INT4 format (groups of 64 on both sides) and GPTQ-g128 style at DiT-XL
+    widths (K = 1152), ragged M; the K block is the group."""
+    from pallas_kernels import grouped_matmul
+    from pallas_kernels.grouped_matmul import group_block_k
+    variant, (backend, generation), marker = _TARGETS[platform]
+    m, k, n, s = 200, 1152, 1152, 2
+    groups = k // group_size
+    blocks = default_block_sizes(m, n, group_size, packed=w_bits == 4, backend=backend,
+                                 generation=generation)[:2] + (
+        group_block_k(k, group_size, packed=w_bits == 4),)
+    w_shape, w_dtype = ((1, k, n), jnp.int8) if w_bits == 8 else ((1, k // 2, n), jnp.uint8)
+
+    def fn(x, w, xs, xz, ws, cs, b, seg):
+        return grouped_matmul(x, w, xs, xz, ws, cs, b, seg, group_size=group_size,
+                              w_bits=w_bits, interpret=False, variant=variant,
+                              block_sizes=blocks)
+
+    avals = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in [
+        ((m, k), jnp.int8), (w_shape, w_dtype), ((m, groups), jnp.float32),
+        ((m, groups), jnp.int32), ((s, groups, n), jnp.float32), ((s, groups, n), jnp.int32),
+        ((n,), jnp.float32), ((), jnp.int32)]]
+    assert marker in _export(fn, platform, *avals)

@@ -20,6 +20,14 @@ RECIPES = {  # all share one 2-segment calibration
     "w4a8_dynamic_sym_per_segment_weights": Q.Recipe(
         "c", w_bits=4, a_bits=8, a_symmetric=True, rotation="duquant", rotation_block=16,
         smoothing=True, num_segments=2, per_segment_weights=True, a_clip_search=False),
+    # grouped_matmul: SVDQuant's format (groups on both sides, packed int4, a low-rank branch)
+    # and activation groups over per-channel weights, one copy per segment (the column sums
+    # per group are built from every copy's codes)
+    "w4a4_groups_lowrank": Q.Recipe("d", w_bits=4, a_bits=4, w_group_size=16, a_group_size=16,
+                                    low_rank=4, smoothing=True, num_segments=2),
+    "w8a8_act_groups_per_segment_weights": Q.Recipe(
+        "e", w_bits=8, a_bits=8, a_group_size=16, rotation="hadamard", num_segments=2,
+        per_segment_weights=True, a_clip_search=False),
 }
 
 

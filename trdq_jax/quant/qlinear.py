@@ -12,9 +12,10 @@ Backends, which agree to float tolerance:
   ``fake``: simulated quantization in float32 (the reference);
   ``xla``: int8 x int8 -> int32 ``dot_general``, scales (and the asymmetric zero-point correction
     ``z_x * colsum(W_q)``) applied after the dot; int8 is never converted to float before the dot;
+    group-wise layers take one int32 dot per group, each scaled by its group's scales;
   ``pallas``: the kernels of ``pallas_kernels`` (integer matmul with the epilogue fused, dynamic
-    activation quantization in a kernel; interpreted on CPU); fp8 and group-wise layers run
-    the ``xla`` path (one int32 dot per group, each scaled by its group's weight scales);
+    activation quantization in a kernel; group-wise layers ``grouped_matmul``, K blocks aligned
+    to the groups; interpreted on CPU); fp8 layers run the ``xla`` path;
   ``auto``: ``pallas`` on TPU / GPU where ``pallas_kernels.auto_backend`` says the layer fits,
     else ``xla``.
 Everything that varies with the time segment has a leading axis ``[S, ...]`` selected with the
@@ -240,6 +241,28 @@ def _grouped_int_dot(q: QLinear, codes, a_scale, a_zero, segment) -> jax.Array:
     return jnp.sum(acc.astype(jnp.float32) * by_group(a_scale) * w_scale, axis=0)
 
 
+def _grouped_pallas(pk, q: QLinear, rows, segment) -> jax.Array:
+    """float32 ``[M, N]`` (bias included) of ``rows [M, K]`` through ``pk.grouped_matmul``:
+    the same activation codes as the ``xla`` path; per-channel weight scales and, without
+    weight groups, each group's column sums of the codes (every weight copy) built here."""
+    g = q.a_group_size or q.w_group_size
+    groups = q.code_rows // g
+    codes, a_scale, a_zero = quantize_activation(q, rows, segment)
+    if q.a_group_size:  # [M, G, 1] -> [M, G]
+        a_scale = a_scale.reshape(rows.shape[0], groups)
+        a_zero = None if a_zero is None else a_zero.reshape(rows.shape[0], groups)
+    colsum = None
+    if a_zero is not None:
+        if q.w_group_size:
+            colsum = q.w_colsum
+        else:
+            w = (jax.vmap(lambda c: quantizers.unpack_int4(c, q.code_rows))(q.w_q) if q.packed
+                 else q.w_q)                                          # [Sw, K, N]
+            colsum = jnp.sum(w.reshape(w.shape[0], groups, g, -1), axis=2, dtype=jnp.int32)
+    return pk.grouped_matmul(codes, q.w_q, a_scale, a_zero, q.w_scale, colsum, q.bias, segment,
+                             group_size=g, w_bits=4 if q.packed else 8)
+
+
 ACTIVATION_SLICES = 3
 
 
@@ -299,10 +322,12 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
             y = xt @ dequantized_weight(q, segment)
         else:  # integer dots on the codes, scales after: no float copy of the weight
             y = sliced_dot(xt, weight_codes(q, segment)) * _select(q.w_scale, segment)
-    elif backend == "pallas" and q.w_bits != 16 and not (q.fp8 or q.w_group_size
-                                                         or q.a_group_size):
+    elif backend == "pallas" and q.w_bits != 16 and not q.fp8:
         import pallas_kernels as pk  # imported on use: the kernels load only when asked for
         rows = xt.reshape(-1, q.in_features)
+        if q.w_group_size or q.a_group_size:
+            y = _grouped_pallas(pk, q, rows, segment)
+            return y.reshape(x.shape[:-1] + y.shape[-1:]) + low_rank_output(q, xt, segment)
         if q.a_mode == "dynamic":
             clip = 1.0 if q.a_clip is None else _select(q.a_clip, segment)
             lo, hi = token_min_max(rows)
