@@ -8,7 +8,10 @@ the ``xla`` backend) feeds float8_e4m3fn operands with a float32 accumulator, th
 per-token x per-channel scales and bias. Every integer method includes its dequantisation epilogue
 (zero-point correction, per-token x per-channel scales, bias) and writes float32, as
 ``qlinear_apply`` does; the bf16 dot writes bf16. Activation codes are prepared beforehand, so
-this times the matmuls only. Timings are medians over interleaved repetitions
+this times the matmuls only. ``w4a4g``: SVDQuant's INT4 format (int4 weights and
+activations, a scale and zero point per group of 64 input channels on both sides), XLA's
+batched per-group int32 dots (what ``qlinear_apply`` runs on ``xla``) vs
+``pallas_kernels.grouped_matmul``. Timings are medians over interleaved repetitions
 (each repetition runs every method once, in turn), so drifting clocks or a busy host affect all
 methods alike. Ratios > 1 mean the Pallas kernel is faster.
 
@@ -27,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import platform, w8a8_matmul
+from pallas_kernels import grouped_matmul, platform, w8a8_matmul
 from trdq_jax.quant.quantizers import pack_int4, unpack_int4
 
 SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N)
+GROUP = 64  # SVDQuant's INT4 group size
 
 
 def _operands(tokens: int, k: int, n: int, seed: int = 0) -> dict:
@@ -49,6 +53,11 @@ def _operands(tokens: int, k: int, n: int, seed: int = 0) -> dict:
             jnp.float8_e4m3fn),
         w8=w8, w4_packed=np.asarray(pack_int4(jnp.asarray(w4))),
         colsum8=w8.astype(np.int32).sum(0), colsum4=w4.astype(np.int32).sum(0),
+        x_q4=rng.integers(-8, 8, (tokens, k)).astype(np.int8),
+        xg_scale=rng.uniform(0.01, 0.1, (tokens, k // GROUP)).astype(np.float32),
+        xg_zero=rng.integers(-4, 4, (tokens, k // GROUP)).astype(np.int32),
+        wg_scale=rng.uniform(0.001, 0.01, (1, k // GROUP, n)).astype(np.float32),
+        colsum4g=w4.astype(np.int32).reshape(1, k // GROUP, GROUP, n).sum(2),
         w_scale=rng.uniform(0.001, 0.01, n).astype(np.float32),
         bias=rng.standard_normal(n).astype(np.float32))
     return {name: jax.device_put(v) for name, v in ops.items()}
@@ -64,10 +73,22 @@ def _xla_fp8(x, w, x_scale, w_scale, bias):
     return acc * x_scale * w_scale + bias
 
 
+def _xla_grouped(x_q, w, x_scale, x_zero, w_scale, colsum, bias):
+    """One int32 dot per group (a batched dot_general), corrected and scaled, summed."""
+    groups = w_scale.shape[1]
+    lhs = x_q.reshape(x_q.shape[0], groups, GROUP)
+    acc = jax.lax.dot_general(lhs, w.reshape(groups, GROUP, -1), (((2,), (1,)), ((1,), (0,))),
+                              preferred_element_type=jnp.int32)           # [G, M, N]
+    acc = acc - x_zero.T[:, :, None] * colsum[0][:, None, :]
+    return jnp.sum(acc.astype(jnp.float32) * x_scale.T[:, :, None] * w_scale[0][:, None, :],
+                   axis=0) + bias
+
+
 def _methods(k: int, blocks) -> dict:
     """name -> (jitted fn, operand names)."""
     int8 = ("x_q", "w8", "x_scale", "x_zero", "w_scale", "colsum8", "bias")
     int4 = ("x_q", "w4_packed", "x_scale", "x_zero", "w_scale", "colsum4", "bias")
+    int4g = ("x_q4", "w4_packed", "xg_scale", "xg_zero", "wg_scale", "colsum4g", "bias")
     return {
         "bf16": (jax.jit(jnp.dot), ("x_bf16", "w_bf16")),
         "xla_w8a8": (jax.jit(_xla_w8a8), int8),
@@ -76,6 +97,9 @@ def _methods(k: int, blocks) -> dict:
         "pallas_w4a8": (jax.jit(lambda *a: w8a8_matmul(*a, w_bits=4, block_sizes=blocks)),
                         int4),
         "xla_fp8": (jax.jit(_xla_fp8), ("x_f8", "w_f8", "x_scale", "w_scale", "bias")),
+        "xla_w4a4g": (jax.jit(lambda x, w, *a: _xla_grouped(x, unpack_int4(w, k), *a)), int4g),
+        "pallas_w4a4g": (jax.jit(lambda *a: grouped_matmul(*a, group_size=GROUP, w_bits=4)),
+                         int4g),
     }
 
 
@@ -106,10 +130,11 @@ def main() -> None:
     if backend == "cpu":
         print("WARNING: CPU -> Pallas runs in INTERPRET mode; these timings are NOT speed "
               "results, only a check that the benchmark runs.")
-    names = ["bf16", "xla_w8a8", "pallas_w8a8", "xla_w4a8", "pallas_w4a8", "xla_fp8"]
+    names = ["bf16", "xla_w8a8", "pallas_w8a8", "xla_w4a8", "pallas_w4a8", "xla_fp8",
+             "xla_w4a4g", "pallas_w4a4g"]
     print(f"{'K x N':>12} " + " ".join(f"{n + ' ms':>15}" for n in names)
           + f" {'bf16/p8':>8} {'xla8/p8':>8} {'bf16/p4':>8} {'xla4/p4':>8} {'bf16/f8':>8}"
-          + f" {'xla8/f8':>8} {'max rel diff':>12}")
+          + f" {'xla8/f8':>8} {'bf16/pg':>8} {'xlag/pg':>8} {'max rel diff':>12}")
     for k, n in SHAPES:
         ops = _operands(tokens, k, n)
         blocks = tuple(args.block_sizes) if args.block_sizes else None
@@ -117,7 +142,8 @@ def main() -> None:
                  for name, (fn, arg_names) in _methods(k, blocks).items()}
         med = _interleaved_medians(calls, reps)
         diff = 0.0
-        for xla_name, pallas_name in (("xla_w8a8", "pallas_w8a8"), ("xla_w4a8", "pallas_w4a8")):
+        for xla_name, pallas_name in (("xla_w8a8", "pallas_w8a8"), ("xla_w4a8", "pallas_w4a8"),
+                                      ("xla_w4a4g", "pallas_w4a4g")):
             want = np.asarray(calls[xla_name][0](*calls[xla_name][1]))
             got = np.asarray(calls[pallas_name][0](*calls[pallas_name][1]))
             diff = max(diff, float(np.abs(got - want).max() / np.abs(want).max()))
@@ -127,6 +153,8 @@ def main() -> None:
               + f" {med['bf16'] / med['pallas_w4a8']:>8.2f}"
               + f" {med['xla_w4a8'] / med['pallas_w4a8']:>8.2f}"
               + f" {med['bf16'] / med['xla_fp8']:>8.2f} {med['xla_w8a8'] / med['xla_fp8']:>8.2f}"
+              + f" {med['bf16'] / med['pallas_w4a4g']:>8.2f}"
+              + f" {med['xla_w4a4g'] / med['pallas_w4a4g']:>8.2f}"
               + f" {diff:>12.1e}")
     if backend == "cpu":
         print("(interpret-mode timings: not speed results)")
