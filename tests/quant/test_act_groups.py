@@ -135,13 +135,9 @@ def test_bad_activation_groups_are_one_line_errors():
 
 
 def test_checkpoint_round_trip_and_edited_group_sizes(tmp_path, tiny_calibrated):
-    _, params, calibrate_for = tiny_calibrated
+    from tests.quant.test_groups import round_trip
     recipe = Q.get_recipe("quarot", 4, 4, a_group_size=16)
-    calib = calibrate_for(recipe)
-    qparams = Q.quantize(params, calib, recipe)
-    path = Q.save_quantized(tmp_path / "q", qparams, TINY, recipe, calib.segment_of_step)
-    restored, _, recipe2, _ = Q.load_quantized(path)
-    assert recipe2 == recipe
+    qparams, restored, calib = round_trip(tmp_path, tiny_calibrated, recipe)
     layers = restored["layers"]["blocks_0"]
     qkv = layers["attn"]["qkv"]
     assert qkv.a_group_size == 16 and layers["adaLN_modulation_1"].a_group_size == 0

@@ -143,16 +143,23 @@ def test_bad_groups_are_one_line_errors():
                        path="blocks_0/x")
 
 
-def test_grouped_checkpoint_round_trip_and_checks(tmp_path, tiny_calibrated):
+def round_trip(tmp_path, tiny_calibrated, recipe):
+    """``(qparams, restored, calib)``: ``recipe`` quantized on the tiny model, saved and loaded
+    back; the recipe and every leaf come back equal."""
     _, params, calibrate_for = tiny_calibrated
-    recipe = Q.get_recipe("quarot", 4, 8, num_segments=2, w_group_size=16)
     calib = calibrate_for(recipe)
     qparams = Q.quantize(params, calib, recipe)
     path = Q.save_quantized(tmp_path / "q", qparams, TINY, recipe, calib.segment_of_step)
     restored, _, recipe2, _ = Q.load_quantized(path)
     assert recipe2 == recipe
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(qparams)):
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(qparams), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return qparams, restored, calib
+
+
+def test_grouped_checkpoint_round_trip_and_checks(tmp_path, tiny_calibrated):
+    recipe = Q.get_recipe("quarot", 4, 8, num_segments=2, w_group_size=16)
+    qparams, restored, calib = round_trip(tmp_path, tiny_calibrated, recipe)
     layers = restored["layers"]["blocks_0"]
     assert layers["attn"]["qkv"].w_group_size == 16
     assert layers["adaLN_modulation_1"].w_group_size == 0  # weight-only: per channel
