@@ -25,7 +25,8 @@ recipe is judged on samples that none of the fits saw (another seed), by one of 
 baselines (``ANCHORS``: QuaRot, ViDiT-Q with GPTQ, static time segments) and starts from the
 best; then it walks the component grid one component at a time (``COMPONENT_STEPS``: with or
 without smoothing, rotation, 1/2/4/8 time segments of at least 4 steps, clipping ratios, static
-or dynamic activations), keeping a change only when it lowers the trajectory error: about
+or dynamic activations), keeping a change only when it lowers the trajectory error by more
+than ``margin_db`` (0.1 dB: a smaller win is within the noise of the held-out estimate): about
 ``1 + len(anchors) + len(steps)`` quantizations per round instead of the whole grid.
 
 How far the choice can be trusted is measured, not assumed (BENCHMARKS.md, "Issue #24, second
