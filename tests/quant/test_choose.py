@@ -164,3 +164,22 @@ def test_a_byte_budget_excludes_larger_candidates(setup):
                           max_ratio=0.1)
     with pytest.raises(ValueError, match=r"^max_ratio: expected a positive number"):
         choose_components(model, params, calib, base, sampler, traj, max_ratio=0)
+
+
+def test_under_a_budget_the_rank_is_chosen_too(setup, monkeypatch):
+    """The default steps include the branch's rank only with a byte budget; a rank some layer
+    cannot hold (above its min(K, N) = 48 here) is skipped, not an error."""
+    model, params, sampler, calib, traj = setup
+    import trdq_jax.quant.choose as choose
+    base = Q.get_recipe("quarot", 4, 4)
+    monkeypatch.setattr(choose, "COMPONENT_STEPS", {"no_rotation": {"rotation": "none"}})
+    monkeypatch.setattr(choose, "RANK_STEPS", {"rank_8": {"low_rank": 8},
+                                               "rank_64": {"low_rank": 64}})
+    free = choose.choose_components(model, params, calib, base, sampler, traj, anchors={})
+    assert set(free.errors) <= {"base", "no_rotation"}
+    budget = choose.choose_components(model, params, calib, base, sampler, traj, anchors={},
+                                      max_ratio=10.0, margin_db=0)
+    tried = {key.rsplit("+", 1)[-1] for key in budget.errors}
+    assert "rank_8" in tried and "rank_64" not in tried
+    assert budget.recipe.low_rank == 8  # a branch errs less, and the budget allows it
+    assert budget.ratios[budget.label] > budget.ratios["base"]

@@ -89,6 +89,9 @@ COMPONENT_STEPS: dict[str, dict] = {
     "static": {"a_mode": "static"},
     "dynamic": {"a_mode": "dynamic"},
 }
+# the low-rank branch's rank, tried only under a byte budget (``max_ratio``): without one a
+# larger rank always errs less, and the choice would trade memory for quality unasked
+RANK_STEPS: dict[str, dict] = {f"rank_{r}": {"low_rank": r} for r in (0, 8, 16, 32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +195,11 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     component changes of ``steps`` (default ``COMPONENT_STEPS``) that lower the error, one at a
     time (``rounds`` passes over the changes). A candidate equal to one already scored, or one
     the recipe or the sampler cannot take (e.g. 8 segments of 4 steps in a 20-step sampler), is
-    skipped. ``judge``: "samples" or "teacher_forced" (module doc). ``max_ratio``: a memory
-    budget, the most bytes the quantized layers may hold relative to the same layers in bf16
-    (e.g. 0.35); a candidate over it is scored and reported but cannot win (ValueError when
-    none fits). ``margin_db``: how much lower (in dB of the relative error) a candidate's
+    skipped, as is one whose groups or rank a layer cannot hold. ``judge``: "samples" or
+    "teacher_forced" (module doc). ``max_ratio``: a memory budget, the most bytes the quantized
+    layers may hold relative to the same layers in bf16 (e.g. 0.35); a candidate over it is
+    scored and reported but cannot win (ValueError when none fits); with the default steps,
+    the branch's rank is then chosen too (``RANK_STEPS``: 0, 8, 16, 32). ``margin_db``: how much lower (in dB of the relative error) a candidate's
     error must be to replace the current choice: the held-out estimate is noisy, and a change
     that wins by less than the noise is as likely to lose on other samples (0: any win).
 
@@ -204,7 +208,8 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     samples the calibration did not use.
     """
     from trdq_jax.quant.calibrate import derive_calibration
-    from trdq_jax.quant.transform import (QuantizedDenoiser, float_bytes_of, quantize,
+    from trdq_jax.quant.transform import (QuantizedDenoiser, calibrated_selection,
+                                          check_layer_shapes, float_bytes_of, quantize,
                                           quantized_layer_paths, weight_bytes)
     from trdq_jax.sampling import denoise_fn_for
     from trdq_jax.sampling import sample
@@ -218,7 +223,8 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     if max_ratio is not None and not (isinstance(max_ratio, (int, float)) and max_ratio > 0):
         raise ValueError(f"max_ratio: expected a positive number (bytes relative to bf16), got "
                          f"{max_ratio!r}")
-    steps = COMPONENT_STEPS if steps is None else steps
+    if steps is None:
+        steps = COMPONENT_STEPS if max_ratio is None else {**COMPONENT_STEPS, **RANK_STEPS}
     reference = (traj.final if judge == "samples"
                  else guided_outputs(denoise_fn_for(model), params, traj, sampler))
     denoiser = QuantizedDenoiser(model, "xla")
@@ -232,6 +238,13 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         out = (sample(denoiser, q, segmented, **traj.sample_args) if judge == "samples"
                else guided_outputs(denoiser, q, traj, segmented))
         return trajectory_error(out, reference), q, c
+
+    def fits(recipe):  # every layer can hold the candidate's groups and rank
+        try:
+            check_layer_shapes(params, calibrated_selection(calib, recipe), recipe)
+        except ValueError:
+            return False
+        return True
 
     def judged(key, error, q):  # the error a candidate competes with (inf: over the budget)
         errors[key] = error
@@ -251,7 +264,7 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         todo = tqdm(todo, desc=f"choose {base.name}", unit="candidate")
     for name, change, is_anchor in todo:
         candidate = _replace(base if is_anchor else best, change, sampler.num_steps)
-        if candidate is None or candidate in seen:
+        if candidate is None or candidate in seen or not fits(candidate):
             continue
         seen.add(candidate)
         error, q, c = score(candidate)

@@ -141,6 +141,18 @@ def calibrated_selection(calib, recipe: Recipe) -> Selection:
 # ----------------------------------------------------------------------------- whole model
 
 
+def check_layer_shapes(params, selection, recipe: Recipe) -> None:
+    """ValueError naming the first layer of ``selection`` (``calibrated_selection``) whose
+    kernel cannot take ``recipe``'s weight / activation groups or low-rank branch."""
+    from trdq_jax.quant.lowrank import check_rank
+    for path in selection.quantized:
+        if path not in selection.weight_only:
+            kernel = np.shape(_get(params, path)["kernel"])
+            check_groups(recipe, kernel, path)
+            if recipe.low_rank:
+                check_rank(recipe.low_rank, int(np.prod(kernel[:-1])), kernel[-1], path)
+
+
 def quantize(params, calib, recipe: Recipe, *, progress: bool = False) -> dict:
     """Pure transform: float params + calibration -> ``{"float": ..., "layers": ...}``.
 
@@ -155,14 +167,7 @@ def quantize(params, calib, recipe: Recipe, *, progress: bool = False) -> dict:
                          "(trdq_jax.quant.calibrate.derive_calibration(calib, recipe, sampler)) "
                          "or calibrate with this recipe")
     selection = calibrated_selection(calib, recipe)
-    # every branch and group must fit its layer: say so before any layer is fitted
-    from trdq_jax.quant.lowrank import check_rank
-    for path in selection.quantized:
-        if path not in selection.weight_only:
-            kernel = np.shape(_get(params, path)["kernel"])
-            check_groups(recipe, kernel, path)
-            if recipe.low_rank:
-                check_rank(recipe.low_rank, int(np.prod(kernel[:-1])), kernel[-1], path)
+    check_layer_shapes(params, selection, recipe)  # before any layer is fitted
     layers: dict = {}
     items = selection.quantized
     if progress:
