@@ -41,6 +41,25 @@ def test_trajectory_error_is_relative_mean_square():
     assert trajectory_error(out, ref) == pytest.approx((0.25 + 0.25) / 4 / (6.0 / 4))
 
 
+def test_sample_error_ratios_are_mean_psnr_differences():
+    """10 log10(e_a / e_b) equals mean per-image PSNR of b minus a's (metrics.psnr), for
+    images and for videos (per frame); the pooled mean square would not."""
+    from trdq_jax.eval.metrics import psnr
+    from trdq_jax.quant.choose import sample_error
+    rng = np.random.default_rng(0)
+    for shape in [(6, 8, 8, 1), (3, 4, 8, 8, 1)]:
+        ref = rng.uniform(-0.9, 0.9, shape)
+        noise = rng.normal(size=shape) * np.linspace(0.001, 0.05, shape[0]).reshape(
+            (-1,) + (1,) * (len(shape) - 1))  # errors that differ a lot between images
+        a, b = ref + noise, ref + 0.02 * rng.normal(size=shape)  # b: even errors
+        gain = psnr(b, ref)[1] - psnr(a, ref)[1]
+        assert 10 * np.log10(sample_error(a, ref) / sample_error(b, ref)) == pytest.approx(
+            gain, rel=1e-9)
+        pooled = 10 * np.log10(trajectory_error(a, ref) / trajectory_error(b, ref))
+        assert abs(pooled - gain) > 0.5
+    assert sample_error(ref, ref) == 0.0
+
+
 def test_walk_keeps_only_changes_that_lower_the_error(setup):
     model, params, sampler, calib, traj = setup
     base = Q.get_recipe("minmax", 4, 4)  # static per-tensor 4-bit activations: poor
@@ -64,8 +83,9 @@ def test_walk_keeps_only_changes_that_lower_the_error(setup):
 
 
 def _error_of(model, params, calib, recipe, sampler, traj):
-    """The relative error of the recipe's final samples, drawn from the held-out noise by the
-    plain sampler, against the float model's samples drawn here too."""
+    """The error of the recipe's final samples (geometric mean over images of the relative
+    squared error), drawn from the held-out noise by the plain sampler, against the float
+    model's samples drawn here too."""
     c = derive_calibration(calib, recipe, sampler)
     q = Q.quantize(params, c, recipe)
     given = {"seed": 9, "shape": input_shape(TINY.model, 3), "cfg_scale": TINY.sampler.cfg_scale,
@@ -74,8 +94,10 @@ def _error_of(model, params, calib, recipe, sampler, traj):
                  sampler.with_segments(c.segment_of_step, c.num_segments), np.arange(3), **given)
     want = sample(denoise_fn_for(model), params, sampler, np.arange(3), **given)
     np.testing.assert_allclose(np.asarray(traj.final), np.asarray(want), rtol=1e-5, atol=1e-5)
-    return float(np.mean((np.asarray(out, np.float64) - np.asarray(want, np.float64)) ** 2)
-                 / np.mean(np.asarray(want, np.float64) ** 2))
+    per_image = np.mean((np.asarray(out, np.float64) - np.asarray(want, np.float64)) ** 2,
+                        axis=(1, 2, 3))  # geometric mean of each image's relative error
+    return float(np.prod(per_image / np.mean(np.asarray(want, np.float64) ** 2))
+                 ** (1 / len(per_image)))
 
 
 def test_anchors_are_the_published_baselines_and_the_choice_is_never_worse(setup):
