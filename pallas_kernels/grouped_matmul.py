@@ -32,7 +32,7 @@ from pallas_kernels._int8_kernels import _pad_to, _round_up, _tile_product
 from pallas_kernels.int8_matmul import (_as_array, _check_activations, _check_segment,
                                         _check_variant, _check_weights)
 
-__all__ = ["grouped_matmul"]
+__all__ = ["grouped_matmul", "supports"]
 
 
 def _scaled(part, x_scale, x_zero, w_scale, w_colsum):
@@ -182,6 +182,18 @@ def _check_group_size(group_size, k: int, packed: bool) -> int:
         raise ValueError(f"group_size: must be even for packed int4 weights (two K rows per "
                          f"byte), got {group_size}")
     return int(group_size)
+
+
+def supports(group_size: int, packed: bool, backend: str | None = None) -> bool:
+    """Whether the kernel takes groups of ``group_size`` rows on ``backend`` (default: this
+    machine's): packed int4 needs an even group (two rows per byte); Triton (GPU) needs each
+    group's rows (half of them when packed) a power of two of at least 16. Elsewhere a layer
+    runs XLA's per-group dots."""
+    backend = platform.backend_name() if backend is None else backend
+    rows = group_size // 2 if packed else group_size
+    if packed and group_size % 2:
+        return False
+    return backend != "gpu" or (rows >= 16 and rows & (rows - 1) == 0)
 
 
 def group_block_k(k: int, group_size: int, packed: bool, lane: int = 128) -> int:

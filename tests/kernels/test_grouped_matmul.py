@@ -89,6 +89,15 @@ def test_k_blocks_fill_lane_tiles_with_whole_groups():
     assert group_block_k(96, 16, packed=False) == 96
 
 
+def test_supported_group_sizes_per_backend():
+    from pallas_kernels.grouped_matmul import supports
+    assert supports(64, packed=True, backend="gpu") and supports(16, packed=False, backend="gpu")
+    assert not supports(16, packed=True, backend="gpu")    # 8 packed rows: below Triton's 16
+    assert not supports(96, packed=False, backend="gpu")   # not a power of two
+    assert supports(96, packed=False, backend="tpu") and supports(6, packed=True, backend="tpu")
+    assert not supports(3, packed=True, backend="tpu")     # half a byte per group
+
+
 def test_bad_inputs_name_the_argument():
     rng = np.random.default_rng(5)
     x, codes, w_arg = _case(rng, 4, 32, 8, 1, 8)

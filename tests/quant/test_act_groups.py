@@ -76,6 +76,19 @@ def test_grouped_activations_agree_with_numpy_on_every_backend(a_bits, a_symmetr
         np.testing.assert_allclose(got, want, atol=0.05 * scale)
 
 
+def test_an_odd_group_of_packed_weights_runs_xla_on_pallas():
+    """Packed int4 codes hold two rows per byte: the kernel cannot take a group of 3 rows, so
+    the pallas backend runs xla's per-group dots for that layer (same numbers)."""
+    rows = _rows()[..., :48]  # K = 48 = 16 groups of 3
+    kernel = RNG.normal(size=(48, N)).astype(np.float32)
+    q = quantize_layer(kernel, None, _stats(rows, 48), np.zeros(8, np.int32), 1,
+                       Q.get_recipe("quarot", 4, 4, a_group_size=3, w_group_size=3))
+    assert q.packed and q.a_group_size == 3
+    x = jnp.asarray(rows.reshape(-1, 48))
+    np.testing.assert_array_equal(np.asarray(Q.qlinear_apply(q, x, 0, "pallas")),
+                                  np.asarray(Q.qlinear_apply(q, x, 0, "xla")))
+
+
 def test_one_group_of_k_channels_is_per_token():
     rows = _rows()
     kernel = RNG.normal(size=(K, N)).astype(np.float32)

@@ -177,11 +177,14 @@ def sample_error(samples, reference) -> float:
     ``reference``, relative to the reference's mean square. Images: the last three axes
     (``[N, H, W, C]`` -> N images; ``[N, F, H, W, C]`` videos -> N x F frames, as
     ``trdq_jax.eval.metrics.psnr`` counts them), so ``10 log10(e_a / e_b)`` is how many dB
-    of mean PSNR ``b`` has over ``a``. 0 when some image is exact."""
+    of mean PSNR ``b`` has over ``a`` (before the benchmarks clip samples to [-1, 1]). An
+    exact image counts as an error of 1e-30 (not 0, which would end the choice); NaN
+    anywhere gives inf (the candidate cannot win)."""
     ref = np.asarray(reference, np.float64)
     per_image = np.mean((np.asarray(samples, np.float64) - ref) ** 2, axis=(-3, -2, -1))
-    with np.errstate(divide="ignore"):
-        return float(np.exp(np.mean(np.log(per_image))) / np.mean(ref ** 2))
+    if not np.all(np.isfinite(per_image)):
+        return float("inf")
+    return float(np.exp(np.mean(np.log(np.maximum(per_image, 1e-30)))) / np.mean(ref ** 2))
 
 
 @dataclasses.dataclass(frozen=True)

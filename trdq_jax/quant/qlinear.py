@@ -326,6 +326,9 @@ def qlinear_apply(q: QLinear, x: jax.Array, segment=0, backend: str = "xla") -> 
         import pallas_kernels as pk  # imported on use: the kernels load only when asked for
         rows = xt.reshape(-1, q.in_features)
         if q.w_group_size or q.a_group_size:
+            from pallas_kernels.grouped_matmul import supports
+            if not supports(q.a_group_size or q.w_group_size, q.packed):  # xla's group dots
+                return qlinear_apply(q, x, segment, "xla")
             y = _grouped_pallas(pk, q, rows, segment)
             return y.reshape(x.shape[:-1] + y.shape[-1:]) + low_rank_output(q, xt, segment)
         if q.a_mode == "dynamic":
