@@ -153,17 +153,24 @@ def integer_matmul(x_q, w_q, x_scale, x_zero, w_scale, w_colsum, bias, segment, 
         kernel = functools.partial(_loop_k_kernel, packed=packed, acc_only=acc_only, bm=bm, bn=bn,
                                    bk_rows=bk_rows, nk=nk, w_per_segment=w_per_segment)
         ops["segment"] = segment
-        params = None
-        if not interpret:
-            from jax.experimental.pallas import triton as pl_triton
-            params = pl_triton.CompilerParams(num_warps=4 if bm * bn <= 64 * 64 else 8,
-                                              num_stages=3)
-        out = pl.pallas_call(
-            kernel, out_shape=out_shape, grid=(mp // bm, np_ // bn),
-            in_specs=[{name: pl.BlockSpec() for name in ops}],
-            out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-            compiler_params=params, interpret=interpret, name="w8a8_matmul_loop_k")(ops)
+        out = loop_k_call(kernel, ops, out_shape, bm, bn, interpret, "w8a8_matmul_loop_k")
     return out[:m, :n]
+
+
+def loop_k_call(kernel, ops: dict, out_shape, bm: int, bn: int, interpret: bool, name: str):
+    """The ``loop_k`` (Triton) ``pallas_call``: grid ``(M/bm, N/bn)``, every operand whole
+    (the kernel slices its rows / columns / K steps), one ``[bm, bn]`` output block."""
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pl_triton
+        params = pl_triton.CompilerParams(num_warps=4 if bm * bn <= 64 * 64 else 8,
+                                          num_stages=3)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape,
+        grid=(out_shape.shape[0] // bm, out_shape.shape[1] // bn),
+        in_specs=[{name: pl.BlockSpec() for name in ops}],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        compiler_params=params, interpret=interpret, name=name)(ops)
 
 
 def _grid_k_call(ops, segment, out_shape, bm, bn, bk_rows, nk, packed, acc_only, w_per_segment,

@@ -28,9 +28,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import platform
-from pallas_kernels._int8_kernels import _pad_to, _round_up, _tile_product
-from pallas_kernels.int8_matmul import (_as_array, _check_activations, _check_segment,
-                                        _check_variant, _check_weights)
+from pallas_kernels._int8_kernels import _pad_to, _round_up, _tile_product, loop_k_call
+from pallas_kernels.int8_matmul import (_as_array, _check_activations, _check_bias_and_out_dtype,
+                                        _check_segment, _check_variant, _check_weights)
 
 __all__ = ["grouped_matmul", "supports"]
 
@@ -128,16 +128,7 @@ def _grouped_call(x_q, w_q, x_scale, x_zero, w_scale, w_colsum, bias, segment, *
                                    group_rows=group_rows, groups=groups,
                                    w_per_segment=w_per_segment)
         ops["segment"] = segment
-        params = None
-        if not interpret:
-            from jax.experimental.pallas import triton as pl_triton
-            params = pl_triton.CompilerParams(num_warps=4 if bm * bn <= 64 * 64 else 8,
-                                              num_stages=3)
-        out = pl.pallas_call(
-            kernel, out_shape=out_shape, grid=(mp // bm, np_ // bn),
-            in_specs=[{name: pl.BlockSpec() for name in ops}],
-            out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-            compiler_params=params, interpret=interpret, name="grouped_matmul_loop_k")(ops)
+        out = loop_k_call(kernel, ops, out_shape, bm, bn, interpret, "grouped_matmul_loop_k")
     return out[:m, :n]
 
 
@@ -291,13 +282,7 @@ def grouped_matmul(x_q, w_q, x_scale, x_zero, w_scale, w_colsum, bias=None, segm
                              f"got {w_colsum.shape}")
     else:
         w_colsum = None
-    if bias is not None:
-        bias = _as_array(bias, "bias")
-        if bias.shape != (n,):
-            raise ValueError(f"bias: expected None or [N] with N={n}, got {bias.shape}")
-        bias = bias.astype(jnp.float32)
-    if not jnp.issubdtype(jnp.dtype(out_dtype), jnp.floating):
-        raise ValueError(f"out_dtype: expected a floating dtype, got {out_dtype!r}")
+    bias = _check_bias_and_out_dtype(bias, n, out_dtype)
     blocks = _check_blocks(block_sizes, m, n, k, group_size, packed)
     interpret = platform.resolve_interpret(interpret)
     return _grouped_call(x_q, w_q, x_scale, x_zero, w_scale, w_colsum, bias,

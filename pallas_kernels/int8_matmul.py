@@ -112,6 +112,18 @@ def _per_segment(value, n: int, name: str, dtype):
     return (value if value.ndim == 2 else value[None]).astype(dtype)
 
 
+def _check_bias_and_out_dtype(bias, n: int, out_dtype):
+    """-> bias as float32 ``[N]`` or None; ValueError for a bad bias or a non-float out_dtype."""
+    if bias is not None:
+        bias = _as_array(bias, "bias")
+        if bias.shape != (n,):
+            raise ValueError(f"bias: expected None or [N] with N={n}, got {bias.shape}")
+        bias = bias.astype(jnp.float32)
+    if not jnp.issubdtype(jnp.dtype(out_dtype), jnp.floating):
+        raise ValueError(f"out_dtype: expected a floating dtype, got {out_dtype!r}")
+    return bias
+
+
 def w8a8_matmul(x_q, w_q, x_scale, x_zero, w_scale, w_colsum, bias=None, segment=0, *,
                 w_bits: int = 8, out_dtype=jnp.float32, block_sizes=None, interpret=None,
                 variant: str | None = None) -> jax.Array:
@@ -151,13 +163,7 @@ def w8a8_matmul(x_q, w_q, x_scale, x_zero, w_scale, w_colsum, bias=None, segment
                              f"got {w_colsum.shape}")
     else:
         w_colsum = None
-    if bias is not None:
-        bias = _as_array(bias, "bias")
-        if bias.shape != (n,):
-            raise ValueError(f"bias: expected None or [N] with N={n}, got {bias.shape}")
-        bias = bias.astype(jnp.float32)
-    if not jnp.issubdtype(jnp.dtype(out_dtype), jnp.floating):
-        raise ValueError(f"out_dtype: expected a floating dtype, got {out_dtype!r}")
+    bias = _check_bias_and_out_dtype(bias, n, out_dtype)
     interpret = platform.resolve_interpret(interpret)
     return integer_matmul(
         x_q, w_q, x_scale, x_zero, w_scale, w_colsum, bias, _check_segment(segment), k=k,
