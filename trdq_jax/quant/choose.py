@@ -218,9 +218,10 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     "teacher_forced" (module doc). ``max_ratio``: a memory budget, the most bytes the quantized
     layers may hold relative to the same layers in bf16 (e.g. 0.35); a candidate over it is
     scored and reported but cannot win (ValueError when none fits); with the default steps,
-    the branch's rank is then chosen too (``RANK_STEPS``: 0, 8, 16, 32). ``margin_db``: how much lower (in dB of the relative error) a candidate's
-    error must be to replace the current choice: the held-out estimate is noisy, and a change
-    that wins by less than the noise is as likely to lose on other samples (0: any win).
+    the branch's rank is then chosen too (``RANK_STEPS``: 0, 8, 16, 32). ``margin_db``: how
+    much lower (in dB of the error) a candidate's error must be to replace the current choice:
+    the held-out estimate is noisy, and a change that wins by less than the noise is as likely
+    to lose on other samples (0: any win).
 
     ``calib``: statistics from which every candidate's calibration is derived
     (``derive_calibration``: no model run per candidate). ``traj``: ``float_trajectories`` of

@@ -375,7 +375,8 @@ def output_columns(q: QLinear, start: int, stop: int) -> QLinear:
     equals columns ``start:stop`` of the full layer's output on every backend."""
     n = int(q.w_scale.shape[-1])
     if not 0 <= start < stop <= n:
-        raise ValueError(f"output_columns: expected 0 <= start < stop <= {n}, got [{start}, {stop})")
+        raise ValueError(f"output_columns: expected 0 <= start < stop <= {n}, "
+                         f"got [{start}, {stop})")
     return q.replace(w_q=q.w_q[..., start:stop], w_scale=q.w_scale[..., start:stop],
                      w_colsum=q.w_colsum[..., start:stop],
                      bias=None if q.bias is None else q.bias[start:stop],
