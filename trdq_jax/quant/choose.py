@@ -35,8 +35,8 @@ How far the choice can be trusted is measured, not assumed (BENCHMARKS.md, "Issu
 pass"): with 30 held-out samples (20 videos) it is within 0.3 dB of the best of the baselines it
 is built from in 13 of the bundled models' 16 (model, width) cells and gains up to 0.6 dB, but
 where two candidates differ by less than the spread between two sample sets it can pick the
-one that loses on the judged samples (the text model at W8A8 -0.41 dB; the video model, whose
-20-video sets disagree by up to ~2 dB, more).
+one that loses on the judged samples (the text model at W8A8 -0.41 dB; the video model at
+W8A8 / W6A6 -1.8 / -0.8 dB: its 20-video sets disagree by whole dB about the same models).
 """
 from __future__ import annotations
 
