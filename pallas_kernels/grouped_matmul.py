@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels import platform
 from pallas_kernels._int8_kernels import _pad_to, _round_up, _tile_product, loop_k_call
 from pallas_kernels.int8_matmul import (_as_array, _check_activations, _check_bias_and_out_dtype,
-                                        _check_segment, _check_variant, _check_weights)
+                                        _check_segment, _check_variant, _check_weights,
+                                        _check_zero_point)
 
 __all__ = ["grouped_matmul", "supports"]
 
@@ -272,16 +273,10 @@ def grouped_matmul(x_q, w_q, x_scale, x_zero, w_scale, w_colsum, bias=None, segm
         raise ValueError(f"w_q: {w_q.shape[0]} weight copies but w_scale has "
                          f"{w_scale.shape[0]} segment rows (expected 1 copy or one per row)")
     x_scale = _activation_side(x_scale, m, groups, "x_scale", jnp.float32)
-    if x_zero is not None:
-        x_zero = _activation_side(x_zero, m, groups, "x_zero", jnp.int32)
-        if w_colsum is None:
-            raise ValueError("w_colsum: required when x_zero is given (zero-point correction)")
-        w_colsum = _weight_side(w_colsum, groups, n, "w_colsum", jnp.int32, per_channel=False)
-        if w_colsum.shape[0] != w_scale.shape[0]:
-            raise ValueError(f"w_colsum: expected {w_scale.shape[0]} segment rows like w_scale, "
-                             f"got {w_colsum.shape}")
-    else:
-        w_colsum = None
+    x_zero, w_colsum = _check_zero_point(
+        x_zero, w_colsum, w_scale,
+        lambda z: _activation_side(z, m, groups, "x_zero", jnp.int32),
+        lambda c: _weight_side(c, groups, n, "w_colsum", jnp.int32, per_channel=False))
     bias = _check_bias_and_out_dtype(bias, n, out_dtype)
     blocks = _check_blocks(block_sizes, m, n, k, group_size, packed)
     interpret = platform.resolve_interpret(interpret)

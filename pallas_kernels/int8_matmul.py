@@ -112,6 +112,22 @@ def _per_segment(value, n: int, name: str, dtype):
     return (value if value.ndim == 2 else value[None]).astype(dtype)
 
 
+def _check_zero_point(x_zero, w_colsum, w_scale, shape_zero, shape_colsum):
+    """-> ``(x_zero, w_colsum)`` shaped by ``shape_zero`` / ``shape_colsum`` (which check them),
+    or ``(None, None)`` for symmetric activations; the column sums are required with a zero
+    point and need one row per segment of ``w_scale``."""
+    if x_zero is None:
+        return None, None
+    x_zero = shape_zero(x_zero)
+    if w_colsum is None:
+        raise ValueError("w_colsum: required when x_zero is given (zero-point correction)")
+    w_colsum = shape_colsum(w_colsum)
+    if w_colsum.shape[0] != w_scale.shape[0]:
+        raise ValueError(f"w_colsum: expected {w_scale.shape[0]} segment rows like w_scale, "
+                         f"got {w_colsum.shape}")
+    return x_zero, w_colsum
+
+
 def _check_bias_and_out_dtype(bias, n: int, out_dtype):
     """-> bias as float32 ``[N]`` or None; ValueError for a bad bias or a non-float out_dtype."""
     if bias is not None:
@@ -153,16 +169,9 @@ def w8a8_matmul(x_q, w_q, x_scale, x_zero, w_scale, w_colsum, bias=None, segment
         raise ValueError(f"w_q: {w_q.shape[0]} weight copies but w_scale has "
                          f"{w_scale.shape[0]} segment rows (expected 1 copy or one per row)")
     x_scale = _per_token(x_scale, m, "x_scale", jnp.float32)
-    if x_zero is not None:
-        x_zero = _per_token(x_zero, m, "x_zero", jnp.int32)
-        if w_colsum is None:
-            raise ValueError("w_colsum: required when x_zero is given (zero-point correction)")
-        w_colsum = _per_segment(w_colsum, n, "w_colsum", jnp.int32)
-        if w_colsum.shape[0] != w_scale.shape[0]:
-            raise ValueError(f"w_colsum: expected {w_scale.shape[0]} segment rows like w_scale, "
-                             f"got {w_colsum.shape}")
-    else:
-        w_colsum = None
+    x_zero, w_colsum = _check_zero_point(
+        x_zero, w_colsum, w_scale, lambda z: _per_token(z, m, "x_zero", jnp.int32),
+        lambda c: _per_segment(c, n, "w_colsum", jnp.int32))
     bias = _check_bias_and_out_dtype(bias, n, out_dtype)
     interpret = platform.resolve_interpret(interpret)
     return integer_matmul(
