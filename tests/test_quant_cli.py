@@ -210,6 +210,11 @@ def test_argparse_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err == ("trdq calibrate: error: argument --w-bits: expected bits in 2..8 (or 16 = "
                    "float), got 'four' (see --help)\n")
+    assert main(["quantize", "--calib", "c", "--choose", "--choose-samples", "0", "--out",
+                 "q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trdq quantize: error: argument --choose-samples: expected a positive "
+                          "int") and err.count("\n") == 1
 
 
 def test_a_named_recipe_keeps_its_own_segment_count_from_another_calibration(tmp_path,
