@@ -42,21 +42,28 @@ def test_trajectory_error_is_relative_mean_square():
 
 
 def test_sample_error_ratios_are_mean_psnr_differences():
-    """10 log10(e_a / e_b) equals mean per-image PSNR of b minus a's (metrics.psnr), for
-    images and for videos (per frame); the pooled mean square would not."""
+    """10 log10(e_a / e_b) equals mean per-sample PSNR of b minus a's (metrics.psnr), for
+    images and for videos (one PSNR per video, its frames stacked, as bench_quant scores
+    them); neither the pooled mean square nor a per-frame mean would."""
     from trdq_jax.eval.metrics import psnr
     from trdq_jax.quant.choose import sample_error
     rng = np.random.default_rng(0)
     for shape in [(6, 8, 8, 1), (3, 4, 8, 8, 1)]:
         ref = rng.uniform(-0.9, 0.9, shape)
-        noise = rng.normal(size=shape) * np.linspace(0.001, 0.05, shape[0]).reshape(
-            (-1,) + (1,) * (len(shape) - 1))  # errors that differ a lot between images
-        a, b = ref + noise, ref + 0.02 * rng.normal(size=shape)  # b: even errors
-        gain = psnr(b, ref)[1] - psnr(a, ref)[1]
+        # errors that differ a lot between samples and, in a video, between frames
+        spread = np.geomspace(0.001, 0.05, int(np.prod(shape[:-3]))).reshape(
+            shape[:-3] + (1, 1, 1))
+        a, b = ref + spread * rng.normal(size=shape), ref + 0.02 * rng.normal(size=shape)
+        stacked = (lambda v: v.reshape(v.shape[0], -1, *v.shape[-2:])) if len(shape) == 5 \
+            else (lambda v: v)
+        gain = psnr(stacked(b), stacked(ref))[1] - psnr(stacked(a), stacked(ref))[1]
         assert 10 * np.log10(sample_error(a, ref) / sample_error(b, ref)) == pytest.approx(
             gain, rel=1e-9)
         pooled = 10 * np.log10(trajectory_error(a, ref) / trajectory_error(b, ref))
         assert abs(pooled - gain) > 0.5
+        if len(shape) == 5:
+            per_frame = psnr(b, ref)[1] - psnr(a, ref)[1]
+            assert abs(per_frame - gain) > 0.5
     assert 0 < sample_error(ref, ref) < 1e-29
     assert sample_error(np.where(ref > 0.8, np.nan, ref), ref) == float("inf")
 

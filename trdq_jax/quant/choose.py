@@ -175,18 +175,20 @@ def trajectory_error(outputs, reference) -> float:
 
 
 def sample_error(samples, reference) -> float:
-    """The geometric mean over images of each image's mean squared error against
-    ``reference``, relative to the reference's mean square. Images: the last three axes
-    (``[N, H, W, C]`` -> N images; ``[N, F, H, W, C]`` videos -> N x F frames, as
-    ``trdq_jax.eval.metrics.psnr`` counts them), so ``10 log10(e_a / e_b)`` is how many dB
-    of mean PSNR ``b`` has over ``a`` (before the benchmarks clip samples to [-1, 1]). An
-    exact image counts as an error of 1e-30 (not 0, which would end the choice); NaN
-    anywhere gives inf (the candidate cannot win)."""
+    """The geometric mean over samples of each sample's mean squared error against
+    ``reference``, relative to the reference's mean square. A sample is everything after the
+    leading axis: an image of ``[N, H, W, C]``, a whole video of ``[N, F, H, W, C]`` (as the
+    benchmarks score videos: their frames stacked into one image, since a frame whose digit
+    has left the canvas matches almost exactly and its tiny error would rule a log mean), so
+    ``10 log10(e_a / e_b)`` is how many dB of mean PSNR ``b`` has over ``a`` (before the
+    benchmarks clip samples to [-1, 1]). An exact sample counts as an error of 1e-30 (not 0,
+    which would end the choice); NaN anywhere gives inf (the candidate cannot win)."""
     ref = np.asarray(reference, np.float64)
-    per_image = np.mean((np.asarray(samples, np.float64) - ref) ** 2, axis=(-3, -2, -1))
-    if not np.all(np.isfinite(per_image)):
+    per_sample = np.mean((np.asarray(samples, np.float64) - ref) ** 2,
+                         axis=tuple(range(1, ref.ndim)))
+    if not np.all(np.isfinite(per_sample)):
         return float("inf")
-    return float(np.exp(np.mean(np.log(np.maximum(per_image, 1e-30)))) / np.mean(ref ** 2))
+    return float(np.exp(np.mean(np.log(np.maximum(per_sample, 1e-30)))) / np.mean(ref ** 2))
 
 
 @dataclasses.dataclass(frozen=True)
