@@ -166,7 +166,8 @@ def _scores(samples, labels, reference, float_samples=None) -> dict:
         # frames can match exactly (inf dB) where a digit leaves the canvas
         as_image = (lambda v: v.reshape(v.shape[0], -1, *v.shape[-2:])) if samples.ndim == 5 \
             else (lambda v: v)
-        row["psnr"] = psnr(as_image(samples), as_image(float_samples))[1]
+        values, row["psnr"] = psnr(as_image(samples), as_image(float_samples))
+        row["psnr_values"] = values  # per sample: paired differences between rows
         row["ssim"] = ssim(samples, float_samples)[1]
     return row
 
@@ -287,7 +288,9 @@ LEGEND = ("PSNR / SSIM: quantized vs float samples from the same noise and label
           "shared statistics time for a stand-alone run); DuQuant rotations do not depend on the "
           "bit width and are computed once per model, so only the first bit width's "
           "`trdq_release` row includes their search. Backend `xla` (int8 dot), "
-          "`OPENBLAS_NUM_THREADS=1`. A bit width where every recipe lands within 0.5 dB PSNR is "
+          "`OPENBLAS_NUM_THREADS=1`. dB vs first row: the mean over samples of this row's "
+          "PSNR minus the first row's at the same width, +- its standard error (how far two "
+          "rows' order is resolved by these samples). A bit width where every recipe lands within 0.5 dB PSNR is "
           "reported as a tie; elsewhere the ranking is given.")
 
 
@@ -302,6 +305,19 @@ def _match(row: dict) -> str:
     return f"frames {row['frame_match']:.3f} / videos {row['class_match']:.3f}"
 
 
+def paired_gain(row: dict, first: dict) -> str:
+    """``row``'s mean PSNR gain over ``first`` (same samples) +- the standard error of the
+    mean of the per-sample differences: how far the ranking of two rows is resolved."""
+    if row is first:
+        return "(reference)"
+    diff = np.asarray(row["psnr_values"], np.float64) - np.asarray(first["psnr_values"])
+    finite = diff[np.isfinite(diff)]  # an exactly matching sample gives inf - inf
+    if len(finite) < 2:
+        return "n/a"
+    se = np.std(finite, ddof=1) / np.sqrt(len(finite))
+    return f"{np.mean(finite):+.2f} +- {se:.2f}"
+
+
 def model_block(res: dict, command: str, section: str = SECTION) -> str:
     """Markdown of one model's results, wrapped in its own markers."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -314,12 +330,15 @@ def model_block(res: dict, command: str, section: str = SECTION) -> str:
              f"{res['calib_samples']} calibration samples in {res['calib_seconds']:.1f} s. "
              f"Float: digits-FID {f['fid']:.2f}, class match {_match(f)}.", "",
              "| bits | recipe | PSNR dB | SSIM | digits-FID | class match | bytes | "
-             "x bf16 | model x bf16 | quantize s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "x bf16 | model x bf16 | quantize s | dB vs first row +- SE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    first = {}
     for r in res["rows"]:
+        first.setdefault(r["bits"], r)
         lines.append(f"| {r['bits']} | {r['recipe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
                      f"{r['fid']:.2f} | {_match(r)} | {r['bytes']:,} | "
                      f"{r['ratio']:.3f} | {r.get('model_ratio', float('nan')):.3f} | "
-                     f"{r['quant_seconds']:.1f} |")
+                     f"{r['quant_seconds']:.1f} | {paired_gain(r, first[r['bits']])} |")
     lines += [""]
     for bits in dict.fromkeys(r["bits"] for r in res["rows"]):
         lines.append(f"- **{bits}**: {verdict([r for r in res['rows'] if r['bits'] == bits])}")
