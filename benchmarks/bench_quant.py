@@ -228,10 +228,9 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
                                            max_ratio=budget)
                 calib, qparams = choice.calib, choice.qparams
                 recipe_label = f"{recipe_name} ({choice.label})"
-                base_error = choice.errors["base"]
-                bar.write(f"{name} W{w_bits}A{a_bits} {recipe_label}, held-out dB over base: "
-                          + ", ".join(f"{k} {10 * np.log10(base_error / e):+.2f}"
-                                      for k, e in choice.errors.items() if k != "base"))
+                bar.write(f"{name} W{w_bits}A{a_bits} {recipe_label}, held-out dB over base "
+                          "+- SE: " + ", ".join(f"{k} {g:+.2f} +- {se:.2f}"
+                                                for k, (g, se) in choice.gains.items()))
             else:
                 calib = derive_calibration(shared, recipe, sampler)
                 qparams = jax.block_until_ready(Q.quantize(params, calib, recipe))

@@ -201,6 +201,12 @@ def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
     summary = json.loads(capsys.readouterr().out)
     errors = summary["trajectory_errors"]
     assert list(errors)[0] == "base" and len(errors) >= 4
+    gains = summary["held_out_gain_db"]  # 4 samples: the standard error is defined
+    assert set(gains) == set(errors) - {"base"}
+    for name, gain in gains.items():  # the mean per-sample gain is the geometric-mean ratio
+        assert gain["gain"] == pytest.approx(10 * np.log10(errors["base"] / errors[name]),
+                                             abs=2e-3)
+        assert gain["se"] >= 0
     _, _, recipe, _ = Q.load_quantized(tmp_path / "q")
     assert recipe.name == "trdq" and (recipe.w_bits, recipe.a_bits) == (4, 4)
 

@@ -66,6 +66,9 @@ def test_sample_error_ratios_are_mean_psnr_differences():
             assert abs(per_frame - gain) > 0.5
     assert 0 < sample_error(ref, ref) < 1e-29
     assert sample_error(np.where(ref > 0.8, np.nan, ref), ref) == float("inf")
+    from trdq_jax.quant.choose import gain_and_se, sample_db
+    with_nan = sample_db(np.where(ref > 0.8, np.nan, ref), ref)
+    assert np.isinf(with_nan).any() and np.all(np.isnan(gain_and_se(with_nan, with_nan)))
 
 
 def test_walk_keeps_only_changes_that_lower_the_error(setup):
@@ -90,9 +93,9 @@ def test_walk_keeps_only_changes_that_lower_the_error(setup):
     assert jax.tree.leaves(choice.qparams)
 
 
-def _error_of(model, params, calib, recipe, sampler, traj):
-    """The error of the recipe's final samples (geometric mean over images of the relative
-    squared error), drawn from the held-out noise by the plain sampler, against the float
+def _per_image_errors(model, params, calib, recipe, sampler, traj):
+    """Each image's squared error relative to the reference's mean square, of the recipe's
+    final samples, drawn from the held-out noise by the plain sampler, against the float
     model's samples drawn here too."""
     c = derive_calibration(calib, recipe, sampler)
     q = Q.quantize(params, c, recipe)
@@ -103,14 +106,21 @@ def _error_of(model, params, calib, recipe, sampler, traj):
     want = sample(denoise_fn_for(model), params, sampler, np.arange(3), **given)
     np.testing.assert_allclose(np.asarray(traj.final), np.asarray(want), rtol=1e-5, atol=1e-5)
     per_image = np.mean((np.asarray(out, np.float64) - np.asarray(want, np.float64)) ** 2,
-                        axis=(1, 2, 3))  # geometric mean of each image's relative error
-    return float(np.prod(per_image / np.mean(np.asarray(want, np.float64) ** 2))
-                 ** (1 / len(per_image)))
+                        axis=(1, 2, 3)) / np.mean(np.asarray(want, np.float64) ** 2)
+    return per_image  # each image's relative error
+
+
+def _error_of(model, params, calib, recipe, sampler, traj):
+    """The geometric mean over images of ``_per_image_errors``."""
+    per_image = _per_image_errors(model, params, calib, recipe, sampler, traj)
+    return float(np.prod(per_image) ** (1 / len(per_image)))
 
 
 def test_anchors_are_the_published_baselines_and_the_choice_is_never_worse(setup):
     """Each anchor, applied to any base, is exactly the baseline recipe of its name (same
-    trajectory error computed independently), and the choice starts from the best of them."""
+    error computed independently), the choice starts from the best of them, and each
+    anchor's reported gain over the base is the mean +- standard error of the per-image dB
+    differences."""
     model, params, sampler, calib, traj = setup
     base = Q.get_recipe("minmax", 4, 4)
     choice = choose_components(model, params, calib, base, sampler, traj, steps={}, margin_db=0)
@@ -118,11 +128,16 @@ def test_anchors_are_the_published_baselines_and_the_choice_is_never_worse(setup
                  "viditq_gptq": Q.get_recipe("viditq", 4, 4, gptq=True),
                  "trdq_static": Q.get_recipe("trdq_static", 4, 4)}
     assert set(ANCHORS) == set(baselines)
-    for name, recipe in baselines.items():
-        assert choice.errors[f"anchor:{name}"] == pytest.approx(
-            _error_of(model, params, calib, recipe, sampler, traj), rel=1e-6)
-    assert choice.errors["base"] == pytest.approx(
-        _error_of(model, params, calib, base, sampler, traj), rel=1e-6)
+    db = {name: 10 * np.log10(_per_image_errors(model, params, calib, recipe, sampler, traj))
+          for name, recipe in {"base": base, **baselines}.items()}
+    assert choice.errors["base"] == pytest.approx(10 ** (np.mean(db["base"]) / 10), rel=1e-6)
+    for name in baselines:
+        assert choice.errors[f"anchor:{name}"] == pytest.approx(10 ** (np.mean(db[name]) / 10),
+                                                                rel=1e-6)
+        diff = db["base"] - db[name]
+        gain, se = choice.gains[f"anchor:{name}"]
+        assert gain == pytest.approx(np.mean(diff), abs=1e-6)
+        assert se == pytest.approx(np.std(diff, ddof=1) / np.sqrt(len(diff)), rel=1e-5)
     best = min(choice.errors, key=choice.errors.get)
     assert choice.errors[best] == min(choice.errors.values())
     assert _error_of(model, params, calib, choice.recipe, sampler, traj) == pytest.approx(

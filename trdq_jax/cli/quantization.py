@@ -168,12 +168,15 @@ def _quantize(args) -> int:
         if args.choose:
             choice = _choose(args, params, cfg, calib, recipe)
             recipe, calib, qparams = choice.recipe, choice.calib, choice.qparams
-            chosen = {name: round(error, 6) for name, error in choice.errors.items()}
+            chosen = {name: float(f"{error:.6g}") for name, error in choice.errors.items()}
+            gains = {name: {"gain": round(g, 3), "se": round(se, 3)}
+                     for name, (g, se) in choice.gains.items()}
         else:
             qparams = quantize(params, calib, recipe, progress=True)
     summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
     if chosen is not None:
         summary["trajectory_errors"] = chosen
+        summary["held_out_gain_db"] = gains  # over the base, +- its standard error
     conditioning = None
     if getattr(cfg.model, "family", None) == "pixart":  # text: the null branch calibrated with
         conditioning = {"null_branch": "empty_prompt"}

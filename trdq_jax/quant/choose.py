@@ -22,6 +22,7 @@ recipe is judged on samples that none of the fits saw (another seed), by one of 
                               seed=7)                      # held out: not the calibration seed
     choice = choose_components(model, params, calib, base, sampler, traj)
     choice.recipe, choice.errors                           # the winner, {name: error}
+    choice.gains                  # {name: (dB over the base, its standard error)}: resolved?
 
 ``choose_components`` first scores ``base`` and the fixed block combinations of the published
 baselines (``ANCHORS``: QuaRot, ViDiT-Q with GPTQ, static time segments) and starts from the
@@ -191,13 +192,36 @@ def sample_error(samples, reference) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(per_sample, 1e-30)))) / np.mean(ref ** 2))
 
 
+def sample_db(samples, reference) -> np.ndarray:
+    """float64 ``[N]``: each sample's error (as ``sample_error`` counts it) in dB, ``10 log10``
+    of its mean squared error relative to the reference's mean square; the mean of two
+    candidates' per-sample differences is their mean-PSNR difference, and the spread of those
+    differences says how far the held-out samples resolve it. NaN -> inf."""
+    ref = np.asarray(reference, np.float64)
+    per_sample = np.mean((np.asarray(samples, np.float64) - ref) ** 2,
+                         axis=tuple(range(1, ref.ndim)))
+    db = 10 * np.log10(np.maximum(per_sample, 1e-30) / np.mean(ref ** 2))
+    return np.where(np.isnan(db), np.inf, db)
+
+
+def gain_and_se(base_db: np.ndarray, other_db: np.ndarray) -> tuple[float, float]:
+    """``(mean, standard error)`` in dB of ``other``'s per-sample gain over ``base``
+    (``sample_db`` arrays of the same samples); (nan, nan) where a sample is not finite."""
+    diff = np.asarray(base_db, np.float64) - np.asarray(other_db, np.float64)
+    if not np.all(np.isfinite(diff)) or len(diff) < 2:
+        return float("nan"), float("nan")
+    return float(np.mean(diff)), float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Choice:
     """recipe: the winner; label: its label in ``errors``. errors: ``{label: held-out error}``
     of every candidate tried, in order; label "base" is the starting recipe, "anchor:NAME" an
     anchor, others ``"+".join`` of the steps taken. ratios: ``{label: bytes of the quantized
     layers / the same layers in bf16}``. qparams / calib: the winner's quantized model and
-    calibration."""
+    calibration. gains (samples judge only): ``{label: (mean, standard error)}`` in dB of each
+    candidate's per-sample gain over the base on the held-out samples (``gain_and_se``): a
+    gain within about twice its error is not resolved by those samples."""
 
     recipe: Recipe
     errors: dict
@@ -205,6 +229,7 @@ class Choice:
     calib: Any
     label: str = "base"
     ratios: dict = dataclasses.field(default_factory=dict)
+    gains: dict = dataclasses.field(default_factory=dict)
 
 
 def choose_components(model, params, calib, base: Recipe, sampler, traj: Trajectories, *,
@@ -252,6 +277,7 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     denoiser = QuantizedDenoiser(model, "xla")
     errors: dict = {}
     ratios: dict = {}
+    per_sample: dict = {}  # samples judge: {label: sample_db}
 
     def score(recipe):
         c = derive_calibration(calib, recipe, sampler)
@@ -259,9 +285,9 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         segmented = sampler.with_segments(c.segment_of_step, c.num_segments)
         out = (sample(denoiser, q, segmented, **traj.sample_args) if judge == "samples"
                else guided_outputs(denoiser, q, traj, segmented))
-        error = (sample_error(out, reference) if judge == "samples"
-                 else trajectory_error(out, reference))
-        return error, q, c
+        if judge == "samples":
+            return sample_error(out, reference), q, c, sample_db(out, reference)
+        return trajectory_error(out, reference), q, c, None
 
     def fits(recipe):  # every layer can hold the candidate's groups and rank
         try:
@@ -270,15 +296,17 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
             return False
         return True
 
-    def judged(key, error, q):  # the error a candidate competes with (inf: over the budget)
+    def judged(key, error, q, db):  # the error a candidate competes with (inf: over budget)
         errors[key] = error
+        if db is not None:
+            per_sample[key] = db
         ratios[key] = (weight_bytes(q)["quantized_layers"]
                        / float_bytes_of(params, quantized_layer_paths(q)))
         return error if max_ratio is None or ratios[key] <= max_ratio else float("inf")
 
-    best_error, best_q, best_c = score(base)
+    best_error, best_q, best_c, db = score(base)
     best, label = base, "base"
-    best_error = judged(label, best_error, best_q)
+    best_error = judged(label, best_error, best_q, db)
     seen = {base}
     anchors = ANCHORS if anchors is None else anchors
     todo = [(f"anchor:{name}", change, True) for name, change in anchors.items()]
@@ -291,16 +319,18 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         if candidate is None or candidate in seen or not fits(candidate):
             continue
         seen.add(candidate)
-        error, q, c = score(candidate)
+        error, q, c, db = score(candidate)
         key = name if is_anchor or label == "base" else f"{label}+{name}"
-        error = judged(key, error, q)
+        error = judged(key, error, q, db)
         if error < best_error * 10.0 ** (-margin_db / 10.0):
             best, best_error, best_q, best_c, label = candidate, error, q, c, key
     if best_error == float("inf"):
         raise ValueError(f"max_ratio: no candidate fits {max_ratio} x bf16 (the smallest holds "
                          f"{min(ratios.values()):.4f} x)")
+    gains = {key: gain_and_se(per_sample["base"], db) for key, db in per_sample.items()
+             if key != "base"}
     return Choice(recipe=best, errors=errors, qparams=best_q, calib=best_c, label=label,
-                  ratios=ratios)
+                  ratios=ratios, gains=gains)
 
 
 def _replace(recipe: Recipe, change: dict, num_steps: int) -> Recipe | None:
