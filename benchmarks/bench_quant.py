@@ -174,9 +174,11 @@ def _scores(samples, labels, reference, float_samples=None) -> dict:
 
 def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str, str, dict]],
                 per_class: int,
-                calib_per_class: int, seed: int, bar, choose_per_class: int = 3) -> dict:
+                calib_per_class: int, seed: int, bar, choose_per_class: int = 3,
+                choose_margin_se: float = 0.0) -> dict:
     """Every (bits, recipe) row of one bundled model (plus its float row); a ``+choose`` row
-    judges its candidates on ``choose_per_class`` held-out samples per class."""
+    judges its candidates on ``choose_per_class`` held-out samples per class, a change winning
+    by ``choose_margin_se`` standard errors too (``choose_components``' ``margin_se``)."""
     model, params, cfg = zoo.load(name)
     sampler = Sampler.from_config(cfg.sampler)
     num_classes = getattr(cfg.model, "num_classes", 10)  # a text model: the ten digits
@@ -225,9 +227,11 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
                 from trdq_jax.quant.choose import choose_components
                 budget = None if chosen is True else chosen
                 choice = choose_components(model, params, shared, recipe, sampler, traj,
-                                           max_ratio=budget)
+                                           max_ratio=budget, margin_se=choose_margin_se)
                 calib, qparams = choice.calib, choice.qparams
-                recipe_label = f"{recipe_name} ({choice.label})"
+                recipe_label = (f"{recipe_name} ({choice.label}"
+                                + (f"; margin {choose_margin_se:g} SE)" if choose_margin_se
+                                   else ")"))
                 bar.write(f"{name} W{w_bits}A{a_bits} {recipe_label}, held-out dB over base "
                           "+- SE: " + ", ".join(f"{k} {g:+.2f} +- {se:.2f}"
                                                 for k, (g, se) in choice.gains.items()))
@@ -389,6 +393,10 @@ def main(argv=None) -> None:
     parser.add_argument("--choose-per-class", type=int, default=3,
                         help="held-out samples per class that a +choose row judges its "
                              "candidates on (default: %(default)s)")
+    parser.add_argument("--choose-margin-se", type=float, default=0.0,
+                        help="a +choose row's change must also win by this many standard "
+                             "errors of its per-sample gain (default: %(default)s: the "
+                             "0.1 dB margin alone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", default=None, help="markdown file whose section to replace")
     parser.add_argument("--section", default=SECTION,
@@ -407,6 +415,8 @@ def main(argv=None) -> None:
         recipes = parse_recipes(args.recipes)
     except ValueError as e:
         parser.error(str(e))
+    if not args.choose_margin_se >= 0:
+        parser.error(f"--choose-margin-se: expected a number >= 0, got {args.choose_margin_se}")
     if args.per_class < 1 or args.calib_per_class < 1 or args.choose_per_class < 1:
         parser.error("--per-class / --calib-per-class / --choose-per-class: expected positive "
                      "ints")
@@ -416,7 +426,8 @@ def main(argv=None) -> None:
     with tqdm(total=len(models) * len(bits) * len(recipes), desc="bench_quant", unit="row") as bar:
         for name in models:
             results.append(bench_model(name, bits, recipes, args.per_class, args.calib_per_class,
-                                       args.seed, bar, args.choose_per_class))
+                                       args.seed, bar, args.choose_per_class,
+                                       args.choose_margin_se))
     command = "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in
                                                  ["benchmarks/bench_quant.py", *sys.argv[1:]])
     blocks = {res["model"]: model_block(res, command, args.section) for res in results}

@@ -165,6 +165,29 @@ def test_a_change_must_win_by_the_margin(setup):
         choose_components(model, params, calib, base, sampler, traj, margin_db=-1, **kwargs)
 
 
+def test_a_change_must_win_by_its_standard_errors_too(setup):
+    """With margin_se = z the win over the current choice must exceed margin_db + z x the
+    standard error of its per-sample gain: replaced under a z below (gain - margin) / SE, kept
+    above it; a negative z is refused."""
+    model, params, sampler, calib, traj = setup
+    base = Q.get_recipe("minmax", 4, 4)
+    kwargs = {"steps": {"dynamic_rotated": {"a_mode": "dynamic", "rotation": "hadamard"}},
+              "anchors": {}, "margin_db": 0.05}
+    free = choose_components(model, params, calib, base, sampler, traj, **kwargs)
+    gain, se = free.gains["dynamic_rotated"]
+    assert free.label == "dynamic_rotated" and gain > 0.05 and se > 0
+    z = (gain - 0.05) / se
+    below = choose_components(model, params, calib, base, sampler, traj, margin_se=0.9 * z,
+                              **kwargs)
+    above = choose_components(model, params, calib, base, sampler, traj, margin_se=1.1 * z,
+                              **kwargs)
+    assert below.label == "dynamic_rotated" and above.label == "base" and above.recipe == base
+    assert above.gains == free.gains
+    with pytest.raises(ValueError, match=r"^margin_se: expected a number >= 0 \(standard "
+                                         r"errors\), got -1"):
+        choose_components(model, params, calib, base, sampler, traj, margin_se=-1, **kwargs)
+
+
 def test_a_bad_judge_is_refused(setup):
     model, params, sampler, calib, traj = setup
     with pytest.raises(ValueError, match=r"^judge: expected 'samples' or 'teacher_forced', got "

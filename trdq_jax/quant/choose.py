@@ -235,7 +235,8 @@ class Choice:
 def choose_components(model, params, calib, base: Recipe, sampler, traj: Trajectories, *,
                       steps: dict | None = None, anchors: dict | None = None, rounds: int = 1,
                       judge: str = "samples", max_ratio: float | None = None,
-                      margin_db: float = 0.1, progress: bool = False) -> Choice:
+                      margin_db: float = 0.1, margin_se: float = 0.0,
+                      progress: bool = False) -> Choice:
     """The recipe of least held-out trajectory error reached from the best of ``base`` and
     its ``anchors`` (overrides of ``base``, default ``ANCHORS``; ``{}``: none) by the
     component changes of ``steps`` (default ``COMPONENT_STEPS``) that lower the error, one at a
@@ -248,7 +249,10 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     the branch's rank is then chosen too (``RANK_STEPS``: 0, 8, 16, 32). ``margin_db``: how
     much lower (in dB of the error) a candidate's error must be to replace the current choice:
     the held-out estimate is noisy, and a change that wins by less than the noise is as likely
-    to lose on other samples (0: any win).
+    to lose on other samples (0: any win). ``margin_se`` (samples judge): the win must also
+    exceed that many standard errors of the per-sample gain over the current choice (paired,
+    on the same held-out samples; ``gain_and_se``), so a change the held-out samples do not
+    resolve keeps the current choice (0: the margin alone).
 
     ``calib``: statistics from which every candidate's calibration is derived
     (``derive_calibration``: no model run per candidate). ``traj``: ``float_trajectories`` of
@@ -267,6 +271,9 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
                          "float_trajectories' output)")
     if isinstance(margin_db, bool) or not isinstance(margin_db, (int, float)) or not margin_db >= 0:
         raise ValueError(f"margin_db: expected a number >= 0 (dB), got {margin_db!r}")
+    if isinstance(margin_se, bool) or not isinstance(margin_se, (int, float)) or not margin_se >= 0:
+        raise ValueError(f"margin_se: expected a number >= 0 (standard errors), got "
+                         f"{margin_se!r}")
     if max_ratio is not None and not (isinstance(max_ratio, (int, float)) and max_ratio > 0):
         raise ValueError(f"max_ratio: expected a positive number (bytes relative to bf16), got "
                          f"{max_ratio!r}")
@@ -304,6 +311,12 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
                        / float_bytes_of(params, quantized_layer_paths(q)))
         return error if max_ratio is None or ratios[key] <= max_ratio else float("inf")
 
+    def resolved(current, key):  # the gain over the current choice exceeds margin_se SEs
+        if not margin_se or key not in per_sample:
+            return True
+        gain, se = gain_and_se(per_sample[current], per_sample[key])
+        return bool(np.isfinite(se)) and gain > margin_db + margin_se * se
+
     best_error, best_q, best_c, db = score(base)
     best, label = base, "base"
     best_error = judged(label, best_error, best_q, db)
@@ -322,7 +335,8 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         error, q, c, db = score(candidate)
         key = name if is_anchor or label == "base" else f"{label}+{name}"
         error = judged(key, error, q, db)
-        if error < best_error * 10.0 ** (-margin_db / 10.0):
+        if error < best_error * 10.0 ** (-margin_db / 10.0) and (
+                best_error == float("inf") or resolved(label, key)):  # inf: over budget / NaN
             best, best_error, best_q, best_c, label = candidate, error, q, c, key
     if best_error == float("inf"):
         raise ValueError(f"max_ratio: no candidate fits {max_ratio} x bf16 (the smallest holds "
