@@ -207,8 +207,20 @@ def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
         assert gain["gain"] == pytest.approx(10 * np.log10(errors["base"] / errors[name]),
                                              abs=2e-3)
         assert gain["se"] >= 0
+    assert summary["chosen"] in errors
     _, _, recipe, _ = Q.load_quantized(tmp_path / "q")
     assert recipe.name == "trdq" and (recipe.w_bits, recipe.a_bits) == (4, 4)
+    # a change must win by 1e6 standard errors too: none does, the recipe is kept as it is
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose-margin-se", "1e6",
+                 "--out", str(tmp_path / "q2")]) == 2
+    assert "--choose-margin-se: sets how --choose accepts a change; give --choose too" in (
+        capsys.readouterr().err)
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose", "--choose-samples", "3",
+                 "--choose-margin-se", "1e6", "--out", str(tmp_path / "q2")]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    assert kept["chosen"] == "base"
+    _, _, recipe, _ = Q.load_quantized(tmp_path / "q2")
+    assert (recipe.name, recipe.num_segments, recipe.w_bits, recipe.a_bits) == ("trdq", 2, 4, 4)
 
 
 def test_argparse_errors_are_one_line(capsys):
@@ -221,6 +233,11 @@ def test_argparse_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("trdq quantize: error: argument --choose-samples: expected a positive "
                           "int") and err.count("\n") == 1
+    assert main(["quantize", "--calib", "c", "--choose", "--choose-margin-se", "-1", "--out",
+                 "q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trdq quantize: error: argument --choose-margin-se: expected a finite "
+                          "number >= 0") and err.count("\n") == 1
 
 
 def test_a_named_recipe_keeps_its_own_segment_count_from_another_calibration(tmp_path,

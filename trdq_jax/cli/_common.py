@@ -75,6 +75,13 @@ def _bits(text: str) -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
 def _cfg_scale(text: str) -> float:
     from trdq_jax.config import check_cfg_scale
     return check_cfg_scale(float(text))
@@ -85,6 +92,7 @@ rank_int = _typed(lambda text: _nonnegative_int(text), "an int >= 0")
 seed_int = _typed(_nonnegative_int, "an int in [0, 2**32 - 1]")
 bits = _typed(_bits, "bits in 2..8 (or 16 = float)")
 cfg_scale = _typed(_cfg_scale, "a finite number in [0, 100]")
+nonnegative_float = _typed(_nonnegative_float, "a finite number >= 0")
 
 
 @contextlib.contextmanager

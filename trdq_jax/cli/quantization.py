@@ -5,8 +5,8 @@ import re
 import time
 
 from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_source, bits, blame,
-                                  float_model, positive_int, print_json, rank_int, source_of,
-                                  stored_vae)
+                                  float_model, nonnegative_float, positive_int, print_json,
+                                  rank_int, source_of, stored_vae)
 
 DEFAULT_CALIB_SEED = 1000  # trdq_jax.quant.pipeline.DEFAULT_CALIB_SEED (a test keeps them equal)
 RECIPE_NAMES = ("minmax", "quarot", "quarot_rtn", "smoothquant", "svdquant", "trdq",
@@ -139,6 +139,9 @@ def _quantize(args) -> int:
     if args.choose_samples is not None and not args.choose:
         raise ValueError("--choose-samples: counts the samples --choose judges on; give "
                          "--choose too")
+    if args.choose_margin_se is not None and not args.choose:
+        raise ValueError("--choose-margin-se: sets how --choose accepts a change; give "
+                         "--choose too")
     args.choose_samples = args.choose_samples or 30
     resolve_target(args.out, kind="quantized", overwrite=args.overwrite, is_dir=True,
                    arg="--out")
@@ -175,6 +178,7 @@ def _quantize(args) -> int:
             qparams = quantize(params, calib, recipe, progress=True)
     summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
     if chosen is not None:
+        summary["chosen"] = choice.label
         summary["trajectory_errors"] = chosen
         summary["held_out_gain_db"] = gains  # over the base, +- its standard error
     conditioning = None
@@ -222,7 +226,8 @@ def _choose(args, params, cfg, calib, recipe):
                          "quantize this one without --choose (or call trdq_jax.quant.choose "
                          "from Python)")
     traj = float_trajectories(model, params, sampler, **given, **held_out)
-    return choose_components(model, params, calib, recipe, sampler, traj, progress=True)
+    return choose_components(model, params, calib, recipe, sampler, traj, progress=True,
+                             margin_se=args.choose_margin_se or 0.0)
 
 
 def _plot_ranges(args) -> int:
@@ -329,6 +334,11 @@ def register(sub) -> None:
                    help="held-out samples --choose judges on: classes spread evenly, or the "
                         "calibration prompts in turn; fewer are faster and noisier (10 "
                         "misjudged by up to 1.9 dB on the bundled models) (default: 30)")
+    p.add_argument("--choose-margin-se", type=nonnegative_float, default=None, metavar="Z",
+                   help="--choose keeps a change only when its gain over the current choice "
+                        "also exceeds Z standard errors of the per-sample gain on the held-out "
+                        "samples; 2 keeps the recipe where the samples cannot tell candidates "
+                        "apart (default: 0, a 0.1 dB margin alone)")
     p.add_argument("--cfg-plan", "--share-plan", dest="cfg_plan", metavar="PLAN",
                    help="CFG sharing plan stored with the checkpoint (trdq sample uses it): "
                         "none | all | trdq_release | a plan .json (default: none stored)")
