@@ -33,11 +33,15 @@ than ``margin_db`` (0.1 dB: a smaller win is within the noise of the held-out es
 ``1 + len(anchors) + len(steps)`` quantizations per round instead of the whole grid.
 
 How far the choice can be trusted is measured, not assumed (BENCHMARKS.md, "Issue #24, third
-pass"): with 30 held-out samples (20 videos) it is within 0.3 dB of the best of the baselines it
-is built from in 13 of the bundled models' 16 (model, width) cells and gains up to 0.6 dB, but
-where two candidates differ by less than the spread between two sample sets it can pick the
-one that loses on the judged samples (the text model at W8A8 -0.41 dB; the video model at
-W8A8 / W6A6 -1.8 / -0.8 dB: its 20-video sets disagree by whole dB about the same models).
+pass" and "fourth pass"): a held-out gain comes with its standard error (``Choice.gains``), and
+on 30 held-out samples that error is 0.4-0.9 dB at W8A8 / W6A6 on the bundled text and video
+models: most candidates there differ by less, so the plain margin follows noise (on 100
+judged videos at W6A6 it took ViDiT-Q+GPTQ with searched clipping, 0.77 dB below plain trdq).
+``margin_se=2`` keeps the current choice unless the samples resolve the change: on the three
+cells where the margin alone missed the bar it lands within 0.12 dB of the best baseline on
+100 judged samples, but on digits-dit W6A6 it kept plain trdq, 0.98 dB below ViDiT-Q+GPTQ,
+whose +1.0 dB held-out gain had an error of 0.7: with 30 held-out samples neither rule is
+right everywhere (default 0).
 """
 from __future__ import annotations
 
