@@ -293,8 +293,8 @@ LEGEND = ("PSNR / SSIM: quantized vs float samples from the same noise and label
           "`trdq_release` row includes their search. Backend `xla` (int8 dot), "
           "`OPENBLAS_NUM_THREADS=1`. dB vs first row: the mean over samples of this row's "
           "PSNR minus the first row's at the same width, +- its standard error (how far two "
-          "rows' order is resolved by these samples). A bit width where every recipe lands within 0.5 dB PSNR is "
-          "reported as a tie; elsewhere the ranking is given.")
+          "rows' order is resolved by these samples). A bit width where every recipe lands "
+          "within 0.5 dB PSNR is reported as a tie; elsewhere the ranking is given.")
 
 
 def _model_markers(name: str, section: str = SECTION) -> tuple[str, str]:

@@ -172,7 +172,7 @@ def _quantize(args) -> int:
             choice = _choose(args, params, cfg, calib, recipe)
             recipe, calib, qparams = choice.recipe, choice.calib, choice.qparams
             chosen = {name: float(f"{error:.6g}") for name, error in choice.errors.items()}
-            gains = {name: {"gain": round(g, 3), "se": round(se, 3)}
+            gains = {name: {"gain": _rounded(g), "se": _rounded(se)}  # NaN: a NaN sample
                      for name, (g, se) in choice.gains.items()}
         else:
             qparams = quantize(params, calib, recipe, progress=True)
@@ -194,6 +194,11 @@ def _quantize(args) -> int:
     print_json({"out": str(out), **summary,
                 "calibration_seconds": round(float(calib_seconds), 3)})
     return 0
+
+
+def _rounded(value: float) -> float | None:
+    """``value`` to 3 decimals for the JSON summary; None where it is not finite."""
+    return round(value, 3) if value == value and abs(value) != float("inf") else None
 
 
 def _choose(args, params, cfg, calib, recipe):

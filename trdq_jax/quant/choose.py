@@ -188,12 +188,19 @@ def sample_error(samples, reference) -> float:
     ``10 log10(e_a / e_b)`` is how many dB of mean PSNR ``b`` has over ``a`` (before the
     benchmarks clip samples to [-1, 1]). An exact sample counts as an error of 1e-30 (not 0,
     which would end the choice); NaN anywhere gives inf (the candidate cannot win)."""
+    per_sample, ref_ms = _per_sample_mse(samples, reference)
+    if not np.all(np.isfinite(per_sample)):
+        return float("inf")
+    return float(np.exp(np.mean(np.log(np.maximum(per_sample, 1e-30)))) / ref_ms)
+
+
+def _per_sample_mse(samples, reference) -> tuple[np.ndarray, float]:
+    """float64 ``[N]`` mean squared error of each sample (all axes after the first), and the
+    reference's mean square."""
     ref = np.asarray(reference, np.float64)
     per_sample = np.mean((np.asarray(samples, np.float64) - ref) ** 2,
                          axis=tuple(range(1, ref.ndim)))
-    if not np.all(np.isfinite(per_sample)):
-        return float("inf")
-    return float(np.exp(np.mean(np.log(np.maximum(per_sample, 1e-30)))) / np.mean(ref ** 2))
+    return per_sample, float(np.mean(ref ** 2))
 
 
 def sample_db(samples, reference) -> np.ndarray:
@@ -201,10 +208,8 @@ def sample_db(samples, reference) -> np.ndarray:
     of its mean squared error relative to the reference's mean square; the mean of two
     candidates' per-sample differences is their mean-PSNR difference, and the spread of those
     differences says how far the held-out samples resolve it. NaN -> inf."""
-    ref = np.asarray(reference, np.float64)
-    per_sample = np.mean((np.asarray(samples, np.float64) - ref) ** 2,
-                         axis=tuple(range(1, ref.ndim)))
-    db = 10 * np.log10(np.maximum(per_sample, 1e-30) / np.mean(ref ** 2))
+    per_sample, ref_ms = _per_sample_mse(samples, reference)
+    db = 10 * np.log10(np.maximum(per_sample, 1e-30) / ref_ms)
     return np.where(np.isnan(db), np.inf, db)
 
 
