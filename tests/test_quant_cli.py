@@ -254,3 +254,11 @@ def test_a_named_recipe_keeps_its_own_segment_count_from_another_calibration(tmp
         assert (recipe.name, recipe.num_segments) == (name, segments)
         assert sorted(set(np.asarray(table).tolist())) == list(range(segments))
     capsys.readouterr()
+
+
+def test_summary_gains_are_json_numbers_or_null():
+    """A candidate with a NaN sample has no defined gain: null in the JSON summary, not NaN."""
+    from trdq_jax.cli.quantization import _rounded
+    assert [_rounded(v) for v in (1.23456, -0.0004, float("nan"), float("inf"))] == [
+        1.235, -0.0, None, None]
+    assert json.loads(json.dumps({"gain": _rounded(float("nan"))})) == {"gain": None}
