@@ -18,7 +18,7 @@ import pytest
 import trdq_jax.quant as Q
 from trdq_jax.manifest import tree_digest
 from trdq_jax.models import build_model
-from trdq_jax.quant import capture, fit
+from trdq_jax.quant import capture, fit, quantizers
 from trdq_jax.quant.calib_io import CalibrationError, load_calibration, save_calibration
 from trdq_jax.quant.pipeline import run_calibration
 from trdq_jax.sampling import Sampler, conditioning
@@ -73,7 +73,7 @@ def test_pack_unpack_round_trip():
 def test_stored_gram_is_every_sampled_row_and_gptq_from_it_is_exact(tiny):
     """The stored Gram sums every sampled row (the kept rows are some of them, rounded to
     float16); GPTQ with the weight clipping search fitted from it equals the same fit from
-    all those rows."""
+    all those rows up to float32 summation order (near-tie codes one step apart)."""
     model, params, traj = tiny
     stats = capture.collect_stats(model, params, traj.xs, traj.timesteps, traj.cond, NULL,
                                   paths=[LAYER], rows_per_step=32, progress=False)[LAYER]
@@ -94,12 +94,20 @@ def test_stored_gram_is_every_sampled_row_and_gptq_from_it_is_exact(tiny):
                                    weight_absmax=stats.weight_absmax)
     got = fit.quantize_layer(dense["kernel"], dense["bias"], stats, table, 1, recipe, LAYER)
     want = fit.quantize_layer(dense["kernel"], dense["bias"], every_row, table, 1, recipe, LAYER)
-    np.testing.assert_array_equal(np.asarray(got.w_q), np.asarray(want.w_q))
     np.testing.assert_allclose(np.asarray(got.w_scale), np.asarray(want.w_scale), rtol=1e-6)
     kept_only = dataclasses.replace(every_row, rows=np.asarray(stats.rows, np.float32))
     other = fit.quantize_layer(dense["kernel"], dense["bias"], kept_only, table, 1, recipe,
                                LAYER)
-    assert not np.array_equal(np.asarray(other.w_q), np.asarray(got.w_q)), \
+    codes = {name: np.asarray(quantizers.unpack_int4(q.w_q[0], k)).astype(np.int32)
+             for name, q in [("got", got), ("want", want), ("other", other)]}
+    # The two Grams hold the same sum in another float32 order (the stored one accumulated step
+    # by step): a code GPTQ rounds at a near tie may flip by one step on some CPUs, and GPTQ
+    # carries the flip along its column (measured on an AMD EPYC: 0.16% of the codes, equal
+    # elsewhere); the kept rows alone fit another layer (23% of the codes differ).
+    differ = codes["got"] != codes["want"]
+    assert differ.mean() < 0.01, differ.mean()
+    assert np.abs(codes["got"] - codes["want"]).max() <= 1
+    assert np.mean(codes["other"] != codes["want"]) > 5 * max(differ.mean(), 1e-3), \
         "the kept rows alone must fit other codes, or this test shows nothing"
 
 
