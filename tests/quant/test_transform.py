@@ -9,7 +9,6 @@ import pytest
 import trdq_jax.quant as Q
 from trdq_jax.config import ConfigError, DiTConfig, SamplerConfig, UNetConfig, VideoDiTConfig
 from trdq_jax.models import build_model, init_params, input_shape
-from trdq_jax.quant.capture import LayerStats
 from trdq_jax.quant.qlinear import output_columns
 from trdq_jax.sampling import Sampler, denoise_fn_for, sample
 
@@ -190,6 +189,15 @@ def test_derive_calibration_reuses_statistics(dit):
     np.testing.assert_array_equal(derived.stats["blocks_0/attn/qkv"].absmax,
                                   calib.stats["blocks_0/attn/qkv"].absmax)
     Q.quantize(params, derived, fewer)  # the derived selection quantizes as is
+    # a layer's statistics do not depend on which other layers the recipe measures: the same
+    # rows are sampled (the sample derives from seed, step and path), so derived == direct
+    direct = _calib(model, params, fewer)
+    assert sorted(direct.stats) == sorted(derived.stats)
+    for path, stats in direct.stats.items():
+        for field in dataclasses.fields(stats):
+            want = getattr(derived.stats[path], field.name)
+            if isinstance(want, np.ndarray):
+                np.testing.assert_array_equal(getattr(stats, field.name), want, err_msg=path)
     with pytest.raises(ValueError, match="no statistics"):
         derive_calibration(derived, Q.Recipe("all"), SAMPLER)  # fc2 was never measured
 
