@@ -313,12 +313,10 @@ def paired_gain(row: dict, first: dict) -> str:
     mean of the per-sample differences: how far the ranking of two rows is resolved."""
     if row is first:
         return "(reference)"
+    from trdq_jax.quant.choose import mean_and_se
     diff = np.asarray(row["psnr_values"], np.float64) - np.asarray(first["psnr_values"])
-    finite = diff[np.isfinite(diff)]  # an exactly matching sample gives inf - inf
-    if len(finite) < 2:
-        return "n/a"
-    se = np.std(finite, ddof=1) / np.sqrt(len(finite))
-    return f"{np.mean(finite):+.2f} +- {se:.2f}"
+    gain, se = mean_and_se(diff[np.isfinite(diff)])  # an exact sample gives inf - inf
+    return "n/a" if np.isnan(se) else f"{gain:+.2f} +- {se:.2f}"
 
 
 def model_block(res: dict, command: str, section: str = SECTION) -> str:

@@ -216,7 +216,13 @@ def sample_db(samples, reference) -> np.ndarray:
 def gain_and_se(base_db: np.ndarray, other_db: np.ndarray) -> tuple[float, float]:
     """``(mean, standard error)`` in dB of ``other``'s per-sample gain over ``base``
     (``sample_db`` arrays of the same samples); (nan, nan) where a sample is not finite."""
-    diff = np.asarray(base_db, np.float64) - np.asarray(other_db, np.float64)
+    return mean_and_se(np.asarray(base_db, np.float64) - np.asarray(other_db, np.float64))
+
+
+def mean_and_se(diff) -> tuple[float, float]:
+    """``(mean, standard error of the mean)`` of the paired differences ``diff`` ``[N]``;
+    (nan, nan) when one is not finite or fewer than two are given."""
+    diff = np.asarray(diff, np.float64)
     if not np.all(np.isfinite(diff)) or len(diff) < 2:
         return float("nan"), float("nan")
     return float(np.mean(diff)), float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
