@@ -175,7 +175,7 @@ def _scores(samples, labels, reference, float_samples=None) -> dict:
 def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str, str, dict]],
                 per_class: int,
                 calib_per_class: int, seed: int, bar, choose_per_class: int = 3,
-                choose_margin_se: float = 0.0) -> dict:
+                choose_margin_se: float = 1.0) -> dict:
     """Every (bits, recipe) row of one bundled model (plus its float row); a ``+choose`` row
     judges its candidates on ``choose_per_class`` held-out samples per class, a change winning
     by ``choose_margin_se`` standard errors too (``choose_components``' ``margin_se``)."""
@@ -391,10 +391,10 @@ def main(argv=None) -> None:
     parser.add_argument("--choose-per-class", type=int, default=3,
                         help="held-out samples per class that a +choose row judges its "
                              "candidates on (default: %(default)s)")
-    parser.add_argument("--choose-margin-se", type=float, default=0.0,
+    parser.add_argument("--choose-margin-se", type=float, default=1.0,
                         help="a +choose row's change must also win by this many standard "
-                             "errors of its per-sample gain (default: %(default)s: the "
-                             "0.1 dB margin alone)")
+                             "errors of its per-sample gain, beside the 0.1 dB margin (default: "
+                             "%(default)s; 0: the margin alone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", default=None, help="markdown file whose section to replace")
     parser.add_argument("--section", default=SECTION,

@@ -123,7 +123,8 @@ def test_anchors_are_the_published_baselines_and_the_choice_is_never_worse(setup
     differences."""
     model, params, sampler, calib, traj = setup
     base = Q.get_recipe("minmax", 4, 4)
-    choice = choose_components(model, params, calib, base, sampler, traj, steps={}, margin_db=0)
+    choice = choose_components(model, params, calib, base, sampler, traj, steps={}, margin_db=0,
+                               margin_se=0)
     baselines = {"quarot": Q.get_recipe("quarot", 4, 4),
                  "viditq_gptq": Q.get_recipe("viditq", 4, 4, gptq=True),
                  "trdq_static": Q.get_recipe("trdq_static", 4, 4)}
@@ -173,7 +174,7 @@ def test_a_change_must_win_by_its_standard_errors_too(setup):
     base = Q.get_recipe("minmax", 4, 4)
     kwargs = {"steps": {"dynamic_rotated": {"a_mode": "dynamic", "rotation": "hadamard"}},
               "anchors": {}, "margin_db": 0.05}
-    free = choose_components(model, params, calib, base, sampler, traj, **kwargs)
+    free = choose_components(model, params, calib, base, sampler, traj, margin_se=0, **kwargs)
     gain, se = free.gains["dynamic_rotated"]
     assert free.label == "dynamic_rotated" and gain > 0.05 and se > 0
     z = (gain - 0.05) / se
@@ -246,7 +247,7 @@ def test_under_a_budget_the_rank_is_chosen_too(setup, monkeypatch):
     free = choose.choose_components(model, params, calib, base, sampler, traj, anchors={})
     assert set(free.errors) <= {"base", "no_rotation"}
     budget = choose.choose_components(model, params, calib, base, sampler, traj, anchors={},
-                                      max_ratio=10.0, margin_db=0)
+                                      max_ratio=10.0, margin_db=0, margin_se=0)
     tried = {key.rsplit("+", 1)[-1] for key in budget.errors}
     assert "rank_8" in tried and "rank_64" not in tried
     assert budget.recipe.low_rank == 8  # a branch errs less, and the budget allows it
