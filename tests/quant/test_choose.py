@@ -64,6 +64,10 @@ def test_sample_error_ratios_are_mean_psnr_differences():
         if len(shape) == 5:
             per_frame = psnr(b, ref)[1] - psnr(a, ref)[1]
             assert abs(per_frame - gain) > 0.5
+        per_sample = np.mean((a - ref) ** 2, axis=tuple(range(1, a.ndim)))
+        geometric_mean = np.prod(per_sample) ** (1 / len(per_sample))
+        assert sample_error(a, ref) == pytest.approx(geometric_mean / np.mean(ref ** 2),
+                                                     rel=1e-12)
     assert 0 < sample_error(ref, ref) < 1e-29
     assert sample_error(np.where(ref > 0.8, np.nan, ref), ref) == float("inf")
     from trdq_jax.quant.choose import gain_and_se, sample_db

@@ -192,19 +192,13 @@ def sample_error(samples, reference) -> float:
     ``10 log10(e_a / e_b)`` is how many dB of mean PSNR ``b`` has over ``a`` (before the
     benchmarks clip samples to [-1, 1]). An exact sample counts as an error of 1e-30 (not 0,
     which would end the choice); NaN anywhere gives inf (the candidate cannot win)."""
-    per_sample, ref_ms = _per_sample_mse(samples, reference)
-    if not np.all(np.isfinite(per_sample)):
-        return float("inf")
-    return float(np.exp(np.mean(np.log(np.maximum(per_sample, 1e-30)))) / ref_ms)
+    return error_of_db(sample_db(samples, reference))
 
 
-def _per_sample_mse(samples, reference) -> tuple[np.ndarray, float]:
-    """float64 ``[N]`` mean squared error of each sample (all axes after the first), and the
-    reference's mean square."""
-    ref = np.asarray(reference, np.float64)
-    per_sample = np.mean((np.asarray(samples, np.float64) - ref) ** 2,
-                         axis=tuple(range(1, ref.ndim)))
-    return per_sample, float(np.mean(ref ** 2))
+def error_of_db(db: np.ndarray) -> float:
+    """``sample_error`` from the samples' ``sample_db`` ``[N]``: ``10 ** (mean(db) / 10)``
+    (inf where a sample is inf)."""
+    return float(10 ** (np.mean(np.asarray(db, np.float64)) / 10))
 
 
 def sample_db(samples, reference) -> np.ndarray:
@@ -212,8 +206,10 @@ def sample_db(samples, reference) -> np.ndarray:
     of its mean squared error relative to the reference's mean square; the mean of two
     candidates' per-sample differences is their mean-PSNR difference, and the spread of those
     differences says how far the held-out samples resolve it. NaN -> inf."""
-    per_sample, ref_ms = _per_sample_mse(samples, reference)
-    db = 10 * np.log10(np.maximum(per_sample, 1e-30) / ref_ms)
+    ref = np.asarray(reference, np.float64)
+    per_sample = np.mean((np.asarray(samples, np.float64) - ref) ** 2,
+                         axis=tuple(range(1, ref.ndim)))  # all axes after the first
+    db = 10 * np.log10(np.maximum(per_sample, 1e-30) / np.mean(ref ** 2))
     return np.where(np.isnan(db), np.inf, db)
 
 
@@ -312,7 +308,8 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         out = (sample(denoiser, q, segmented, **traj.sample_args) if judge == "samples"
                else guided_outputs(denoiser, q, traj, segmented))
         if judge == "samples":
-            return sample_error(out, reference), q, c, sample_db(out, reference)
+            db = sample_db(out, reference)
+            return error_of_db(db), q, c, db
         return trajectory_error(out, reference), q, c, None
 
     def fits(recipe):  # every layer can hold the candidate's groups and rank
