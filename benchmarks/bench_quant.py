@@ -174,7 +174,7 @@ def _scores(samples, labels, reference, float_samples=None) -> dict:
 
 def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str, str, dict]],
                 per_class: int,
-                calib_per_class: int, seed: int, bar, choose_per_class: int = 3,
+                calib_per_class: int, seed: int, bar, choose_per_class: int = 10,
                 choose_margin_se: float = 1.0) -> dict:
     """Every (bits, recipe) row of one bundled model (plus its float row); a ``+choose`` row
     judges its candidates on ``choose_per_class`` held-out samples per class, a change winning
@@ -388,7 +388,7 @@ def main(argv=None) -> None:
     parser.add_argument("--per-class", type=int, default=10, help="judged samples per class")
     parser.add_argument("--calib-per-class", type=int, default=2,
                         help="calibration samples per class")
-    parser.add_argument("--choose-per-class", type=int, default=3,
+    parser.add_argument("--choose-per-class", type=int, default=10,
                         help="held-out samples per class that a +choose row judges its "
                              "candidates on (default: %(default)s)")
     parser.add_argument("--choose-margin-se", type=float, default=1.0,

@@ -8,6 +8,7 @@ from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_source
                                   float_model, nonnegative_float, positive_int, print_json,
                                   rank_int, source_of, stored_vae)
 
+DEFAULT_CHOOSE_SAMPLES = 100  # 30 misjudged cells by over 1 dB (BENCHMARKS.md, issue #24)
 DEFAULT_CALIB_SEED = 1000  # trdq_jax.quant.pipeline.DEFAULT_CALIB_SEED (a test keeps them equal)
 RECIPE_NAMES = ("minmax", "quarot", "quarot_rtn", "smoothquant", "svdquant", "trdq",
                 "trdq_lowrank", "trdq_lowrank_no_rotation", "trdq_lowrank_no_segments",
@@ -142,7 +143,7 @@ def _quantize(args) -> int:
     if args.choose_margin_se is not None and not args.choose:
         raise ValueError("--choose-margin-se: sets how --choose accepts a change; give "
                          "--choose too")
-    args.choose_samples = args.choose_samples or 30
+    args.choose_samples = args.choose_samples or DEFAULT_CHOOSE_SAMPLES
     resolve_target(args.out, kind="quantized", overwrite=args.overwrite, is_dir=True,
                    arg="--out")
     from trdq_jax.sampling.cfg_plan import resolve_plan
@@ -338,8 +339,9 @@ def register(sub) -> None:
                         "float model's; several quantizations (default: off)")
     p.add_argument("--choose-samples", type=positive_int, default=None, metavar="N",
                    help="held-out samples --choose judges on: classes spread evenly, or the "
-                        "calibration prompts in turn; fewer are faster and noisier (10 "
-                        "misjudged by up to 1.9 dB on the bundled models) (default: 30)")
+                        "calibration prompts in turn; fewer are faster and noisier (30 "
+                        "misjudged by up to 1.6 dB on the bundled models) (default: "
+                        f"{DEFAULT_CHOOSE_SAMPLES})")
     p.add_argument("--choose-margin-se", type=nonnegative_float, default=None, metavar="Z",
                    help="--choose keeps a change only when its gain over the current choice "
                         "also exceeds Z standard errors of the per-sample gain on the held-out "
