@@ -257,6 +257,10 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
                       f"{r['ssim']:.4f}, FID {r['fid']:.2f}, match {_match(r)}, "
                       f"{r['ratio']:.3f}x bf16, quantize {quant_seconds:.1f} s")
             bar.update()
+            # each compiled program holds ~7 memory maps until the caches drop it: all widths
+            # of the UNet with +choose rows in one process passed vm.max_map_count (65530) and
+            # died in LLVM ("Cannot allocate memory")
+            jax.clear_caches()
     return result
 
 
