@@ -45,8 +45,8 @@ the three baselines in 3 of the 16 bundled model x width cells, by up to 1.6 dB 
 on 100 held-out samples (standard errors of 0.2-0.6 dB; the CLI's default) and 100 judged
 ones, 14 of the 15 cells measured are within 0.3 dB of that best; the video model at W4A8
 misses by 0.70 dB, where the held-out and the judged 100 videos disagree by 1.4 dB about
-smoothing (sixth pass). Two standard errors kept
-plain trdq on digits-dit W6A6, 0.98 dB below ViDiT-Q+GPTQ (held-out gain +1.0 +- 0.7 on 30).
+smoothing (sixth pass). Two standard errors kept plain trdq on digits-dit W6A6, 0.98 dB below
+ViDiT-Q+GPTQ (held-out gain +1.0 +- 0.7 on 30).
 """
 from __future__ import annotations
 
