@@ -175,10 +175,11 @@ def _scores(samples, labels, reference, float_samples=None) -> dict:
 def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str, str, dict]],
                 per_class: int,
                 calib_per_class: int, seed: int, bar, choose_per_class: int = 10,
-                choose_margin_se: float = 1.0) -> dict:
+                choose_margin_se: float = 1.0, confirm_per_class: int = 10) -> dict:
     """Every (bits, recipe) row of one bundled model (plus its float row); a ``+choose`` row
     judges its candidates on ``choose_per_class`` held-out samples per class, a change winning
-    by ``choose_margin_se`` standard errors too (``choose_components``' ``margin_se``)."""
+    by ``choose_margin_se`` standard errors too (``choose_components``' ``margin_se``), and
+    confirmed on ``confirm_per_class`` further samples per class (seed + 3; 0: none)."""
     model, params, cfg = zoo.load(name)
     sampler = Sampler.from_config(cfg.sampler)
     num_classes = getattr(cfg.model, "num_classes", 10)  # a text model: the ten digits
@@ -205,17 +206,21 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
     result["calib_seconds"] = time.perf_counter() - start
     result["calib_samples"] = len(calib_labels)
     memoise_duquant().clear()
-    traj = None
+    traj = confirm = None
     if any("+choose" in overrides for _, _, overrides in recipes):
-        # held-out samples: a seed neither calibration nor judging uses
+        # held-out samples: seeds neither calibration nor judging uses
         from trdq_jax.quant.choose import float_trajectories
-        held_labels = np.repeat(np.arange(num_classes), choose_per_class)
-        held_cond, held_null = _conditions(cfg, held_labels, validation_templates(per_class))
-        held = ({"labels": held_cond, "null_label": held_null} if isinstance(held_null, int)
-                else {"cond": held_cond, "null_cond": held_null})
-        traj = float_trajectories(model, params, sampler, **held, seed=seed + 2,
-                                  shape=input_shape(cfg.model, len(held_labels)),
-                                  cfg_scale=cfg.sampler.cfg_scale)
+
+        def held_out(count, held_seed):
+            held_labels = np.repeat(np.arange(num_classes), count)
+            held_cond, held_null = _conditions(cfg, held_labels, validation_templates(per_class))
+            held = ({"labels": held_cond, "null_label": held_null} if isinstance(held_null, int)
+                    else {"cond": held_cond, "null_cond": held_null})
+            return float_trajectories(model, params, sampler, **held, seed=held_seed,
+                                      shape=input_shape(cfg.model, len(held_labels)),
+                                      cfg_scale=cfg.sampler.cfg_scale)
+        traj = held_out(choose_per_class, seed + 2)
+        confirm = held_out(confirm_per_class, seed + 3) if confirm_per_class else None
     for w_bits, a_bits in bits:
         for recipe_name, base, overrides in recipes:
             bar.set_postfix_str(f"{name} W{w_bits}A{a_bits} {recipe_name}")
@@ -227,14 +232,20 @@ def bench_model(name: str, bits: list[tuple[int, int]], recipes: list[tuple[str,
                 from trdq_jax.quant.choose import choose_components
                 budget = None if chosen is True else chosen
                 choice = choose_components(model, params, shared, recipe, sampler, traj,
-                                           max_ratio=budget, margin_se=choose_margin_se)
+                                           max_ratio=budget, margin_se=choose_margin_se,
+                                           confirm=confirm)
                 calib, qparams = choice.calib, choice.qparams
                 recipe_label = (f"{recipe_name} ({choice.label}"
-                                + (f"; margin {choose_margin_se:g} SE)" if choose_margin_se
-                                   else ")"))
+                                + (f"; margin {choose_margin_se:g} SE" if choose_margin_se
+                                   else "")
+                                + ("; confirmed" if confirm is not None else "") + ")")
                 bar.write(f"{name} W{w_bits}A{a_bits} {recipe_label}, held-out dB over base "
                           "+- SE: " + ", ".join(f"{k} {g:+.2f} +- {se:.2f}"
                                                 for k, (g, se) in choice.gains.items()))
+                if choice.confirmations:
+                    bar.write("  confirmation, pooled dB over the choice then +- SE: " + ", ".join(
+                        f"{k} {g:+.2f} +- {se:.2f} ({'taken' if taken else 'refused'})"
+                        for k, (g, se, taken) in choice.confirmations.items()))
             else:
                 calib = derive_calibration(shared, recipe, sampler)
                 qparams = jax.block_until_ready(Q.quantize(params, calib, recipe))
@@ -399,6 +410,10 @@ def main(argv=None) -> None:
                         help="a +choose row's change must also win by this many standard "
                              "errors of its per-sample gain, beside the 0.1 dB margin (default: "
                              "%(default)s; 0: the margin alone)")
+    parser.add_argument("--confirm-per-class", type=int, default=10,
+                        help="further held-out samples per class on which a +choose row's "
+                             "change must win again, pooled with the first (default: "
+                             "%(default)s; 0: no confirmation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", default=None, help="markdown file whose section to replace")
     parser.add_argument("--section", default=SECTION,
@@ -422,6 +437,8 @@ def main(argv=None) -> None:
     if args.per_class < 1 or args.calib_per_class < 1 or args.choose_per_class < 1:
         parser.error("--per-class / --calib-per-class / --choose-per-class: expected positive "
                      "ints")
+    if args.confirm_per_class < 0:
+        parser.error(f"--confirm-per-class: expected an int >= 0, got {args.confirm_per_class}")
     bits = parse_bits(args.bits)
     from tqdm import tqdm
     results = []
@@ -429,7 +446,7 @@ def main(argv=None) -> None:
         for name in models:
             results.append(bench_model(name, bits, recipes, args.per_class, args.calib_per_class,
                                        args.seed, bar, args.choose_per_class,
-                                       args.choose_margin_se))
+                                       args.choose_margin_se, args.confirm_per_class))
     command = "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in
                                                  ["benchmarks/bench_quant.py", *sys.argv[1:]])
     blocks = {res["model"]: model_block(res, command, args.section) for res in results}

@@ -196,9 +196,19 @@ def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
     assert "--choose-samples: counts the samples --choose judges on; give --choose too" in (
         capsys.readouterr().err)
     assert not (tmp_path / "q").exists()
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--confirm-samples", "3", "--out",
+                 str(tmp_path / "q")]) == 2
+    assert "--confirm-samples: counts the samples --choose confirms a change on; give --choose " \
+        "too" in capsys.readouterr().err
     assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose", "--choose-samples", "4",
-                 "--out", str(tmp_path / "q")]) == 0
+                 "--confirm-samples", "3", "--out", str(tmp_path / "q")]) == 0
     summary = json.loads(capsys.readouterr().out)
+    confirmed = summary["confirmed_gain_db"]  # each change that won on the 4 held-out samples
+    assert set(confirmed) <= set(summary["trajectory_errors"]) - {"base"}
+    if summary["chosen"] != "base":  # the choice's last change passed its confirmation
+        assert confirmed[summary["chosen"]]["taken"] is True
+    for name, entry in confirmed.items():
+        assert entry["taken"] == (entry["gain"] > 0.1 + entry["se"])  # margin 0.1 dB + 1 SE
     errors = summary["trajectory_errors"]
     assert list(errors)[0] == "base" and len(errors) >= 4
     gains = summary["held_out_gain_db"]  # 4 samples: the standard error is defined
@@ -216,9 +226,10 @@ def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
     assert "--choose-margin-se: sets how --choose accepts a change; give --choose too" in (
         capsys.readouterr().err)
     assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose", "--choose-samples", "3",
-                 "--choose-margin-se", "1e6", "--out", str(tmp_path / "q2")]) == 0
+                 "--choose-margin-se", "1e6", "--confirm-samples", "0", "--out",
+                 str(tmp_path / "q2")]) == 0
     kept = json.loads(capsys.readouterr().out)
-    assert kept["chosen"] == "base"
+    assert kept["chosen"] == "base" and kept["confirmed_gain_db"] == {}
     _, _, recipe, _ = Q.load_quantized(tmp_path / "q2")
     assert (recipe.name, recipe.num_segments, recipe.w_bits, recipe.a_bits) == ("trdq", 2, 4, 4)
 
@@ -233,6 +244,11 @@ def test_argparse_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("trdq quantize: error: argument --choose-samples: expected a positive "
                           "int") and err.count("\n") == 1
+    assert main(["quantize", "--calib", "c", "--choose", "--confirm-samples", "-1", "--out",
+                 "q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trdq quantize: error: argument --confirm-samples: expected an int >= "
+                          "0") and err.count("\n") == 1
     assert main(["quantize", "--calib", "c", "--choose", "--choose-margin-se", "-1", "--out",
                  "q"]) == 2
     err = capsys.readouterr().err

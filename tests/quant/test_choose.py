@@ -97,14 +97,14 @@ def test_walk_keeps_only_changes_that_lower_the_error(setup):
     assert jax.tree.leaves(choice.qparams)
 
 
-def _per_image_errors(model, params, calib, recipe, sampler, traj):
+def _per_image_errors(model, params, calib, recipe, sampler, traj, seed=9):
     """Each image's squared error relative to the reference's mean square, of the recipe's
-    final samples, drawn from the held-out noise by the plain sampler, against the float
-    model's samples drawn here too."""
+    final samples, drawn from the held-out noise (``seed``) by the plain sampler, against the
+    float model's samples drawn here too."""
     c = derive_calibration(calib, recipe, sampler)
     q = Q.quantize(params, c, recipe)
-    given = {"seed": 9, "shape": input_shape(TINY.model, 3), "cfg_scale": TINY.sampler.cfg_scale,
-             "null_label": 3}
+    given = {"seed": seed, "shape": input_shape(TINY.model, 3),
+             "cfg_scale": TINY.sampler.cfg_scale, "null_label": 3}
     out = sample(Q.QuantizedDenoiser(model, "xla"), q,
                  sampler.with_segments(c.segment_of_step, c.num_segments), np.arange(3), **given)
     want = sample(denoise_fn_for(model), params, sampler, np.arange(3), **given)
@@ -191,6 +191,55 @@ def test_a_change_must_win_by_its_standard_errors_too(setup):
     with pytest.raises(ValueError, match=r"^margin_se: expected a number >= 0 \(standard "
                                          r"errors\), got -1"):
         choose_components(model, params, calib, base, sampler, traj, margin_se=-1, **kwargs)
+
+
+def test_a_change_is_confirmed_on_further_samples(setup):
+    """With ``confirm`` a change that wins on the held-out samples is taken only when its
+    gain over the current choice, on both sets of samples pooled (per-image dB differences
+    computed here independently), passes the same rule: taken under a z below the pooled
+    (gain - margin) / SE, refused above it; a change that loses on the held-out samples
+    never reaches the confirmation; confirm needs the samples judge and final samples."""
+    model, params, sampler, calib, traj = setup
+    other = float_trajectories(model, params, sampler, shape=input_shape(TINY.model, 3),
+                               seed=11, labels=np.arange(3), null_label=3)
+    base = Q.get_recipe("minmax", 4, 4)
+    change = {"a_mode": "dynamic", "rotation": "hadamard"}
+    kwargs = {"steps": {"dynamic_rotated": change}, "anchors": {}, "margin_db": 0.05}
+    free = choose_components(model, params, calib, base, sampler, traj, margin_se=0,
+                             confirm=other, **kwargs)
+    assert free.label == "dynamic_rotated"
+    candidate = Q.get_recipe("minmax", 4, 4, **change)
+    diff = np.concatenate([
+        10 * np.log10(_per_image_errors(model, params, calib, base, sampler, other, seed)
+                      / _per_image_errors(model, params, calib, candidate, sampler, other, seed))
+        for seed, other in ((9, traj), (11, other))])
+    gain, se, taken = free.confirmations["dynamic_rotated"]
+    assert taken and gain == pytest.approx(np.mean(diff), abs=1e-5)
+    assert se == pytest.approx(np.std(diff, ddof=1) / np.sqrt(len(diff)), rel=1e-4)
+    assert gain > 0.05 and se > 0
+    z = (gain - 0.05) / se
+    screen_gain, screen_se = free.gains["dynamic_rotated"]
+    # a z that the held-out samples alone pass but the pooled ones do not (or the reverse)
+    below = choose_components(model, params, calib, base, sampler, traj, margin_se=0.9 * z,
+                              confirm=other, **kwargs)
+    above = choose_components(model, params, calib, base, sampler, traj, margin_se=1.1 * z,
+                              confirm=other, **kwargs)
+    assert below.label == "dynamic_rotated"
+    assert above.label == "base" and above.recipe == base
+    if (screen_gain - 0.05) / screen_se > 1.1 * z:  # passed the screen, refused when pooled
+        assert above.confirmations["dynamic_rotated"][2] is False
+    losing = choose_components(model, params, calib, candidate, sampler, traj, margin_se=0,
+                               confirm=other, steps={"static_plain": {"a_mode": "static",
+                                                                      "rotation": "none"}},
+                               anchors={}, margin_db=0.05)
+    assert losing.label == "base" and losing.confirmations == {}
+    with pytest.raises(ValueError, match=r"^confirm: re-judges changes on further samples; "
+                                         r"judge='teacher_forced' does not sample"):
+        choose_components(model, params, calib, base, sampler, traj, confirm=other,
+                          judge="teacher_forced", **kwargs)
+    with pytest.raises(ValueError, match=r"^confirm: expected float_trajectories' output"):
+        choose_components(model, params, calib, base, sampler, traj, confirm=other.xs,
+                          **kwargs)
 
 
 def test_a_bad_judge_is_refused(setup):

@@ -9,6 +9,8 @@ from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_source
                                   rank_int, source_of, stored_vae)
 
 DEFAULT_CHOOSE_SAMPLES = 100  # 30 misjudged cells by over 1 dB (BENCHMARKS.md, issue #24)
+# a change that wins on the held-out samples must win again on these many more, pooled
+DEFAULT_CONFIRM_SAMPLES = 100
 DEFAULT_CALIB_SEED = 1000  # trdq_jax.quant.pipeline.DEFAULT_CALIB_SEED (a test keeps them equal)
 RECIPE_NAMES = ("minmax", "quarot", "quarot_rtn", "smoothquant", "svdquant", "trdq",
                 "trdq_lowrank", "trdq_lowrank_no_rotation", "trdq_lowrank_no_segments",
@@ -143,7 +145,12 @@ def _quantize(args) -> int:
     if args.choose_margin_se is not None and not args.choose:
         raise ValueError("--choose-margin-se: sets how --choose accepts a change; give "
                          "--choose too")
+    if args.confirm_samples is not None and not args.choose:
+        raise ValueError("--confirm-samples: counts the samples --choose confirms a change on; "
+                         "give --choose too")
     args.choose_samples = args.choose_samples or DEFAULT_CHOOSE_SAMPLES
+    if args.confirm_samples is None:
+        args.confirm_samples = DEFAULT_CONFIRM_SAMPLES
     resolve_target(args.out, kind="quantized", overwrite=args.overwrite, is_dir=True,
                    arg="--out")
     from trdq_jax.sampling.cfg_plan import resolve_plan
@@ -175,6 +182,8 @@ def _quantize(args) -> int:
             chosen = {name: float(f"{error:.6g}") for name, error in choice.errors.items()}
             gains = {name: {"gain": _rounded(g), "se": _rounded(se)}  # NaN: a NaN sample
                      for name, (g, se) in choice.gains.items()}
+            confirmations = {name: {"gain": _rounded(g), "se": _rounded(se), "taken": taken}
+                             for name, (g, se, taken) in choice.confirmations.items()}
         else:
             qparams = quantize(params, calib, recipe, progress=True)
     summary = quantize_summary(params, qparams, recipe, time.perf_counter() - t0)
@@ -182,6 +191,7 @@ def _quantize(args) -> int:
         summary["chosen"] = choice.label
         summary["trajectory_errors"] = chosen
         summary["held_out_gain_db"] = gains  # over the base, +- its standard error
+        summary["confirmed_gain_db"] = confirmations  # over the choice then, both sets pooled
     conditioning = None
     if getattr(cfg.model, "family", None) == "pixart":  # text: the null branch calibrated with
         conditioning = {"null_branch": "empty_prompt"}
@@ -204,37 +214,45 @@ def _rounded(value: float) -> float | None:
 
 def _choose(args, params, cfg, calib, recipe):
     """``choose_components`` from ``recipe`` on ``--choose-samples`` held-out float samples,
-    seed ``--seed + 1`` (not the calibration's): classes spread over all, or for a text model
-    the calibration prompts (``--prompt``/``--prompts``; the bundled digits model: its
-    training phrasings of every digit) in turn."""
+    seed ``--seed + 1`` (not the calibration's), a change confirmed on ``--confirm-samples``
+    more (seed ``--seed + 2``): classes spread over all, or for a text model the calibration
+    prompts (``--prompt``/``--prompts``; the bundled digits model: its training phrasings of
+    every digit) in turn."""
     from trdq_jax.models import build_model, input_shape
     from trdq_jax.quant.choose import choose_components, float_trajectories
     from trdq_jax.quant.pipeline import spread_labels, text_calibration
     from trdq_jax.sampling import Sampler
     model, sampler = build_model(cfg.model), Sampler.from_config(cfg.sampler)
-    held_out = {"seed": (args.seed + 1) % 2 ** 32, "cfg_scale": cfg.sampler.cfg_scale}
     num_classes = getattr(cfg.model, "num_classes", None)
-    if getattr(cfg.model, "family", None) == "pixart":
+    text, prompts = getattr(cfg.model, "family", None) == "pixart", None
+    if text:
         from trdq_jax.cli._prompts import prompt_list
         prompts = prompt_list(args, cfg) if args.prompt or args.prompts else None
-        with blame(None, text_encoder="--text-encoder", prompts="--prompts",
-                   cache_dir="--prompt-cache"):
-            cond, null = text_calibration(cfg, 1, args.choose_samples, prompts,
-                                          args.text_encoder, args.prompt_cache)
-        given = {"cond": cond, "null_cond": null,
-                 "shape": input_shape(cfg.model, args.choose_samples)}
-    elif num_classes:
-        labels = spread_labels(num_classes, args.choose_samples)
-        given = {"labels": labels, "null_label": num_classes,
-                 "shape": input_shape(cfg.model, len(labels))}
-    else:
+    elif not num_classes:
         raise ValueError("--choose: implemented for class- and text-conditional models; "
                          "quantize this one without --choose (or call trdq_jax.quant.choose "
                          "from Python)")
-    traj = float_trajectories(model, params, sampler, **given, **held_out)
+
+    def held_out(count, offset):  # float samples of seed --seed + offset
+        if text:
+            with blame(None, text_encoder="--text-encoder", prompts="--prompts",
+                       cache_dir="--prompt-cache"):
+                cond, null = text_calibration(cfg, 1, count, prompts, args.text_encoder,
+                                              args.prompt_cache)
+            given = {"cond": cond, "null_cond": null, "shape": input_shape(cfg.model, count)}
+        else:
+            labels = spread_labels(num_classes, count)
+            given = {"labels": labels, "null_label": num_classes,
+                     "shape": input_shape(cfg.model, len(labels))}
+        return float_trajectories(model, params, sampler, **given,
+                                  seed=(args.seed + offset) % 2 ** 32,
+                                  cfg_scale=cfg.sampler.cfg_scale)
+
+    traj = held_out(args.choose_samples, 1)
+    confirm = held_out(args.confirm_samples, 2) if args.confirm_samples else None
     return choose_components(model, params, calib, recipe, sampler, traj, progress=True,
                              margin_se=1.0 if args.choose_margin_se is None
-                             else args.choose_margin_se)
+                             else args.choose_margin_se, confirm=confirm)
 
 
 def _plot_ranges(args) -> int:
@@ -342,6 +360,11 @@ def register(sub) -> None:
                         "calibration prompts in turn; fewer are faster and noisier (30 "
                         "misjudged by up to 1.6 dB on the bundled models) (default: "
                         f"{DEFAULT_CHOOSE_SAMPLES})")
+    p.add_argument("--confirm-samples", type=rank_int, default=None, metavar="N",
+                   help="--choose takes a change that wins on the held-out samples only when it "
+                        "also wins with N more (seed --seed + 2) pooled in: the best of a dozen "
+                        "noisy comparisons is flattered by its noise; sampled only for changes "
+                        f"at stake; 0: no confirmation (default: {DEFAULT_CONFIRM_SAMPLES})")
     p.add_argument("--choose-margin-se", type=nonnegative_float, default=None, metavar="Z",
                    help="--choose keeps a change only when its gain over the current choice "
                         "also exceeds Z standard errors of the per-sample gain on the held-out "

@@ -237,7 +237,10 @@ class Choice:
     layers / the same layers in bf16}``. qparams / calib: the winner's quantized model and
     calibration. gains (samples judge only): ``{label: (mean, standard error)}`` in dB of each
     candidate's per-sample gain over the base on the held-out samples (``gain_and_se``): a
-    gain within about twice its error is not resolved by those samples."""
+    gain within about twice its error is not resolved by those samples. confirmations (with
+    ``confirm``): ``{label: (gain, standard error, taken)}`` of each change that won on the
+    held-out samples, its gain in dB over the choice it would have replaced on those and the
+    confirmation samples pooled."""
 
     recipe: Recipe
     errors: dict
@@ -246,13 +249,14 @@ class Choice:
     label: str = "base"
     ratios: dict = dataclasses.field(default_factory=dict)
     gains: dict = dataclasses.field(default_factory=dict)
+    confirmations: dict = dataclasses.field(default_factory=dict)
 
 
 def choose_components(model, params, calib, base: Recipe, sampler, traj: Trajectories, *,
                       steps: dict | None = None, anchors: dict | None = None, rounds: int = 1,
                       judge: str = "samples", max_ratio: float | None = None,
                       margin_db: float = 0.1, margin_se: float = 1.0,
-                      progress: bool = False) -> Choice:
+                      confirm: Trajectories | None = None, progress: bool = False) -> Choice:
     """The recipe of least held-out trajectory error reached from the best of ``base`` and
     its ``anchors`` (overrides of ``base``, default ``ANCHORS``; ``{}``: none) by the
     component changes of ``steps`` (default ``COMPONENT_STEPS``) that lower the error, one at a
@@ -268,7 +272,14 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     to lose on other samples (0: any win). ``margin_se`` (samples judge): the win must also
     exceed that many standard errors of the per-sample gain over the current choice (paired,
     on the same held-out samples; ``gain_and_se``), so a change the held-out samples do not
-    resolve keeps the current choice (default 1; 0: the margin alone).
+    resolve keeps the current choice (default 1; 0: the margin alone). ``confirm`` (samples
+    judge): ``float_trajectories`` of further held-out samples (another seed): a change that
+    wins on ``traj`` is taken only when it also wins by the same rule on ``traj`` and
+    ``confirm`` pooled. The candidate that wins one of a dozen noisy comparisons is the one
+    whose estimate the noise favoured, so its gain on the samples that picked it is biased
+    upward; fresh samples, drawn only where a change is at stake, correct that at the cost of
+    sampling ``confirm`` with each change that reaches them (and once with the choice it would
+    replace). None: no confirmation.
 
     ``calib``: statistics from which every candidate's calibration is derived
     (``derive_calibration``: no model run per candidate). ``traj``: ``float_trajectories`` of
@@ -285,6 +296,12 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     if judge == "samples" and traj.final is None:
         raise ValueError("traj: holds no final samples (judge='samples' needs "
                          "float_trajectories' output)")
+    if confirm is not None and judge != "samples":
+        raise ValueError(f"confirm: re-judges changes on further samples; judge={judge!r} "
+                         "does not sample (use judge='samples')")
+    if confirm is not None and (not isinstance(confirm, Trajectories) or confirm.final is None):
+        raise ValueError("confirm: expected float_trajectories' output (with final samples) "
+                         f"of other held-out samples, got {type(confirm).__name__}")
     if isinstance(margin_db, bool) or not isinstance(margin_db, (int, float)) or not margin_db >= 0:
         raise ValueError(f"margin_db: expected a number >= 0 (dB), got {margin_db!r}")
     if isinstance(margin_se, bool) or not isinstance(margin_se, (int, float)) or not margin_se >= 0:
@@ -301,6 +318,8 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     errors: dict = {}
     ratios: dict = {}
     per_sample: dict = {}  # samples judge: {label: sample_db}
+    confirm_per_sample: dict = {}  # {label: sample_db on confirm}
+    confirmations: dict = {}  # {label: (pooled gain over the choice then, its SE, taken)}
 
     def score(recipe):
         c = derive_calibration(calib, recipe, sampler)
@@ -334,6 +353,23 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         gain, se = gain_and_se(per_sample[current], per_sample[key])
         return bool(np.isfinite(se)) and gain > margin_db + margin_se * se
 
+    def confirm_db(q, c):  # sample_db on the confirmation samples
+        segmented = sampler.with_segments(c.segment_of_step, c.num_segments)
+        return sample_db(sample(denoiser, q, segmented, **confirm.sample_args), confirm.final)
+
+    def confirmed(current, current_q, current_c, key, q, c):  # the rule on both sets pooled
+        if confirm is None:
+            return True
+        if current not in confirm_per_sample:
+            confirm_per_sample[current] = confirm_db(current_q, current_c)
+        confirm_per_sample[key] = confirm_db(q, c)
+        gain, se = mean_and_se(np.concatenate([
+            per_sample[current] - per_sample[key],
+            confirm_per_sample[current] - confirm_per_sample[key]]))
+        taken = bool(np.isfinite(se)) and gain > margin_db + margin_se * se
+        confirmations[key] = (gain, se, taken)
+        return taken
+
     best_error, best_q, best_c, db = score(base)
     best, label = base, "base"
     best_error = judged(label, best_error, best_q, db)
@@ -353,7 +389,8 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
         key = name if is_anchor or label == "base" else f"{label}+{name}"
         error = judged(key, error, q, db)
         if error < best_error * 10.0 ** (-margin_db / 10.0) and (
-                best_error == float("inf") or resolved(label, key)):  # inf: over budget / NaN
+                best_error == float("inf")  # over budget / NaN: any finite error replaces it
+                or resolved(label, key) and confirmed(label, best_q, best_c, key, q, c)):
             best, best_error, best_q, best_c, label = candidate, error, q, c, key
     if best_error == float("inf"):
         raise ValueError(f"max_ratio: no candidate fits {max_ratio} x bf16 (the smallest holds "
@@ -361,7 +398,7 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     gains = {key: gain_and_se(per_sample["base"], db) for key, db in per_sample.items()
              if key != "base"}
     return Choice(recipe=best, errors=errors, qparams=best_q, calib=best_c, label=label,
-                  ratios=ratios, gains=gains)
+                  ratios=ratios, gains=gains, confirmations=confirmations)
 
 
 def _replace(recipe: Recipe, change: dict, num_steps: int) -> Recipe | None:
