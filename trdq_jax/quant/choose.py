@@ -47,6 +47,15 @@ ones, 14 of the 15 cells measured are within 0.3 dB of that best; the video mode
 misses by 0.70 dB, where the held-out and the judged 100 videos disagree by 1.4 dB about
 smoothing (sixth pass). Two standard errors kept plain trdq on digits-dit W6A6, 0.98 dB below
 ViDiT-Q+GPTQ (held-out gain +1.0 +- 0.7 on 30).
+
+With ``confirm`` (the CLI's default: 100 more samples) a change that wins on the held-out
+samples is taken only when it also wins by the same rule with the further samples pooled in.
+The winner of a dozen comparisons on one set of samples is the candidate the noise favoured
+most, so its gain there overstates it: on the video model at W4A8 the searched smoothing won
++0.73 +- 0.55 on 100 held-out videos and lost 0.70 on the judged ones; pooled with 100 more it
+was +0.25 +- 0.39 and refused, and smoothing at alpha 0.5, confirmed at +0.93 +- 0.37, judged
+0.50 dB above the best baseline (seventh pass). The changes that help were confirmed (e.g. the
+text model's ViDiT-Q+GPTQ at W6A6, +0.47 +- 0.23 pooled).
 """
 from __future__ import annotations
 
