@@ -363,8 +363,9 @@ def register(sub) -> None:
     p.add_argument("--confirm-samples", type=rank_int, default=None, metavar="N",
                    help="--choose takes a change that wins on the held-out samples only when it "
                         "also wins with N more (seed --seed + 2) pooled in: the best of a dozen "
-                        "noisy comparisons is flattered by its noise; sampled only for changes "
-                        f"at stake; 0: no confirmation (default: {DEFAULT_CONFIRM_SAMPLES})")
+                        "noisy comparisons is flattered by its noise; the float model samples "
+                        "them once, a candidate only when its change is at stake; 0: no "
+                        f"confirmation (default: {DEFAULT_CONFIRM_SAMPLES})")
     p.add_argument("--choose-margin-se", type=nonnegative_float, default=None, metavar="Z",
                    help="--choose keeps a change only when its gain over the current choice "
                         "also exceeds Z standard errors of the per-sample gain on the held-out "
