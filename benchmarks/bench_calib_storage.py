@@ -265,6 +265,15 @@ def run_xl(tree: pathlib.Path, depth: int, args, work: pathlib.Path, tag: str) -
 
 # ----------------------------------------------------------------------------- main
 
+def fixed_recipe_flag(tree: pathlib.Path) -> list[str]:
+    """``["--no-choose"]`` where ``tree``'s ``trdq quantize`` chooses trdq's components by
+    default (then the fixed recipe is what this benchmark compares), else ``[]``."""
+    out = subprocess.run([sys.executable, "-P", "-m", "trdq_jax.cli", "quantize", "--help"],
+                         env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True,
+                         text=True, check=True).stdout
+    return ["--no-choose"] if "--no-choose" in out else []
+
+
 def bench_model(name: str, trees: dict, bits, per_class: int, work: pathlib.Path) -> dict:
     mdir = work / name
     mdir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +292,8 @@ def bench_model(name: str, trees: dict, bits, per_class: int, work: pathlib.Path
             label = f"W{w}A{a}"
             qdir, sdir = mdir / f"q_{tag}_{label}", mdir / f"s_{tag}_{label}"
             quant = trdq(tree, ["quantize", "--calib", str(calib), "--w-bits", str(w),
-                                "--a-bits", str(a), "--out", str(qdir)],
+                                "--a-bits", str(a), *fixed_recipe_flag(tree), "--out",
+                                str(qdir)],
                          mdir / f"quantize_{tag}_{label}.log", mdir)
             samp = trdq(tree, ["sample", "--quantized", str(qdir), "--per-class", str(per_class),
                                "--seed", "0", "--out", str(sdir)],

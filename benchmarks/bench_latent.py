@@ -262,7 +262,7 @@ def part_generation(args, work: pathlib.Path) -> dict:
     quant = None
     if args.gen_quant_runs:
         quant = trdq(["quantize", "--checkpoint", str(ckpt), "--out", str(qdir), "--recipe",
-                      "trdq", "--w-bits", "8", "--a-bits", "8", "--per-class",
+                      "trdq", "--no-choose", "--w-bits", "8", "--a-bits", "8", "--per-class",
                       str(args.gen_quant_per_class), "--set",
                       f"sampler.num_steps={args.gen_steps}"], work / "quantize.log", work)
         quant.pop("stdout")

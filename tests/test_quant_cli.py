@@ -52,7 +52,7 @@ def test_calibrate_quantize_sample_round_trip_is_exact(tmp_path, tiny_ckpt, caps
     assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--recipe", "trdq", "--w-bits", "4",
                  "--a-bits", "8", "--segments", "2", "--per-class", "2", "--out",
                  str(calib_dir)]) == 0
-    assert main(["quantize", "--calib", str(calib_dir), "--out", str(qdir)]) == 0
+    assert main(["quantize", "--calib", str(calib_dir), "--no-choose", "--out", str(qdir)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["sample", "--quantized", str(qdir), "--per-class", "2", "--out", str(sdir)]) == 0
     got = np.load(sdir / "samples.npz")
@@ -191,20 +191,25 @@ def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
                  "--a-bits", "4", "--segments", "2", "--per-class", "1", "--rows-per-step", "8",
                  "--out", str(tmp_path / "c")]) == 0
     capsys.readouterr()
-    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose-samples", "3", "--out",
-                 str(tmp_path / "q")]) == 2
-    assert "--choose-samples: counts the samples --choose judges on; give --choose too" in (
-        capsys.readouterr().err)
-    assert not (tmp_path / "q").exists()
-    assert main(["quantize", "--calib", str(tmp_path / "c"), "--confirm-samples", "3", "--out",
-                 str(tmp_path / "q")]) == 2
-    assert "--confirm-samples: counts the samples --choose confirms a change on; give --choose " \
-        "too" in capsys.readouterr().err
-    # margin 0.1 dB alone (no SE): some change wins on the 4 held-out samples and is confirmed
-    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose", "--choose-samples", "4",
+    for flags, message in (
+            (["--no-choose", "--choose-samples", "3"], "--choose-samples: sets how the "
+             "components are chosen, and --no-choose quantizes the recipe as given; drop one"),
+            (["--recipe", "minmax", "--confirm-samples", "3"], "--confirm-samples: sets how the "
+             "components are chosen, and the recipe 'minmax' quantizes as named (only trdq and "
+             "trdq_lowrank choose by default); give --choose too")):
+        assert main(["quantize", "--calib", str(tmp_path / "c"), *flags, "--out",
+                     str(tmp_path / "q")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "q").exists()
+    # trdq chooses by default; margin 0.1 dB alone (no SE): some change wins on the 4 held-out
+    # samples and is confirmed
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose-samples", "4",
                  "--choose-margin-se", "0", "--confirm-samples", "3", "--out",
                  str(tmp_path / "q")]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    assert "choosing trdq's components by the error of 4 held-out samples (+3 to confirm" in err
+    summary = json.loads(out)
     confirmed = summary["confirmed_gain_db"]  # each change that won on the 4 held-out samples
     assert confirmed and set(confirmed) <= set(summary["trajectory_errors"]) - {"base"}
     if summary["chosen"] != "base":  # the choice's last change passed its confirmation
@@ -223,17 +228,22 @@ def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
     _, _, recipe, _ = Q.load_quantized(tmp_path / "q")
     assert recipe.name == "trdq" and (recipe.w_bits, recipe.a_bits) == (4, 4)
     # a change must win by 1e6 standard errors too: none does, the recipe is kept as it is
-    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose-margin-se", "1e6",
-                 "--out", str(tmp_path / "q2")]) == 2
-    assert "--choose-margin-se: sets how --choose accepts a change; give --choose too" in (
-        capsys.readouterr().err)
     assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose", "--choose-samples", "3",
                  "--choose-margin-se", "1e6", "--confirm-samples", "0", "--out",
                  str(tmp_path / "q2")]) == 0
     kept = json.loads(capsys.readouterr().out)
     assert kept["chosen"] == "base" and kept["confirmed_gain_db"] == {}
-    _, _, recipe, _ = Q.load_quantized(tmp_path / "q2")
+    q2, _, recipe, _ = Q.load_quantized(tmp_path / "q2")
     assert (recipe.name, recipe.num_segments, recipe.w_bits, recipe.a_bits) == ("trdq", 2, 4, 4)
+    # --no-choose: the recipe as calibrated, nothing judged; the same layers as the kept base
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--no-choose", "--out",
+                 str(tmp_path / "q3")]) == 0
+    out, err = capsys.readouterr()
+    assert "chosen" not in json.loads(out) and "choosing" not in err
+    q3, _, recipe3, _ = Q.load_quantized(tmp_path / "q3")
+    assert recipe3 == recipe
+    for a, b in zip(jax.tree.leaves(q2), jax.tree.leaves(q3)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_argparse_errors_are_one_line(capsys):
@@ -267,7 +277,8 @@ def test_a_named_recipe_keeps_its_own_segment_count_from_another_calibration(tmp
                  "2", "--per-class", "1", "--rows-per-step", "8", "--out", str(calib_dir)]) == 0
     for extra, name, segments in (([], "trdq", 2), (["--recipe", "quarot"], "quarot", 1)):
         out = tmp_path / name
-        assert main(["quantize", "--calib", str(calib_dir), *extra, "--out", str(out)]) == 0
+        assert main(["quantize", "--calib", str(calib_dir), *extra, "--no-choose", "--out",
+                     str(out)]) == 0
         _, _, recipe, table = Q.load_quantized(out)
         assert (recipe.name, recipe.num_segments) == (name, segments)
         assert sorted(set(np.asarray(table).tolist())) == list(range(segments))
@@ -280,3 +291,35 @@ def test_summary_gains_are_json_numbers_or_null():
     assert [_rounded(v) for v in (1.23456, -0.0004, float("nan"), float("inf"))] == [
         1.235, -0.0, None, None]
     assert json.loads(json.dumps({"gain": _rounded(float("nan"))})) == {"gain": None}
+
+
+def test_which_recipes_choose_by_default(capsys):
+    """trdq and trdq_lowrank choose on a class- or text-conditional model unless --no-choose;
+    baselines and ablations quantize as named; an unconditional model cannot draw held-out
+    samples by class or prompt, so its trdq is quantized as given, with a note."""
+    from types import SimpleNamespace
+    from trdq_jax.cli.quantization import _chooses
+    classes = SimpleNamespace(model=SimpleNamespace(num_classes=10, family="dit"))
+    text = SimpleNamespace(model=SimpleNamespace(family="pixart"))
+    unconditional = SimpleNamespace(model=SimpleNamespace(num_classes=0, family="dit"))
+
+    def args(choose=None, **flags):
+        given = {"choose_samples": None, "confirm_samples": None, "choose_margin_se": None}
+        return SimpleNamespace(choose=choose, **{**given, **flags})
+
+    for name, expected in (("trdq", True), ("trdq_lowrank", True), ("quarot", False),
+                           ("trdq_static", False), ("trdq_no_segments", False)):
+        recipe = Q.get_recipe(name, 4, 8)
+        assert _chooses(args(), recipe, classes) is expected, name
+        assert _chooses(args(), recipe, text) is expected, name
+        assert _chooses(args(choose=False), recipe, classes) is False
+        assert _chooses(args(choose=True), recipe, classes) is True
+    capsys.readouterr()
+    assert _chooses(args(), Q.get_recipe("trdq", 8, 8), unconditional) is False
+    assert "the model is unconditional, so trdq's components are not chosen" in (
+        capsys.readouterr().err)
+    # a --choose-* flag asks for the choice: then --choose's own error names the model
+    assert _chooses(args(choose_samples=5), Q.get_recipe("trdq", 8, 8), unconditional) is True
+    with pytest.raises(ValueError, match="^--choose-margin-se: sets how the components are "
+                                         "chosen, and the recipe 'quarot' quantizes as named"):
+        _chooses(args(choose_margin_se=1.0), Q.get_recipe("quarot", 8, 8), classes)

@@ -124,7 +124,7 @@ def test_quantize_a_text_model_on_prompts_and_sample_it(text_ckpt, tmp_path, cap
     then sampling the quantized checkpoint with prompts."""
     code, out, err = run(capsys, "quantize", "--checkpoint", text_ckpt, "--out", tmp_path / "q",
                          "--prompt", "digit 1", "--prompt", "a handwritten two",
-                         "--per-class", 2, "--w-bits", 8, "--a-bits", 8)
+                         "--per-class", 2, "--w-bits", 8, "--a-bits", 8, "--no-choose")
     assert code == 0, err
     from trdq_jax.quant.io import load_quantized_model
     stored = json.loads((tmp_path / "q" / "metadata.json").read_text())

@@ -121,7 +121,8 @@ def test_generate_refuses_a_vae_of_another_latent_width(tmp_path):
 @pytest.mark.slow
 def test_quantize_sample_generate_resume_export_and_eval_a_latent_model(latent_ckpt, tmp_path):
     q, s, g, npz = tmp_path / "q", tmp_path / "s", tmp_path / "g", tmp_path / "fid.npz"
-    run = _trdq("quantize", "--checkpoint", latent_ckpt, "--out", q, "--per-class", 1)
+    run = _trdq("quantize", "--checkpoint", latent_ckpt, "--out", q, "--per-class", 1,
+                "--no-choose")
     assert run.returncode == 0, run.stderr[-2000:]
     vae_cfg, vae = checkpoint.restore_vae(q)  # the float VAE travels with the quantized model
     assert vae_cfg == VAE

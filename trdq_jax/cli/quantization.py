@@ -1,7 +1,9 @@
 """``trdq calibrate | quantize | plot-ranges``: statistics, quantized checkpoints, range figure."""
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 import time
 
 from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_source, bits, blame,
@@ -11,6 +13,9 @@ from trdq_jax.cli._common import (add_debug, add_overwrite, add_seed, add_source
 DEFAULT_CHOOSE_SAMPLES = 100  # 30 misjudged cells by over 1 dB (BENCHMARKS.md, issue #24)
 # a change that wins on the held-out samples must win again on these many more, pooled
 DEFAULT_CONFIRM_SAMPLES = 100
+# the method's own recipes choose their components end to end unless --no-choose; the baselines
+# and ablations are fixed combinations and quantize as named (--choose to choose from them)
+CHOSEN_BY_DEFAULT = ("trdq", "trdq_lowrank")
 DEFAULT_CALIB_SEED = 1000  # trdq_jax.quant.pipeline.DEFAULT_CALIB_SEED (a test keeps them equal)
 RECIPE_NAMES = ("minmax", "quarot", "quarot_rtn", "smoothquant", "svdquant", "trdq",
                 "trdq_lowrank", "trdq_lowrank_no_rotation", "trdq_lowrank_no_segments",
@@ -139,18 +144,7 @@ def _quantize(args) -> int:
     if bool(args.calib) == bool(args.model or args.checkpoint):
         raise ValueError("--calib: give either --calib DIR or --model NAME / --checkpoint DIR "
                          "(to calibrate on the fly)")
-    if args.choose_samples is not None and not args.choose:
-        raise ValueError("--choose-samples: counts the samples --choose judges on; give "
-                         "--choose too")
-    if args.choose_margin_se is not None and not args.choose:
-        raise ValueError("--choose-margin-se: sets how --choose accepts a change; give "
-                         "--choose too")
-    if args.confirm_samples is not None and not args.choose:
-        raise ValueError("--confirm-samples: counts the samples --choose confirms a change on; "
-                         "give --choose too")
-    args.choose_samples = args.choose_samples or DEFAULT_CHOOSE_SAMPLES
-    if args.confirm_samples is None:
-        args.confirm_samples = DEFAULT_CONFIRM_SAMPLES
+    _check_choose_flags(args, args.recipe or (None if args.calib else "trdq"))
     resolve_target(args.out, kind="quantized", overwrite=args.overwrite, is_dir=True,
                    arg="--out")
     from trdq_jax.sampling.cfg_plan import resolve_plan
@@ -172,11 +166,21 @@ def _quantize(args) -> int:
         plan = plan_for(loaded[2], loaded[2].sampler.num_steps)
         vae = stored_vae(args.checkpoint, "--checkpoint")
         _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe, loaded)
+    choose = _chooses(args, recipe, cfg)
+    args.choose_samples = args.choose_samples or DEFAULT_CHOOSE_SAMPLES
+    if args.confirm_samples is None:
+        args.confirm_samples = DEFAULT_CONFIRM_SAMPLES
+    if choose:
+        from trdq_jax.quant.choose import ANCHORS, COMPONENT_STEPS
+        print(f"trdq quantize: choosing {recipe.name}'s components by the error of "
+              f"{args.choose_samples} held-out samples (+{args.confirm_samples} to confirm a "
+              f"change): up to {1 + len(ANCHORS) + len(COMPONENT_STEPS)} quantizations; "
+              "--no-choose quantizes the recipe as given", file=sys.stderr)
     t0 = time.perf_counter()
     chosen = None
     with blame(None, **{"Recipe.low_rank": "--low-rank", "Recipe.w_group_size": "--group-size",
                         "Recipe.a_group_size": "--group-size"}):
-        if args.choose:
+        if choose:
             choice = _choose(args, params, cfg, calib, recipe)
             recipe, calib, qparams = choice.recipe, choice.calib, choice.qparams
             chosen = {name: float(f"{error:.6g}") for name, error in choice.errors.items()}
@@ -207,6 +211,51 @@ def _quantize(args) -> int:
     return 0
 
 
+def _choose_flags(args) -> list[tuple[str, object]]:
+    return [("--choose-samples", args.choose_samples),
+            ("--confirm-samples", args.confirm_samples),
+            ("--choose-margin-se", args.choose_margin_se)]
+
+
+def _conditional(cfg) -> bool:
+    """Whether ``--choose`` can draw held-out samples: class labels or text prompts."""
+    return bool(getattr(cfg.model, "num_classes", None)) or getattr(
+        cfg.model, "family", None) == "pixart"
+
+
+def _check_choose_flags(args, name: str | None) -> list[str]:
+    """The ``--choose-*`` flags given; an error where recipe ``name`` (None: not known yet) will
+    not choose."""
+    given = [flag for flag, value in _choose_flags(args) if value is not None]
+    if given and args.choose is False:
+        raise ValueError(f"{given[0]}: sets how the components are chosen, and --no-choose "
+                         "quantizes the recipe as given; drop one of them")
+    if given and args.choose is None and name is not None and name not in CHOSEN_BY_DEFAULT:
+        raise ValueError(f"{given[0]}: sets how the components are chosen, and the recipe "
+                         f"{name!r} quantizes as named (only {' and '.join(CHOSEN_BY_DEFAULT)} "
+                         "choose by default); give --choose too")
+    return given
+
+
+def _chooses(args, recipe, cfg) -> bool:
+    """Whether ``trdq quantize`` chooses ``recipe``'s components: ``--choose`` / ``--no-choose``
+    when given; else the recipes of ``CHOSEN_BY_DEFAULT`` do on a conditional model (giving a
+    ``--choose-*`` flag asks for it) and every other recipe quantizes as named."""
+    if args.choose is not None:
+        return args.choose
+    given = _check_choose_flags(args, recipe.name)
+    if recipe.name not in CHOSEN_BY_DEFAULT:
+        return False
+    if not _conditional(cfg):
+        if given:  # asked for: the error of --choose on this model
+            return True
+        print(f"trdq quantize: the model is unconditional, so {recipe.name}'s components are "
+              "not chosen (held-out samples need class or text conditioning); quantizing the "
+              "recipe as given", file=sys.stderr)
+        return False
+    return True
+
+
 def _rounded(value: float) -> float | None:
     """``value`` to 3 decimals for the JSON summary; None where it is not finite."""
     return round(value, 3) if value == value and abs(value) != float("inf") else None
@@ -228,7 +277,7 @@ def _choose(args, params, cfg, calib, recipe):
     if text:
         from trdq_jax.cli._prompts import prompt_list
         prompts = prompt_list(args, cfg) if args.prompt or args.prompts else None
-    elif not num_classes:
+    elif not _conditional(cfg):
         raise ValueError("--choose: implemented for class- and text-conditional models; "
                          "quantize this one without --choose (or call trdq_jax.quant.choose "
                          "from Python)")
@@ -349,12 +398,15 @@ def register(sub) -> None:
                    help="input channels per weight scale and per dynamic activation scale "
                         "(SVDQuant's INT4 format: 64); 0 = per output channel / per token "
                         "(default: the recipe's: 64 for svdquant, else 0)")
-    p.add_argument("--choose", action="store_true",
+    p.add_argument("--choose", action=argparse.BooleanOptionalAction, default=None,
                    help="choose the recipe's components: the best of the recipe and the "
                         "baselines' block combinations (QuaRot, ViDiT-Q+GPTQ, static segments), "
                         "then smoothing, rotation, time segments, clipping one at a time, each "
                         "judged by the error of held-out samples (seed --seed + 1) against the "
-                        "float model's; several quantizations (default: off)")
+                        "float model's; about 20 quantizations and samplings (minutes on a CPU "
+                        "for the bundled models); --no-choose: the recipe as named (default: "
+                        f"on for {' and '.join(CHOSEN_BY_DEFAULT)} with a class- or "
+                        "text-conditional model, off for the baselines and ablations)")
     p.add_argument("--choose-samples", type=positive_int, default=None, metavar="N",
                    help="held-out samples --choose judges on: classes spread evenly, or the "
                         "calibration prompts in turn; fewer are faster and noisier (30 "
