@@ -237,6 +237,11 @@ BENCHMARK_EVIDENCE = [
     "1 / 4 / 8 segments 23.02 / 25.28 / 26.27 dB (+3.2 dB from 1 to 8), still below dynamic "
     "per-token activations (`trdq` 28.60 dB); on moving-digits-vdit static 4 vs 1 segment "
     "is within +-0.8 dB (noise at 20 videos).",
+    "This demo quantizes trdq's fixed recipe (`trdq quantize --no-choose`). `trdq quantize` "
+    "chooses trdq's components by default, by the error of held-out samples: on digits-dit "
+    "W4A8 it dropped the rotation, 42.66 dB vs 41.73 dB for `quarot` (BENCHMARKS.md, issue #24 "
+    "seventh pass, 100 samples); on all 16 bundled model x width cells it lands within 0.3 dB "
+    "of the best of QuaRot, ViDiT-Q+GPTQ and static segments.",
 ]
 
 
