@@ -343,3 +343,23 @@ def test_an_empty_directory_is_a_new_output(tiny_ws, tmp_path, argv, capsys):
     code = main([*argv.format(ws=tiny_ws).split(), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     assert (out / "metadata.json").is_file()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux /proc only")
+def test_compiled_programs_are_released_near_the_map_limit(monkeypatch):
+    """Each compiled CPU program holds memory maps until JAX's caches drop it; past the given
+    fraction of vm.max_map_count they are dropped, and the maps go with them."""
+    import jax
+    import jax.numpy as jnp
+    held, limit = compile_cache.memory_maps()
+    assert limit == int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+    assert abs(held - len(pathlib.Path("/proc/self/maps").read_text().splitlines())) < 20
+    assert compile_cache.release_programs_near_map_limit(1.0) is False  # far below the limit
+    for i in range(40):  # 40 distinct programs
+        jax.jit(lambda x, i=i: jnp.tanh(x) * i + (x @ x.T).sum())(
+            jnp.ones((4 + i, 3))).block_until_ready()
+    before = compile_cache.memory_maps()[0]
+    assert compile_cache.release_programs_near_map_limit(0.0) is True
+    assert compile_cache.memory_maps()[0] < before - 40  # measured: ~4 maps per program
+    monkeypatch.setattr(compile_cache, "memory_maps", lambda: None)  # not Linux: nothing done
+    assert compile_cache.release_programs_near_map_limit(0.0) is False

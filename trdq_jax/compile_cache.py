@@ -88,3 +88,34 @@ def disable_compilation_cache() -> None:
     from jax.experimental.compilation_cache import compilation_cache as cc
     jax.config.update("jax_enable_compilation_cache", False)
     cc.reset_cache()
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """``(memory maps this process holds, the kernel's vm.max_map_count)`` on Linux, else None.
+
+    On the CPU backend every compiled XLA program keeps a few memory maps (its JIT code and
+    data) until JAX's caches drop it; a process that compiles thousands of programs (a choice
+    of components quantizes and samples about 17 candidates, each ~700 maps on the bundled
+    models) can reach the limit, and LLVM then fails with "Cannot allocate memory"."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            held = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return held, limit
+
+
+def release_programs_near_map_limit(fraction: float = 0.5) -> bool:
+    """Drop JAX's compiled programs (``jax.clear_caches``) when this process holds more than
+    ``fraction`` of ``vm.max_map_count`` memory maps; True when it did. Later calls compile
+    again (the persistent cache, when on, makes that a read). A no-op off Linux."""
+    counts = memory_maps()
+    if counts is None or counts[0] <= fraction * counts[1]:
+        return False
+    import gc
+    import jax
+    jax.clear_caches()
+    gc.collect()
+    return True

@@ -250,8 +250,13 @@ def test_a_bad_judge_is_refused(setup):
                           judge="psnr")
 
 
-def test_candidates_the_sampler_cannot_take_are_skipped(setup):
-    """A 6-step sampler holds 2 segments of at least 3 steps, not 2 of 4 nor 8 segments."""
+def test_candidates_the_sampler_cannot_take_are_skipped(setup, monkeypatch):
+    """A 6-step sampler holds 2 segments of at least 3 steps, not 2 of 4 nor 8 segments; the
+    compiled programs are checked against the map limit before each candidate scored."""
+    from trdq_jax import compile_cache
+    checks = []
+    monkeypatch.setattr(compile_cache, "release_programs_near_map_limit",
+                        lambda: checks.append(1) or False)
     model, params, sampler, calib, traj = setup
     base = Q.get_recipe("trdq", 8, 8)
     steps = {"8": {"num_segments": 8}, "2x4": {"num_segments": 2, "min_segment_steps": 4},
@@ -259,6 +264,7 @@ def test_candidates_the_sampler_cannot_take_are_skipped(setup):
     choice = choose_components(model, params, calib, base, sampler, traj, steps=steps,
                                anchors={})
     assert set(choice.errors) <= {"base", "2x3"} and "2x3" in choice.errors
+    assert len(checks) == len(choice.errors)
     if choice.recipe.num_segments == 2:
         assert np.bincount(choice.calib.segment_of_step).min() >= 3
 

@@ -294,6 +294,7 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     (``derive_calibration``: no model run per candidate). ``traj``: ``float_trajectories`` of
     samples the calibration did not use.
     """
+    from trdq_jax.compile_cache import release_programs_near_map_limit
     from trdq_jax.quant.calibrate import derive_calibration
     from trdq_jax.quant.transform import (QuantizedDenoiser, calibrated_selection,
                                           check_layer_shapes, float_bytes_of, quantize,
@@ -331,6 +332,7 @@ def choose_components(model, params, calib, base: Recipe, sampler, traj: Traject
     confirmations: dict = {}  # {label: (pooled gain over the choice then, its SE, taken)}
 
     def score(recipe):
+        release_programs_near_map_limit()  # each candidate compiles its own programs
         c = derive_calibration(calib, recipe, sampler)
         q = quantize(params, c, recipe)
         segmented = sampler.with_segments(c.segment_of_step, c.num_segments)
