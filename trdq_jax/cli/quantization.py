@@ -403,8 +403,8 @@ def register(sub) -> None:
                         "baselines' block combinations (QuaRot, ViDiT-Q+GPTQ, static segments), "
                         "then smoothing, rotation, time segments, clipping one at a time, each "
                         "judged by the error of held-out samples (seed --seed + 1) against the "
-                        "float model's; about 20 quantizations and samplings (minutes on a CPU "
-                        "for the bundled models); --no-choose: the recipe as named (default: "
+                        "float model's; up to 17 quantizations and samplings (5-10 min on 2 CPU "
+                        "cores for the bundled digits models); --no-choose: the recipe as named (default: "
                         f"on for {' and '.join(CHOSEN_BY_DEFAULT)} with a class- or "
                         "text-conditional model, off for the baselines and ablations)")
     p.add_argument("--choose-samples", type=positive_int, default=None, metavar="N",
