@@ -403,7 +403,7 @@ def register(sub) -> None:
                         "baselines' block combinations (QuaRot, ViDiT-Q+GPTQ, static segments), "
                         "then smoothing, rotation, time segments, clipping one at a time, each "
                         "judged by the error of held-out samples (seed --seed + 1) against the "
-                        "float model's; up to 17 quantizations and samplings (5-10 min on 2 CPU "
+                        "float model's; up to 17 quantizations and samplings (7-15 min on 2 CPU "
                         "cores for the bundled digits models); --no-choose: the recipe as named (default: "
                         f"on for {' and '.join(CHOSEN_BY_DEFAULT)} with a class- or "
                         "text-conditional model, off for the baselines and ablations)")
