@@ -404,8 +404,8 @@ def register(sub) -> None:
                         "then smoothing, rotation, time segments, clipping one at a time, each "
                         "judged by the error of held-out samples (seed --seed + 1) against the "
                         "float model's; up to 17 quantizations and samplings (7-15 min on 2 CPU "
-                        "cores for the bundled digits models); --no-choose: the recipe as named (default: "
-                        f"on for {' and '.join(CHOSEN_BY_DEFAULT)} with a class- or "
+                        "cores for the bundled digits models); --no-choose: the recipe as named "
+                        f"(default: on for {' and '.join(CHOSEN_BY_DEFAULT)} with a class- or "
                         "text-conditional model, off for the baselines and ablations)")
     p.add_argument("--choose-samples", type=positive_int, default=None, metavar="N",
                    help="held-out samples --choose judges on: classes spread evenly, or the "
