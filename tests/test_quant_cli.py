@@ -165,6 +165,14 @@ def test_a_rank_or_group_that_does_not_fit_is_refused_before_quantizing(tmp_path
         "trdq quantize: error: --group-size: 32 does not divide K = 48 of layer "
         "blocks_0/attn/qkv (kernel [48, 144]); choose a divisor or 0\n")
     assert not (tmp_path / "q").exists()
+    # the stored recipe (minmax) does not choose: a --choose-* flag is refused, nothing written
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--choose-samples", "3", "--out",
+                 str(tmp_path / "q")]) == 2
+    assert capsys.readouterr().err == (
+        "trdq quantize: error: --choose-samples: sets how the components are chosen, and the "
+        "recipe 'minmax' quantizes as named (only trdq and trdq_lowrank choose by default); "
+        "give --choose too\n")
+    assert not (tmp_path / "q").exists()
 
 
 def test_quantize_with_a_low_rank_branch_and_fp8_codes(tmp_path, tiny_ckpt):
@@ -186,11 +194,19 @@ def test_quantize_group_wise(tmp_path, tiny_ckpt):
     assert (qkv.w_group_size, qkv.a_group_size, qkv.w_scale.shape) == (16, 16, (1, 3, 144))
 
 
-def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
+def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys, monkeypatch):
     assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--recipe", "trdq", "--w-bits", "4",
                  "--a-bits", "4", "--segments", "2", "--per-class", "1", "--rows-per-step", "8",
-                 "--out", str(tmp_path / "c")]) == 0
+                 "--seed", "7", "--out", str(tmp_path / "c")]) == 0
+    from trdq_jax.quant import choose
+    held_out_seeds = []
+    drawn = choose.float_trajectories
+    monkeypatch.setattr(choose, "float_trajectories", lambda *a, seed, **k: (
+        held_out_seeds.append(seed), drawn(*a, seed=seed, **k))[1])
     capsys.readouterr()
+    assert main(["quantize", "--calib", str(tmp_path / "c"), "--seed", "8", "--out",
+                 str(tmp_path / "q")]) == 2
+    assert "--seed: with --calib the calibration's seed (7) is used" in capsys.readouterr().err
     for flags, message in (
             (["--no-choose", "--choose-samples", "3"], "--choose-samples: sets how the "
              "components are chosen, and --no-choose quantizes the recipe as given; drop one"),
@@ -209,6 +225,7 @@ def test_quantize_choose_reports_each_candidate(tmp_path, tiny_ckpt, capsys):
                  str(tmp_path / "q")]) == 0
     out, err = capsys.readouterr()
     assert "choosing trdq's components by the error of 4 held-out samples (+3 to confirm" in err
+    assert held_out_seeds == [8, 9]  # the calibration's seed + 1 and + 2: never its samples
     summary = json.loads(out)
     confirmed = summary["confirmed_gain_db"]  # each change that won on the 4 held-out samples
     assert confirmed and set(confirmed) <= set(summary["trajectory_errors"]) - {"base"}
@@ -318,8 +335,12 @@ def test_which_recipes_choose_by_default(capsys):
     assert _chooses(args(), Q.get_recipe("trdq", 8, 8), unconditional) is False
     assert "the model is unconditional, so trdq's components are not chosen" in (
         capsys.readouterr().err)
-    # a --choose-* flag asks for the choice: then --choose's own error names the model
-    assert _chooses(args(choose_samples=5), Q.get_recipe("trdq", 8, 8), unconditional) is True
+    assert _chooses(args(choose=False), Q.get_recipe("trdq", 8, 8), unconditional) is False
+    # asked for (--choose, or a --choose-* flag): an error naming what asked
+    for flags, name in (({"choose": True}, "--choose"), ({"choose_samples": 5},
+                                                          "--choose-samples")):
+        with pytest.raises(ValueError, match=f"^{name}: the model is unconditional"):
+            _chooses(args(**flags), Q.get_recipe("trdq", 8, 8), unconditional)
     with pytest.raises(ValueError, match="^--choose-margin-se: sets how the components are "
                                          "chosen, and the recipe 'quarot' quantizes as named"):
         _chooses(args(choose_margin_se=1.0), Q.get_recipe("quarot", 8, 8), classes)

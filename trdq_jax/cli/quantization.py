@@ -127,6 +127,11 @@ def _from_calibration(args):
         raise ValueError("--set: with --calib the config is the calibration's")
     with blame("--calib"):
         calib, stored, cfg, meta, params = load_calibration_and_model(args.calib)
+    if "seed" in meta:  # --choose holds out seeds + 1 and + 2 of the calibration's own seed
+        if args.seed not in (DEFAULT_CALIB_SEED, meta["seed"]):
+            raise ValueError(f"--seed: with --calib the calibration's seed ({meta['seed']}) is "
+                             "used (--choose holds out seeds + 1 and + 2 of it); drop --seed")
+        args.seed = meta["seed"]
     recipe = _quantize_recipe(args, stored)
     if recipe != stored:  # another recipe's layer choice and segment table, from these stats
         from trdq_jax.quant.calibrate import derive_calibration
@@ -158,15 +163,16 @@ def _quantize(args) -> int:
         params, cfg, calib, recipe, calib_seconds, vae = _from_calibration(args)
         recipe = _with_format_flags(recipe, args)  # neither changes the layers or segments
         plan = plan_for(cfg, len(calib.segment_of_step))
+        choose = _chooses(args, recipe, cfg)
     else:
         recipe = _with_format_flags(_recipe(
             args.recipe or "trdq", 8 if args.w_bits is None else args.w_bits,
             8 if args.a_bits is None else args.a_bits, args.segments), args)
         loaded = float_model(args)
         plan = plan_for(loaded[2], loaded[2].sampler.num_steps)
+        choose = _chooses(args, recipe, loaded[2])  # before calibrating: its errors are early
         vae = stored_vae(args.checkpoint, "--checkpoint")
         _, params, cfg, calib, calib_seconds = _calibrate_from_args(args, recipe, loaded)
-    choose = _chooses(args, recipe, cfg)
     args.choose_samples = args.choose_samples or DEFAULT_CHOOSE_SAMPLES
     if args.confirm_samples is None:
         args.confirm_samples = DEFAULT_CONFIRM_SAMPLES
@@ -239,16 +245,18 @@ def _check_choose_flags(args, name: str | None) -> list[str]:
 
 def _chooses(args, recipe, cfg) -> bool:
     """Whether ``trdq quantize`` chooses ``recipe``'s components: ``--choose`` / ``--no-choose``
-    when given; else the recipes of ``CHOSEN_BY_DEFAULT`` do on a conditional model (giving a
-    ``--choose-*`` flag asks for it) and every other recipe quantizes as named."""
-    if args.choose is not None:
-        return args.choose
+    when given; else the recipes of ``CHOSEN_BY_DEFAULT`` do on a conditional model and every
+    other recipe quantizes as named. An unconditional model cannot choose: an error where the
+    choice was asked for (``--choose`` or a ``--choose-*`` flag), else a note."""
     given = _check_choose_flags(args, recipe.name)
-    if recipe.name not in CHOSEN_BY_DEFAULT:
+    if args.choose is False or args.choose is None and recipe.name not in CHOSEN_BY_DEFAULT:
         return False
     if not _conditional(cfg):
-        if given:  # asked for: the error of --choose on this model
-            return True
+        if args.choose or given:  # asked for
+            raise ValueError(f"{'--choose' if args.choose else given[0]}: the model is "
+                             "unconditional, and the choice draws its held-out samples by "
+                             "class or prompt; quantize it with --no-choose (or call "
+                             "trdq_jax.quant.choose from Python)")
         print(f"trdq quantize: the model is unconditional, so {recipe.name}'s components are "
               "not chosen (held-out samples need class or text conditioning); quantizing the "
               "recipe as given", file=sys.stderr)
