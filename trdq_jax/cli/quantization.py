@@ -282,13 +282,9 @@ def _choose(args, params, cfg, calib, recipe):
     model, sampler = build_model(cfg.model), Sampler.from_config(cfg.sampler)
     num_classes = getattr(cfg.model, "num_classes", None)
     text, prompts = getattr(cfg.model, "family", None) == "pixart", None
-    if text:
+    if text:  # (an unconditional model never gets here: ``_chooses`` refuses it)
         from trdq_jax.cli._prompts import prompt_list
         prompts = prompt_list(args, cfg) if args.prompt or args.prompts else None
-    elif not _conditional(cfg):
-        raise ValueError("--choose: implemented for class- and text-conditional models; "
-                         "quantize this one without --choose (or call trdq_jax.quant.choose "
-                         "from Python)")
 
     def held_out(count, offset):  # float samples of seed --seed + offset
         if text:
